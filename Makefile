@@ -1,0 +1,43 @@
+# The two commands of the README, and the steps they share.
+#   make serve   set up .venv, build every page, serve at http://127.0.0.1:8000
+#   make test    set up .venv, lint, run every test (the strict build included)
+#   make build   write the static site to site/
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+export NO_MKDOCS_2_WARNING := 1
+
+.PHONY: setup serve build test test-fast lint clean
+
+setup: $(INSTALLED)
+
+# Rebuilt whenever requirements.txt changes; the stamp is written only on success.
+$(INSTALLED): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "make: need Python 3.11 (torch==2.13.0 is built for it); \
+	set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+serve: setup
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+build: setup
+	$(BIN)/mkdocs build --strict
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf site .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Build machinery for the site: snippet pages, math rendering, assets."""

@@ -1,0 +1,88 @@
+"""TeX in rendered pages becomes MathML at build time.
+
+Browsers render MathML natively, so pages need no math script and nothing from a
+CDN. Markdown pages mark their math with ``pymdownx.arithmatex`` (generic mode:
+``\\(...\\)`` and ``\\[...\\]`` inside ``.arithmatex``); notebook pages keep the
+``$...$`` and ``$$...$$`` of their Markdown cells as text, which nbconvert's
+Markdown renderer has already separated from the surrounding Markdown.
+"""
+
+import html
+import re
+
+from bs4 import BeautifulSoup, NavigableString
+from latex2mathml.converter import convert
+
+NOTEBOOK_MARKDOWN = ".jp-RenderedMarkdown"
+SKIPPED_PARENTS = {"code", "pre", "script", "style", "math"}
+DOLLAR_MATH = re.compile(
+    r"\$\$(?P<display>.+?)\$\$|(?<![\\$])\$(?P<inline>[^$]+?)(?<!\\)\$", re.S
+)
+ARITHMATEX_DELIMITERS = re.compile(r"^\\[\[(](?P<tex>.*)\\[\])]$", re.S)
+UNKNOWN_COMMAND = re.compile(r"<m[io][^>]*>\\[A-Za-z]+</m[io]>")
+# TeX puts a thin space after \log and friends unless a bracket follows;
+# latex2mathml emits a bare <mi>, which browsers set with no space at all.
+FUNCTION_NAME = re.compile(
+    r"(<mi>(?:log|ln|exp|sin|cos|tan)</mi>)(?!<mo[^>]*>(?:&#x00028;|\[))"
+)
+THIN_SPACE = r'\1<mspace width="0.1667em"></mspace>'
+
+
+class MathError(ValueError):
+    """TeX that cannot become MathML; the message names the page and formula."""
+
+
+def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
+    """MathML for one formula; unknown TeX commands are an error, not text."""
+    mathml = convert(tex.strip(), display="block" if display else "inline")
+    mathml = FUNCTION_NAME.sub(THIN_SPACE, mathml)
+    unknown = UNKNOWN_COMMAND.search(mathml)
+    if unknown:
+        raise MathError(
+            f"{page}: cannot render {unknown.group(0)} in the formula {tex!r}; "
+            "latex2mathml does not know this command: rewrite the formula "
+            "with commands it supports."
+        )
+    return mathml
+
+
+def render_math(page_html: str, page: str = "?") -> tuple[str, set[str]]:
+    """The page with every formula as MathML, and the characters they use."""
+    if "arithmatex" not in page_html and "$" not in page_html:
+        return page_html, set()
+    soup = BeautifulSoup(page_html, "html.parser")
+    for element in soup.select(".arithmatex"):
+        _replace_arithmatex(element, page)
+    for container in soup.select(NOTEBOOK_MARKDOWN):
+        for text in list(container.find_all(string=True)):
+            if "$" in text and not _inside_code(text):
+                _replace_dollar_math(text, page)
+    characters = {c for math in soup.find_all("math") for c in math.get_text()}
+    return str(soup), characters - {" ", "\n"}
+
+
+def _replace_arithmatex(element, page: str) -> None:
+    match = ARITHMATEX_DELIMITERS.match(element.get_text())
+    if match is None:
+        raise MathError(f"{page}: unexpected arithmatex markup {element}")
+    display = element.name == "div"
+    mathml = tex_to_mathml(match["tex"], display=display, page=page)
+    element.replace_with(BeautifulSoup(mathml, "html.parser"))
+
+
+def _replace_dollar_math(text: NavigableString, page: str) -> None:
+    pieces, position = [], 0
+    for match in DOLLAR_MATH.finditer(text):
+        pieces.append(html.escape(text[position : match.start()], quote=False))
+        display = match["display"] is not None
+        tex = match["display"] if display else match["inline"]
+        pieces.append(tex_to_mathml(tex, display=display, page=page))
+        position = match.end()
+    if position == 0:
+        return
+    pieces.append(html.escape(text[position:], quote=False))
+    text.replace_with(BeautifulSoup("".join(pieces), "html.parser"))
+
+
+def _inside_code(text: NavigableString) -> bool:
+    return any(parent.name in SKIPPED_PARENTS for parent in text.parents)

@@ -1,0 +1,31 @@
+"""Which snippet modules are pages, and what a reader sees of them."""
+
+from pathlib import Path
+
+import jupytext
+
+SNIPPETS = Path(__file__).resolve().parents[1] / "snippets"
+HIDDEN_INPUT_TAG = "hide-input"  # mkdocs.yml: remove_tag_config.remove_input_tags
+
+
+def snippet_pages(snippets_dir: Path = SNIPPETS) -> list[Path]:
+    """Every public module in ``snippets/``: one page each, named by its file."""
+    return sorted(
+        path for path in snippets_dir.glob("*.py") if not path.name.startswith("_")
+    )
+
+
+def shown_code_cells(page: Path) -> list[str]:
+    """The code cells a reader sees on the page, in order, as the notebook runs them.
+
+    Cells active only in the notebook (``active="ipynb"``) are commented out in the
+    module and shown uncommented on the page; cells whose input is hidden are left
+    out, since a reader cannot copy them.
+    """
+    notebook = jupytext.read(page)
+    return [
+        cell.source
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        and HIDDEN_INPUT_TAG not in cell.metadata.get("tags", [])
+    ]

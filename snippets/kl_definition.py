@@ -1,0 +1,292 @@
+# %% [markdown]
+# # What KL divergence is
+#
+# The Kullback–Leibler divergence $D_{\mathrm{KL}}(P\,\|\,Q)$ measures how much
+# probability mass $P$ puts where $Q$ does not expect it: the average extra log-loss
+# paid for modelling samples of $P$ with $Q$. In PyTorch three calls compute it and
+# agree to float32 precision: the definition written with `torch.xlogy`,
+# `F.kl_div(q.log(), p, reduction="sum")` (model first, in log space) and
+# `kl_divergence(Categorical(probs=p), Categorical(probs=q))`.
+#
+# On this page you will:
+#
+# - write the definition for discrete and continuous distributions, with its two
+#   conventions for zeros;
+# - check its properties on concrete tensors: never negative, zero only when the
+#   distributions are equal, asymmetric, not a metric;
+# - see why minimising cross-entropy over $Q$ minimises $D_{\mathrm{KL}}(P\,\|\,Q)$.
+#
+# Every number below is printed by the code above it when the site is built.
+
+# %% [markdown]
+# ## The definition
+#
+# For distributions $P$ and $Q$ over the same discrete outcomes $x$:
+#
+# $$D_{\mathrm{KL}}(P\,\|\,Q) = \sum_{x} P(x)\,\log\frac{P(x)}{Q(x)}
+#   = \mathbb{E}_{x\sim P}\left[\log P(x) - \log Q(x)\right]$$
+#
+# For densities $p$ and $q$ the sum becomes an integral:
+#
+# $$D_{\mathrm{KL}}(P\,\|\,Q) = \int p(x)\,\log\frac{p(x)}{q(x)}\,\mathrm{d}x$$
+#
+# With the natural logarithm the unit is the *nat* (PyTorch's unit everywhere);
+# divide by $\log 2$ for bits. Two conventions complete the definition:
+#
+# - $0 \cdot \log\frac{0}{q} = 0$: outcomes that $P$ never produces cost nothing
+#   (the limit of $t \log t$ as $t \to 0$);
+# - $p \cdot \log\frac{p}{0} = +\infty$ for $p > 0$: if $Q$ rules out something
+#   that $P$ produces, the divergence is infinite.
+
+# %%
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, Normal, kl_divergence
+
+SEED = 0
+
+
+def kl_by_definition(p, q):
+    """KL(P‖Q) in nats for probability vectors along the last dimension."""
+    # KL(P‖Q) = Σ p log p − Σ p log q; xlogy(0, y) = 0 gives 0·log(0/q) = 0
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(dim=-1)
+
+
+# %% [markdown]
+# `torch.xlogy(x, y)` computes $x \log y$ and returns 0 where $x = 0$, which is
+# exactly the first convention; where $p > 0$ and $q = 0$ it returns $-\infty$, so
+# the divergence comes out $+\infty$, the second. The formula as usually typed,
+# `p * (p / q).log()`, evaluates $0 \cdot (-\infty)$ where $p = 0$ and returns NaN:
+
+# %%
+p_with_zero = torch.tensor([0.5, 0.5, 0.0])
+q_positive = torch.tensor([0.25, 0.25, 0.5])
+q_with_zero = torch.tensor([0.5, 0.0, 0.5])
+
+kl_ignoring_zero = kl_by_definition(p_with_zero, q_positive)
+kl_infinite = kl_by_definition(p_with_zero, q_with_zero)
+kl_naive = (p_with_zero * (p_with_zero / q_positive).log()).sum()
+
+# %% active="ipynb"
+# print(f"P(x) = 0 somewhere, Q > 0:      KL = {kl_ignoring_zero:.4f}")
+# print(f"Q(x) = 0 where P(x) > 0:        KL = {kl_infinite}")
+# print(f"p * (p / q).log() with P(x)=0:  KL = {kl_naive}")
+
+# %% [markdown]
+# ## A worked example: three outcomes
+#
+# Take a target $P$ and a model $Q$ over three outcomes. Each outcome contributes
+# $P(x) \log \frac{P(x)}{Q(x)}$: negative where $Q$ puts more mass than $P$,
+# positive where it puts less. The terms can be negative; their sum cannot.
+
+# %%
+p = torch.tensor([0.7, 0.2, 0.1])
+q = torch.tensor([0.4, 0.4, 0.2])
+
+terms_pq = torch.xlogy(p, p) - torch.xlogy(p, q)  # P(x) log(P(x) / Q(x))
+kl_pq = kl_by_definition(p, q)
+kl_qp = kl_by_definition(q, p)
+
+# %% active="ipynb"
+# print("terms P(x) log(P(x)/Q(x)):", terms_pq)
+# print(f"KL(P‖Q) = {kl_pq:.4f} nats")
+# print(f"KL(Q‖P) = {kl_qp:.4f} nats")
+
+# %% active="ipynb"
+# import matplotlib.pyplot as plt
+#
+# outcomes = range(len(p))
+# fig, (ax_dist, ax_terms) = plt.subplots(1, 2, figsize=(8, 3), layout="constrained")
+# ax_dist.bar([x - 0.2 for x in outcomes], p, width=0.4, label="P (target)")
+# ax_dist.bar([x + 0.2 for x in outcomes], q, width=0.4, label="Q (model)")
+# ax_dist.set(xticks=list(outcomes), xlabel="outcome x", ylabel="probability")
+# ax_dist.legend()
+# ax_terms.bar(outcomes, terms_pq, color="C2")
+# ax_terms.axhline(0, color="grey", linewidth=0.8)
+# ax_terms.set(
+#     xticks=list(outcomes),
+#     xlabel="outcome x",
+#     title=f"terms of KL(P‖Q), sum = {kl_pq:.4f}",
+# )
+# plt.show()
+
+# %% [markdown]
+# ## Three ways to compute it, one number
+#
+# `F.kl_div` takes the **model's log-probabilities first** and the target second,
+# the reverse of the order in $D_{\mathrm{KL}}(P\,\|\,Q)$; `"sum"` adds up the terms
+# (its default, `"mean"`, divides by the number of terms). `kl_divergence` takes
+# two distribution objects in the mathematical order.
+
+# %%
+kl_with_functional = F.kl_div(q.log(), p, reduction="sum")  # input=log Q, target=P
+kl_with_distributions = kl_divergence(Categorical(probs=p), Categorical(probs=q))
+
+# %% active="ipynb"
+# print(f"by definition:           {kl_pq:.6f}")
+# print(f"F.kl_div(q.log(), p):    {kl_with_functional:.6f}")
+# print(f"kl_divergence(P, Q):     {kl_with_distributions:.6f}")
+
+# %% [markdown]
+# ## Properties, checked on tensors
+#
+# ### Never negative (Gibbs' inequality)
+#
+# By Jensen's inequality, $-D_{\mathrm{KL}}(P\,\|\,Q) = \mathbb{E}_P\left[\log
+# \frac{Q}{P}\right] \le \log \mathbb{E}_P\left[\frac{Q}{P}\right] \le \log 1 = 0$.
+# Ten thousand random pairs of distributions over five outcomes:
+
+# %%
+generator = torch.Generator().manual_seed(SEED)
+n_pairs = 10_000
+logits = 2 * torch.randn(2, n_pairs, 5, generator=generator)
+p_batch, q_batch = logits.softmax(dim=-1)
+kl_batch = kl_by_definition(p_batch, q_batch)
+
+# %% active="ipynb"
+# print(f"smallest of {n_pairs} divergences: {kl_batch.min():.6f}")
+# print(f"largest:                          {kl_batch.max():.4f}")
+
+# %% [markdown]
+# ### Zero exactly when P = Q
+#
+# $D_{\mathrm{KL}}(P\,\|\,P)$ is exactly 0, even in floating point: the two sums
+# are the same numbers. Move a little mass and it becomes small but positive.
+
+# %%
+kl_pp = kl_by_definition(p, p)
+q_nearby = torch.tensor([0.69, 0.21, 0.10])
+kl_p_nearby = kl_by_definition(p, q_nearby)
+
+# %% active="ipynb"
+# print(f"KL(P‖P)            = {kl_pp}")
+# print(f"KL(P‖Q) for Q ≈ P  = {kl_p_nearby:.6f}")
+
+# %% [markdown]
+# ### Asymmetric, and not a metric
+#
+# Swapping the arguments changes the value: the example above gives two different
+# numbers for $D_{\mathrm{KL}}(P\,\|\,Q)$ and $D_{\mathrm{KL}}(Q\,\|\,P)$. It also
+# breaks the triangle inequality: going from $A$ to $C$ directly can cost more than
+# going through $B$.
+
+# %%
+a = torch.tensor([0.1, 0.9])
+b = torch.tensor([0.5, 0.5])
+c = torch.tensor([0.9, 0.1])
+
+kl_ac = kl_by_definition(a, c)
+kl_ab_plus_kl_bc = kl_by_definition(a, b) + kl_by_definition(b, c)
+
+# %% active="ipynb"
+# print(f"KL(P‖Q) = {kl_pq:.4f}   KL(Q‖P) = {kl_qp:.4f}")
+# print(f"KL(A‖C) = {kl_ac:.4f}   KL(A‖B) + KL(B‖C) = {kl_ab_plus_kl_bc:.4f}")
+
+# %% [markdown]
+# If you need a symmetric quantity, the Jensen–Shannon divergence is symmetric,
+# and its square root is a metric:
+#
+# $$\mathrm{JS}(P, Q) = \tfrac12 D_{\mathrm{KL}}(P\,\|\,M)
+#   + \tfrac12 D_{\mathrm{KL}}(Q\,\|\,M), \qquad M = \tfrac12(P + Q)$$
+
+
+# %%
+def js_divergence(p, q):
+    """Jensen–Shannon divergence in nats: symmetric, at most log 2."""
+    m = (p + q) / 2
+    return (kl_by_definition(p, m) + kl_by_definition(q, m)) / 2
+
+
+js_ac = js_divergence(a, c).sqrt()
+js_ab_plus_js_bc = js_divergence(a, b).sqrt() + js_divergence(b, c).sqrt()
+
+# %% active="ipynb"
+# print(f"√JS(A,C) = {js_ac:.4f}   √JS(A,B) + √JS(B,C) = {js_ab_plus_js_bc:.4f}")
+
+# %% [markdown]
+# ## Cross-entropy is entropy plus KL
+#
+# The cross-entropy $H(P, Q) = -\sum_x P(x) \log Q(x)$ splits into the entropy of
+# the target and the divergence:
+#
+# $$H(P, Q) = H(P) + D_{\mathrm{KL}}(P\,\|\,Q), \qquad H(P) = -\sum_x P(x)\log P(x)$$
+#
+# `F.cross_entropy` accepts probabilities as its target and computes $H(P, Q)$ from
+# the model's logits.
+
+# %%
+entropy_p = -torch.xlogy(p, p).sum()  # H(P)
+cross_entropy_pq = F.cross_entropy(q.log(), p)  # H(P, Q); log Q serves as logits
+
+# %% active="ipynb"
+# print(f"H(P, Q)            = {cross_entropy_pq:.6f}")
+# print(f"H(P) + KL(P‖Q)     = {entropy_p + kl_pq:.6f}")
+
+# %% [markdown]
+# $H(P)$ does not depend on $Q$, so the two losses differ by a constant and have the
+# same gradient with respect to the model: minimising cross-entropy over $Q$ *is*
+# minimising $D_{\mathrm{KL}}(P\,\|\,Q)$, which is why classifiers trained with
+# cross-entropy fit the forward KL. The loss values differ (by $H(P)$); the
+# gradients do not.
+
+# %%
+model_logits = torch.zeros(3, requires_grad=True)  # Q = softmax(model_logits)
+
+cross_entropy_loss = F.cross_entropy(model_logits, p)
+kl_loss = F.kl_div(F.log_softmax(model_logits, dim=-1), p, reduction="sum")
+(grad_cross_entropy,) = torch.autograd.grad(cross_entropy_loss, model_logits)
+(grad_kl,) = torch.autograd.grad(kl_loss, model_logits)
+
+# %% active="ipynb"
+# print(f"losses:  cross-entropy {cross_entropy_loss:.4f}   KL {kl_loss:.4f}")
+# print("gradient of cross-entropy:", grad_cross_entropy)
+# print("gradient of KL:           ", grad_kl)
+
+# %% [markdown]
+# ## The continuous case
+#
+# For two Gaussians the integral has a closed form,
+#
+# $$D_{\mathrm{KL}}\big(\mathcal{N}(\mu_1, \sigma_1^2)\,\|\,\mathcal{N}(\mu_2,
+# \sigma_2^2)\big) = \log\frac{\sigma_2}{\sigma_1}
+# + \frac{\sigma_1^2 + (\mu_1 - \mu_2)^2}{2\sigma_2^2} - \frac12,$$
+#
+# which `kl_divergence` implements for `Normal` pairs. Integrating the definition
+# numerically on a fine grid (in log space, with `log_prob`) gives the same value.
+
+
+# %%
+def gaussian_kl(mu_1, sigma_1, mu_2, sigma_2):
+    """Closed-form KL(N(mu_1, sigma_1²) ‖ N(mu_2, sigma_2²)) in nats."""
+    return (
+        torch.log(sigma_2 / sigma_1)
+        + (sigma_1**2 + (mu_1 - mu_2) ** 2) / (2 * sigma_2**2)
+        - 0.5
+    )
+
+
+mu_1, sigma_1 = torch.tensor([0.0, 1.0], dtype=torch.float64)
+mu_2, sigma_2 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+p_normal, q_normal = Normal(mu_1, sigma_1), Normal(mu_2, sigma_2)
+
+x = torch.linspace(-20, 20, 40_001, dtype=torch.float64)
+log_p_x, log_q_x = p_normal.log_prob(x), q_normal.log_prob(x)
+kl_numerical = torch.trapezoid(log_p_x.exp() * (log_p_x - log_q_x), x)
+kl_closed_form = gaussian_kl(mu_1, sigma_1, mu_2, sigma_2)
+kl_normal = kl_divergence(p_normal, q_normal)
+
+# %% active="ipynb"
+# print(f"closed form:          {kl_closed_form:.8f}")
+# print(f"kl_divergence:        {kl_normal:.8f}")
+# print(f"numerical integral:   {kl_numerical:.8f}")
+
+# %% [markdown]
+# ## What to remember
+#
+# - $D_{\mathrm{KL}}(P\,\|\,Q) = \sum_x P(x) \log\frac{P(x)}{Q(x)}$: never negative,
+#   zero only when $P = Q$, different when the arguments are swapped, not a metric.
+# - Compute it with `torch.xlogy` (or the library calls), not `p * (p / q).log()`,
+#   which returns NaN as soon as $P$ has a zero.
+# - `F.kl_div(log_q, p)`: the model's log-probabilities first, the target second.
+# - Cross-entropy and KL differ by $H(P)$, a constant in the model: same gradients,
+#   different loss values.
