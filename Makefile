@@ -19,7 +19,6 @@ $(INSTALLED): requirements.txt
 	  { echo "make: need Python 3.11 (torch==2.13.0 is built for it); \
 	set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
