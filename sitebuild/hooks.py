@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sitebuild import mathfont, mathml, pages  # noqa: E402
+from sitebuild import links, mathfont, mathml, pages  # noqa: E402
 
 math_characters: set[str] = set()
 
@@ -38,6 +38,8 @@ def on_files(files, config):
 
 
 def on_page_content(html, page, config, files):
+    if page.file.src_uri.endswith(".py"):  # notebook HTML: MkDocs left links alone
+        html = links.resolve_page_links(html, page.file.src_uri, files)
     html, characters = mathml.render_math(html, page=page.file.src_uri)
     math_characters.update(characters)
     return html

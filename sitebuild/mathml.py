@@ -26,6 +26,15 @@ FUNCTION_NAME = re.compile(
     r"(<mi>(?:log|ln|exp|sin|cos|tan)</mi>)(?!<mo[^>]*>(?:&#x00028;|\[))"
 )
 THIN_SPACE = r'\1<mspace width="0.1667em"></mspace>'
+# TeX reads a sign after an operator or an opening bracket as unary (-x, (-inf));
+# MathML would space it as a binary operator unless told its form.
+UNARY_SIGN = re.compile(
+    r"(<mrow>|<mo[^>]*>(?!&#x00029;|&#x0005D;|&#x0007D;|\)|\]|\})[^<]*</mo>)"
+    r"<mo>(&#x02212;|&#x0002B;)</mo>"
+)
+UNARY_FORM = r'\1<mo form="prefix">\2</mo>'
+INFINITY_AS_OPERATOR = "<mo>&#x0221E;</mo>"  # TeX's \infty is a symbol, not an operator
+INFINITY_AS_SYMBOL = "<mi>&#x0221E;</mi>"
 
 
 class MathError(ValueError):
@@ -36,6 +45,8 @@ def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
     """MathML for one formula; unknown TeX commands are an error, not text."""
     mathml = convert(tex.strip(), display="block" if display else "inline")
     mathml = FUNCTION_NAME.sub(THIN_SPACE, mathml)
+    mathml = mathml.replace(INFINITY_AS_OPERATOR, INFINITY_AS_SYMBOL)
+    mathml = UNARY_SIGN.sub(UNARY_FORM, mathml)
     unknown = UNKNOWN_COMMAND.search(mathml)
     if unknown:
         raise MathError(

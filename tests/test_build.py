@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -74,6 +75,29 @@ def test_definition_page_shows_outputs_executed_at_build(site):
     assert f"KL(P‖Q) = {kl_definition.kl_pq:.4f} nats" in html
     assert f"KL(Q‖P) = {kl_definition.kl_qp:.4f} nats" in html
     assert 'src="data:image/png;base64,' in html  # the figure, drawn at build
+
+
+def local_targets(html_file: Path, site: Path):
+    """Every file an href or src of the page points at on this site."""
+    soup = BeautifulSoup(html_file.read_text(), "html.parser")
+    for element in soup.find_all(href=True) + soup.find_all(src=True):
+        url = element.get("href") or element.get("src")
+        if urlsplit(url).scheme or url.startswith(("#", "//", "mailto:", "data:")):
+            continue
+        path = urlsplit(url).path
+        base = site if path.startswith("/") else html_file.parent
+        target = (base / path.lstrip("/")).resolve()
+        yield url, target / "index.html" if target.is_dir() else target
+
+
+def test_every_link_and_asset_on_the_site_exists(site):
+    broken = [
+        f"{html.relative_to(site)} -> {url}"
+        for html in site.rglob("*.html")
+        for url, target in local_targets(html, site)
+        if not target.is_file()
+    ]
+    assert not broken, "\n".join(broken)
 
 
 def test_math_font_is_served_by_the_site(site):

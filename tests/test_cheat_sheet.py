@@ -1,6 +1,7 @@
 """Every row of the home page's cheat sheet computes what its first column says."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 from torch.testing import assert_close
+
+from snippets.checked_kl import checked_kl
 
 HOME = Path(__file__).resolve().parents[1] / "docs" / "index.md"
 ROW = re.compile(
@@ -51,6 +54,8 @@ def reference_values(p, q):
     return {
         "KL(P‖Q) of each row": kl_pq,
         "KL(P‖Q) summed over rows": kl_pq.sum(),
+        "mean KL(P‖Q) over rows": kl_pq.mean(),
+        "mean KL(P‖Q) over rows ÷ classes": kl_pq.mean() / p.size(-1),
         "KL(Q‖P) of each row": torch.stack(
             [kl(q_row, p_row) for p_row, q_row in zip(p, q, strict=True)]
         ),
@@ -61,7 +66,10 @@ def reference_values(p, q):
 
 def evaluate(call, tensors):
     namespace = {"torch": torch, "F": F, "Categorical": Categorical}
-    return eval(call, namespace | {"kl_divergence": kl_divergence} | tensors)
+    namespace |= {"kl_divergence": kl_divergence, "checked_kl": checked_kl}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reduction="mean" warns; that row says so
+        return eval(call, namespace | tensors)
 
 
 @pytest.mark.parametrize("computes, call, remember", cheat_sheet_rows())

@@ -1,0 +1,310 @@
+# %% [markdown]
+# # Numerical pitfalls: inf, NaN and negative KL
+#
+# Most broken KL losses are not wrong formulas but floating point: a probability
+# that rounds to 0 and is then logged, a $0 \cdot (-\infty)$, a NaN that
+# `torch.where` lets through the backward pass, or an input that was never a
+# distribution. The cure is the same each time: stay in log space, mask before the
+# log rather than after, and check what `F.kl_div` never checks.
+#
+# On this page you will see each failure on a small tensor, next to its fix:
+#
+# - underflow: densities far in a tail, mixtures, `log(softmax)`;
+# - zeros: $0 \cdot \log 0$, and masked logits that turn into NaN;
+# - NaN gradients through `torch.where`, and with respect to the target;
+# - inputs that are not distributions, shapes that broadcast, rounding below 0;
+# - half precision over a large vocabulary.
+
+# %% [markdown]
+# ## Exponentiate, then log: underflow
+#
+# Take $P = \mathcal{N}(0, 1)$ and $Q = \mathcal{N}(0, 0.5^2)$ on a grid. Far in
+# the tails $q(x) \propto e^{-2x^2}$ drops below the smallest float32 (about
+# $10^{-45}$) while $p(x)$ is still positive: the density rounds to 0, its log is
+# $-\infty$ and the divergence comes out infinite. Asking the distribution for
+# `log_prob` never leaves log space and gives the closed-form value.
+
+# %%
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, MixtureSameFamily, Normal, kl_divergence
+
+SEED = 0
+
+x = torch.linspace(-10, 10, 2001)
+dx = x[1] - x[0]  # densities times the spacing are probabilities on the grid
+p_normal, q_normal = Normal(0.0, 1.0), Normal(0.0, 0.5)
+
+# exp first, log later: q(x) underflows to 0 where p(x) > 0
+p_x, q_x = p_normal.log_prob(x).exp(), q_normal.log_prob(x).exp()
+kl_via_densities = ((torch.xlogy(p_x, p_x) - torch.xlogy(p_x, q_x)) * dx).sum()
+
+# log space throughout: KL = Σ p(x) (log p(x) − log q(x)) dx
+log_p_x, log_q_x = p_normal.log_prob(x), q_normal.log_prob(x)
+kl_via_log_prob = (log_p_x.exp() * (log_p_x - log_q_x) * dx).sum()
+kl_closed_form = kl_divergence(p_normal, q_normal)
+
+# %% active="ipynb"
+# underflowed = x[(q_x == 0) & (p_x > 0)]
+# print(f"q(x) = 0 while p(x) > 0 for |x| >= {underflowed.abs().min():.2f}")
+# print(f"KL from densities:  {kl_via_densities}")
+# print(f"KL from log_prob:   {kl_via_log_prob:.6f}")
+# print(f"closed form:        {kl_closed_form:.6f}")
+
+# %% [markdown]
+# A mixture's density is a sum, $\log\big(\tfrac12 p_1(x) + \tfrac12 p_2(x)\big)$,
+# and the sum of two underflowed densities is still 0. `torch.logsumexp` adds in
+# log space, shifting by the largest term first; `MixtureSameFamily.log_prob` does
+# exactly that for you.
+
+# %%
+points = torch.tensor([-60.0, 2.5, 60.0])
+log_p1, log_p2 = Normal(-5.0, 1.0).log_prob(points), Normal(10.0, 1.0).log_prob(points)
+
+log_mixture_naive = torch.log(0.5 * log_p1.exp() + 0.5 * log_p2.exp())
+log_mixture_stable = torch.logsumexp(
+    torch.stack([math.log(0.5) + log_p1, math.log(0.5) + log_p2]), dim=0
+)
+mixture = MixtureSameFamily(
+    Categorical(probs=torch.tensor([0.5, 0.5])),
+    Normal(torch.tensor([-5.0, 10.0]), torch.tensor([1.0, 1.0])),
+)
+log_mixture_library = mixture.log_prob(points)
+
+# %% active="ipynb"
+# print("log of the summed densities:", log_mixture_naive)
+# print("torch.logsumexp:            ", log_mixture_stable)
+# print("MixtureSameFamily.log_prob: ", log_mixture_library)
+
+# %% [markdown]
+# The same happens with logits: `softmax` rounds a class 200 nats below the best one
+# to exactly 0, and `log` of it is $-\infty$; `log_softmax` computes
+# $z - \operatorname{logsumexp}(z)$ and keeps the finite value. Feed `F.kl_div`
+# from `log_softmax` on both sides, with `log_target=True`.
+
+# %%
+logits = torch.tensor([0.0, -200.0])
+log_of_softmax = logits.softmax(dim=-1).log()
+log_softmax = logits.log_softmax(dim=-1)
+
+# %% active="ipynb"
+# print("softmax(z).log(): ", log_of_softmax)
+# print("log_softmax(z):   ", log_softmax)
+
+# %% [markdown]
+# ## Zeros and masked logits
+#
+# Zeros in the target are fine: `F.kl_div` computes `xlogy(target, target)`, so an
+# outcome with $P = 0$ contributes 0. Zeros in the *model* are not, when they meet
+# zeros in the target: a logit masked with $-\infty$ (a forbidden token, padding)
+# gives $\log Q = -\infty$, and the term `target * input` is $0 \cdot (-\infty)$ =
+# NaN. Either replace the masked log-probabilities after `log_softmax`, or mask
+# logits with the most negative finite number instead of $-\infty$.
+
+# %%
+p_masked = torch.tensor([0.6, 0.4, 0.0])  # the target never uses class 2
+mask = torch.tensor([False, False, True])  # and the model must not either
+model_logits = torch.tensor([2.0, 1.0, 0.5])
+
+log_q_masked = model_logits.masked_fill(mask, -torch.inf).log_softmax(dim=-1)
+kl_with_inf_mask = F.kl_div(log_q_masked, p_masked, reduction="sum")
+
+kl_fixed_after = F.kl_div(
+    log_q_masked.masked_fill(mask, 0.0), p_masked, reduction="sum"
+)
+finite_mask_value = torch.finfo(model_logits.dtype).min
+log_q_finite = model_logits.masked_fill(mask, finite_mask_value).log_softmax(dim=-1)
+kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
+
+# %% active="ipynb"
+# print(f"mask with -inf:                   {kl_with_inf_mask}")
+# print(f"-inf, then masked_fill(mask, 0):  {kl_fixed_after:.6f}")
+# print(f"mask with finfo.min instead:      {kl_fixed_before:.6f}")
+
+# %% [markdown]
+# ## NaN gradients
+#
+# ### `torch.where` does not stop NaN in the backward pass
+#
+# A hand-written KL often guards the log with `torch.where(p > 0, ..., 0)`. The
+# forward value is right, but autograd differentiates *both* branches and
+# multiplies the unused one by 0: where $p = 0$ that is $0 \cdot \infty$ = NaN, and
+# it spreads to every logit through the softmax ([pytorch#52248]). The fix is to
+# make the untaken branch harmless too: sanitise the argument of the log before
+# taking it.
+#
+# [pytorch#52248]: https://github.com/pytorch/pytorch/issues/52248
+
+# %%
+log_q_fixed = torch.tensor([0.3, 0.3, 0.4]).log()
+
+
+def target_with_an_underflowed_class():
+    """Trainable target logits whose softmax rounds the last class to exactly 0."""
+    target_logits = torch.tensor([0.0, 1.0, -120.0], requires_grad=True)
+    return target_logits, target_logits.softmax(dim=-1)
+
+
+target_logits, p_trainable = target_with_an_underflowed_class()
+kl_guarded = torch.where(
+    p_trainable > 0, p_trainable * (p_trainable.log() - log_q_fixed), 0
+).sum()
+(grad_guarded,) = torch.autograd.grad(kl_guarded, target_logits)
+
+target_logits, p_trainable = target_with_an_underflowed_class()
+p_safe = torch.where(p_trainable > 0, p_trainable, 1.0)  # log(1) = 0, gradient 1
+kl_sanitised = torch.where(
+    p_trainable > 0, p_trainable * (p_safe.log() - log_q_fixed), 0
+).sum()
+(grad_sanitised,) = torch.autograd.grad(kl_sanitised, target_logits)
+
+# %% active="ipynb"
+# print(f"value, guarded with where:  {kl_guarded:.6f}   gradient {grad_guarded}")
+# print(f"value, log input sanitised: {kl_sanitised:.6f}   gradient {grad_sanitised}")
+
+# %% [markdown]
+# ### The gradient with respect to the target
+#
+# `F.kl_div`'s default form computes `xlogy(target, target)`. `torch.xlogy` fixes
+# the *value* of $0 \cdot \log 0$, but its derivative with respect to its second
+# argument is $x / y$, which is $0/0$ where the target is 0: the gradient with
+# respect to the target is NaN there ([pytorch#89558]). It only matters when the
+# target is trainable (mutual learning, a symmetric or Jensen–Shannon loss); then
+# pass the target as log-probabilities with `log_target=True`, where the term is
+# $e^{\log P}(\log P - \log Q)$ and the gradient stays finite.
+#
+# [pytorch#89558]: https://github.com/pytorch/pytorch/issues/89558
+
+# %%
+target_logits, p_trainable = target_with_an_underflowed_class()
+kl_probability_target = F.kl_div(log_q_fixed, p_trainable, reduction="sum")
+(grad_probability_target,) = torch.autograd.grad(kl_probability_target, target_logits)
+
+target_logits, _ = target_with_an_underflowed_class()
+kl_log_target = F.kl_div(
+    log_q_fixed, target_logits.log_softmax(dim=-1), reduction="sum", log_target=True
+)
+(grad_log_target,) = torch.autograd.grad(kl_log_target, target_logits)
+
+target_logits, p_trainable = target_with_an_underflowed_class()
+kl_xlogy = (torch.xlogy(p_trainable, p_trainable) - p_trainable * log_q_fixed).sum()
+(grad_xlogy,) = torch.autograd.grad(kl_xlogy, target_logits)
+
+# %% active="ipynb"
+# print("value and gradient with respect to the target logits:")
+# print(f"F.kl_div(log_q, p)      {kl_probability_target:.6f}", grad_probability_target)
+# print(f"xlogy, written by hand  {kl_xlogy:.6f}", grad_xlogy)
+# print(f"log_target=True         {kl_log_target:.6f}", grad_log_target)
+
+# %% [markdown]
+# ## Nothing is validated
+#
+# `F.kl_div` trusts its inputs completely. A target that does not sum to 1 gives a
+# negative "divergence"; shapes that differ are broadcast without a word; and two
+# identical distributions can come out a hair below zero from rounding
+# ([pytorch#80488], reproduced below as reported).
+#
+# [pytorch#80488]: https://github.com/pytorch/pytorch/issues/80488
+
+# %%
+generator = torch.Generator().manual_seed(SEED)
+log_q_rows = torch.randn(4, 5, generator=generator).log_softmax(dim=-1)
+p_rows = torch.randn(4, 5, generator=generator).softmax(dim=-1)
+
+kl_rows = F.kl_div(log_q_rows, p_rows, reduction="batchmean")
+kl_unnormalised = F.kl_div(log_q_rows, 0.3 * p_rows, reduction="batchmean")
+
+# an extra singleton dimension: (4, 1, 5) against (4, 5) broadcasts to (4, 4, 5)
+terms_broadcast = F.kl_div(log_q_rows.unsqueeze(1), p_rows, reduction="none")
+kl_broadcast = F.kl_div(log_q_rows.unsqueeze(1), p_rows, reduction="batchmean")
+
+same_logits = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+terms_identical = F.kl_div(
+    F.log_softmax(same_logits, 1), F.softmax(same_logits, 1), reduction="none"
+)
+
+# %% active="ipynb"
+# print(f"KL(P‖Q), mean over rows:            {kl_rows:.4f}")
+# print(f"target scaled to sum to 0.3:        {kl_unnormalised:.4f}")
+# print(f"input (4, 1, 5) vs target (4, 5):   {kl_broadcast:.4f}"
+#       f"   terms of shape {tuple(terms_broadcast.shape)}")
+# print("identical distributions, 'none':\n", terms_identical)
+
+# %% [markdown]
+# The [checked KL](checked_kl.py) refuses the first two, and given the same
+# log-probabilities twice it returns exactly 0: the negative term above comes from
+# comparing `log_softmax(a)` with `log(softmax(a))`, two roundings of the same
+# number. Where a divergence must not be negative (before a square root, say),
+# `.clamp_min(0)` removes what is left of such rounding.
+
+# %% [markdown]
+# ## Half precision over a large vocabulary
+#
+# float16 cannot represent anything below about $6 \cdot 10^{-8}$. Over a
+# vocabulary of 128,000 tokens most probabilities are smaller than that, so a
+# `softmax` in float16 rounds them to exactly 0, and `log` of them to $-\infty$.
+# `log_softmax` in float16 stays finite but rounds every log-probability to
+# float16's few digits. Compute log-probabilities in float32: cast the logits up
+# before `log_softmax`.
+#
+# `torch.autocast` does not do that for you everywhere. It runs `kl_div` itself in
+# float32 (on CPU as measured below; the [AMP documentation] lists `kl_div` and
+# `log_softmax` among CUDA's float32 ops), but on CPU `log_softmax` stays in half
+# precision, and a float32 `kl_div` of rounded log-probabilities keeps their error.
+#
+# [AMP documentation]: https://pytorch.org/docs/stable/amp.html#autocast-op-reference
+
+# %%
+vocab_size = 128_000
+generator = torch.Generator().manual_seed(SEED)
+teacher_logits, student_logits = 4 * torch.randn(2, 4, vocab_size, generator=generator)
+teacher_half, student_half = teacher_logits.half(), student_logits.half()
+
+p_half, q_half = teacher_half.softmax(dim=-1), student_half.softmax(dim=-1)
+kl_half_softmax = F.kl_div(q_half.log(), p_half, reduction="batchmean")
+kl_half_log_softmax = F.kl_div(
+    student_half.log_softmax(dim=-1),
+    teacher_half.log_softmax(dim=-1),
+    reduction="batchmean",
+    log_target=True,
+)
+kl_upcast = F.kl_div(
+    student_half.float().log_softmax(dim=-1),
+    teacher_half.float().log_softmax(dim=-1),
+    reduction="batchmean",
+    log_target=True,
+)
+
+
+def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
+    """KL of a half-precision forward pass under CPU autocast, and log Q's dtype."""
+    with torch.autocast("cpu", dtype=dtype):
+        log_q = student_logits.to(dtype).log_softmax(dim=-1)
+        log_p = teacher_logits.to(dtype).log_softmax(dim=-1)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl, log_q.dtype
+
+
+# %% active="ipynb"
+# print(f"probabilities that float16 rounds to 0: {(q_half == 0).float().mean():.1%}")
+# print(f"float16 softmax, then log:     {kl_half_softmax}")
+# print(f"float16 log_softmax:           {kl_half_log_softmax}")
+# print(f"float16 logits, float32 log_softmax: {kl_upcast:.4f}")
+# kl_autocast, log_q_dtype = kl_under_autocast(student_half, teacher_half, torch.half)
+# print(f"autocast(float16) on CPU:      {kl_autocast:.4f}")
+# print(f"  kl_div ran in {kl_autocast.dtype}, log_softmax in {log_q_dtype}")
+
+# %% [markdown]
+# ## What to remember
+#
+# - Stay in log space: `log_prob`, `log_softmax`, `torch.logsumexp`,
+#   `log_target=True`. Never `softmax(...).log()` or `log(sum(exp(...)))`.
+# - Mask logits with `torch.finfo(dtype).min`, or replace masked log-probabilities
+#   after `log_softmax`; $-\infty$ meeting a zero target is NaN.
+# - `torch.where` and `torch.xlogy` fix values, not gradients: sanitise what goes
+#   into the log, or keep the trainable side in log space.
+# - `F.kl_div` checks nothing: normalise, match shapes, expect $-10^{-8}$.
+# - Compute log-probabilities in float32, even when the model runs in half
+#   precision, and even under autocast: cast the logits up yourself.

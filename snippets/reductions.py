@@ -1,0 +1,208 @@
+# %% [markdown]
+# # Reductions: what each one divides by
+#
+# `F.kl_div` computes one term per element and then reduces: `"sum"` adds them
+# all, `"mean"` divides that sum by the number of elements (batch × classes; still
+# the default in PyTorch 2.13, with a warning), and `"batchmean"` divides it by
+# `input.size(0)`, whatever the first dimension holds. `"batchmean"` is the mean
+# KL per distribution only when the distributions lie along the last dimension of
+# a 2-D tensor. For language-model outputs of shape (B, T, V) it divides by B, not
+# by the B·T tokens.
+#
+# On this page you will:
+#
+# - check each reduction against the sum it divides, on tensors;
+# - compute the per-token KL of a language model, with and without padding;
+# - rerun a well-known blog example and see why its `"batchmean"` is not a mean KL,
+#   then fix its layout.
+
+# %% [markdown]
+# ## Four reductions of the same terms
+#
+# With $\ell$ the tensor of terms $P\,(\log P - \log Q)$, PyTorch's Python wrapper
+# and its ATen kernel give:
+#
+# - `"none"`: $\ell$ itself, same shape as the input;
+# - `"sum"`: $\sum \ell$;
+# - `"mean"`: $\sum \ell \,/\, N$, with $N$ = `input.numel()`, every element;
+# - `"batchmean"`: $\sum \ell \,/\, B$, with $B$ = `input.size(0)`; the wrapper asks
+#   ATen for the sum and divides by `input.size()[0]` itself.
+#
+# Four rows of distributions over five classes: the distributions lie along the
+# last dimension, so `"batchmean"` divides by the number of rows.
+
+# %%
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Uniform
+
+SEED = 0
+generator = torch.Generator().manual_seed(SEED)
+
+logits_p, logits_q = torch.randn(2, 4, 5, generator=generator)
+log_p, log_q = logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1)
+
+terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)  # shape (4, 5)
+kl_per_row = terms.sum(dim=-1)  # one KL(P‖Q) per row
+kl_sum = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+kl_batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def kl_with_mean_reduction(log_q, log_p):
+    """F.kl_div with reduction="mean", returning the value and the warning text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = F.kl_div(log_q, log_p, reduction="mean", log_target=True)
+    return value, [str(warning.message) for warning in caught]
+
+
+# %% active="ipynb"
+# kl_mean, mean_warnings = kl_with_mean_reduction(log_q, log_p)
+# print("KL(P‖Q) of each row:      ", kl_per_row)
+# print(f"'sum'                     {kl_sum:.4f}")
+# print(f"'mean'      (sum / {terms.numel()})    {kl_mean:.4f}")
+# print(f"'batchmean' (sum / {terms.size(0)})     {kl_batchmean:.4f}")
+# print(f"mean KL per row           {kl_per_row.mean():.4f}")
+# print("warning of 'mean':", *mean_warnings)
+
+# %% [markdown]
+# `"batchmean"` equals the mean of the per-row divergences; `"mean"` is that value
+# divided again by the five classes, which is why a loss written with the default
+# looks several times too small and its gradients are scaled down by the number of
+# classes. The warning says `"mean"` will behave like `"batchmean"` in the next
+# major release; until then, name the reduction you mean.
+
+# %% [markdown]
+# ## Language models: (B, T, V) and the token count
+#
+# A language model's log-probabilities have shape (batch B, sequence T, vocabulary
+# V), one distribution per token along the last dimension. `"batchmean"` still
+# divides by `input.size(0)` = B: the result is the KL *summed over the tokens of a
+# sequence*, averaged over sequences. For the mean KL per token, divide the sum by
+# the token count yourself, and with padding count only the real tokens.
+
+# %%
+batch_size, seq_len, vocab_size = 2, 3, 6
+logits_teacher, logits_student = torch.randn(
+    2, batch_size, seq_len, vocab_size, generator=generator
+)
+log_p_tokens = logits_teacher.log_softmax(dim=-1)
+log_q_tokens = logits_student.log_softmax(dim=-1)
+padding_mask = torch.tensor([[True, True, True], [True, True, False]])  # 5 real
+
+kl_per_token = F.kl_div(
+    log_q_tokens, log_p_tokens, reduction="none", log_target=True
+).sum(dim=-1)  # shape (B, T)
+lm_batchmean = F.kl_div(
+    log_q_tokens, log_p_tokens, reduction="batchmean", log_target=True
+)
+lm_token_mean = F.kl_div(
+    log_q_tokens, log_p_tokens, reduction="sum", log_target=True
+) / (batch_size * seq_len)
+lm_masked_token_mean = (kl_per_token * padding_mask).sum() / padding_mask.sum()
+
+# %% active="ipynb"
+# print("KL of each token:\n", kl_per_token)
+# print(f"'batchmean' (sum / B = {batch_size}):          {lm_batchmean:.4f}")
+# print(f"mean per token (sum / B·T = {batch_size * seq_len}):   {lm_token_mean:.4f}")
+# print(f"mean per real token (5 of 6):      {lm_masked_token_mean:.4f}")
+
+# %% [markdown]
+# ## A well-known example, rerun
+#
+# An often-copied blog post explains the reductions with two samples from
+# $\mathrm{Uniform}(0, 10)$ of shape (5, 2), normalised with `softmax` and
+# `log_softmax` over **dim 0**, and prints all four. Here it is with the same
+# seed (the post seeds the global generator, so this cell does too), then again
+# with shape (10, 6, 4).
+
+
+# %%
+def blog_example(shape, reduction):
+    """The blog's set-up: softmax over dim 0 of Uniform(0, 10) samples."""
+    torch.manual_seed(1)
+    uniform = Uniform(0.0, 10.0)
+    a, b = uniform.sample(shape), uniform.sample(shape)
+    return F.kl_div(F.log_softmax(a, dim=0), F.softmax(b, dim=0), reduction=reduction)
+
+
+# %% active="ipynb"
+# print("shape (5, 2), 'none':\n", blog_example((5, 2), "none"))
+# with warnings.catch_warnings():
+#     warnings.simplefilter("ignore")  # the 'mean' warning, shown above
+#     for shape in [(5, 2), (10, 6, 4)]:
+#         for reduction in ["sum", "mean", "batchmean"]:
+#             value = blog_example(shape, reduction)
+#             print(f"shape {shape}, {reduction!r:>11}: {value:.4f}")
+
+# %% [markdown]
+# The numbers are right for what was asked, but `"batchmean"` is not the mean KL
+# of anything in this layout. `softmax(dim=0)` makes each **column** a
+# distribution: two distributions over five outcomes for shape (5, 2), 6 × 4 = 24
+# over ten outcomes for (10, 6, 4). `"batchmean"` divides by `input.size(0)`: by 5
+# and by 10, the number of *outcomes*. The mean KL per distribution divides the
+# same sum by 2 and by 24.
+#
+# The fix is the layout, not the reduction: put each distribution on the last
+# dimension (`softmax(dim=-1)`) and flatten everything else into the first.
+
+
+# %%
+def mean_kl_per_distribution(shape):
+    """The blog's tensors with distributions moved to the last dim, then batchmean."""
+    torch.manual_seed(1)
+    uniform = Uniform(0.0, 10.0)
+    a, b = uniform.sample(shape), uniform.sample(shape)
+    n_outcomes = shape[0]
+    rows_a = a.movedim(0, -1).reshape(-1, n_outcomes)  # one distribution per row
+    rows_b = b.movedim(0, -1).reshape(-1, n_outcomes)
+    return F.kl_div(
+        F.log_softmax(rows_a, dim=-1), F.softmax(rows_b, dim=-1), reduction="batchmean"
+    )
+
+
+# %% active="ipynb"
+# for shape in [(5, 2), (10, 6, 4)]:
+#     n_distributions = torch.Size(shape[1:]).numel()
+#     print(
+#         f"shape {shape}: sum / {n_distributions} distributions ="
+#         f" {blog_example(shape, 'sum') / n_distributions:.4f},"
+#         f" fixed layout with 'batchmean' = {mean_kl_per_distribution(shape):.4f}"
+#     )
+
+# %% [markdown]
+# ## Which reduction, and when
+#
+# On the blog's (5, 2) example, where $N$ counts every element and $B$ is
+# `input.size(0)`:
+
+# %% active="ipynb" tags=["hide-input"]
+# from IPython.display import Markdown
+#
+# with warnings.catch_warnings():
+#     warnings.simplefilter("ignore")
+#     values = {r: blog_example((5, 2), r) for r in ["sum", "mean", "batchmean"]}
+# Markdown(
+#     "| reduction | formula | value | when to use it |\n|---|---|---|---|\n"
+#     "| `none` | $\\ell$, elementwise | a (5, 2) tensor |"
+#     " per-token or per-class weighting, masking |\n"
+#     f"| `sum` | $\\sum \\ell$ | {values['sum']:.4f} |"
+#     " total KL, when you divide by your own count |\n"
+#     f"| `mean` | $\\sum \\ell / N$ | {values['mean']:.4f} |"
+#     " rarely: it also divides by the number of classes |\n"
+#     f"| `batchmean` | $\\sum \\ell / B$ | {values['batchmean']:.4f} |"
+#     " mean KL per distribution, if distributions are the rows of a 2-D tensor |\n"
+# )
+
+# %% [markdown]
+# ## What to remember
+#
+# - Name the reduction: the default `"mean"` divides by batch × classes.
+# - `"batchmean"` divides by `input.size(0)`. It is the mean KL per distribution
+#   only when the tensor is (number of distributions, number of classes).
+# - The dimension that holds each distribution is yours to choose, through the
+#   `dim` of `softmax` / `log_softmax`; keep it last.
+# - For (B, T, V) language-model outputs, sum and divide by the number of real
+#   tokens.

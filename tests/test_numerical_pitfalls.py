@@ -1,0 +1,182 @@
+"""Claims of the page "Numerical pitfalls", checked on its own snippet."""
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from snippets import numerical_pitfalls as page
+from snippets.checked_kl import checked_kl
+
+FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def test_tail_density_rounds_to_zero_where_the_other_is_positive():
+    assert ((page.q_x == 0) & (page.p_x > 0)).any()
+
+
+def test_exponentiate_then_log_makes_the_kl_infinite():
+    assert page.kl_via_densities.item() == math.inf
+
+
+def test_log_prob_on_the_grid_gives_the_closed_form():
+    assert_close(page.kl_via_log_prob, page.kl_closed_form, rtol=0, atol=1e-4)
+
+
+def test_log_of_summed_densities_is_minus_infinity_far_out():
+    assert page.log_mixture_naive[0] == -math.inf
+    assert page.log_mixture_naive[2] == -math.inf
+
+
+def test_logsumexp_gives_finite_mixture_log_density():
+    assert page.log_mixture_stable.isfinite().all()
+    assert_close(page.log_mixture_naive[1], page.log_mixture_stable[1], **FLOAT32)
+
+
+def test_mixture_same_family_uses_logsumexp():
+    assert_close(page.log_mixture_library, page.log_mixture_stable, **FLOAT32)
+
+
+def test_log_of_softmax_is_minus_infinity_where_log_softmax_is_finite():
+    assert page.log_of_softmax[1] == -math.inf
+    assert_close(page.log_softmax, torch.tensor([0.0, -200.0]), **FLOAT32)
+
+
+def test_zeros_in_the_target_contribute_nothing():
+    terms = F.kl_div(page.log_q_finite, page.p_masked, reduction="none")
+    assert terms[2] == 0
+
+
+def test_minus_infinity_meeting_a_zero_target_gives_nan():
+    assert page.kl_with_inf_mask.isnan()
+
+
+def test_both_mask_fixes_give_the_kl_over_the_unmasked_classes():
+    log_q_visible = page.model_logits[:2].log_softmax(dim=-1)
+    expected = F.kl_div(log_q_visible, page.p_masked[:2], reduction="sum")
+    assert_close(page.kl_fixed_after, expected, **FLOAT32)
+    assert_close(page.kl_fixed_before, expected, **FLOAT32)
+
+
+def test_target_logits_underflow_to_an_exact_zero():
+    _, p = page.target_with_an_underflowed_class()
+    assert p[2] == 0
+
+
+def test_where_guard_gives_the_right_value_but_nan_gradients():
+    assert page.kl_guarded.isfinite()
+    assert page.grad_guarded.isnan().all()
+
+
+def test_sanitising_the_log_input_gives_finite_correct_gradients():
+    assert_close(page.kl_sanitised, page.kl_guarded, **FLOAT32)
+    assert_close(page.grad_sanitised, page.grad_log_target, **FLOAT32)
+
+
+def test_kl_div_gradient_with_respect_to_a_zero_target_is_nan():
+    assert page.kl_probability_target.isfinite()
+    assert page.grad_probability_target.isnan().any()
+
+
+def test_xlogy_fixes_the_value_not_the_gradient():
+    assert_close(page.kl_xlogy, page.kl_probability_target, **FLOAT32)
+    assert page.grad_xlogy.isnan().any()
+
+
+def test_log_target_keeps_the_gradient_with_respect_to_the_target_finite():
+    assert_close(page.kl_log_target, page.kl_probability_target, **FLOAT32)
+    assert page.grad_log_target.isfinite().all()
+
+
+def test_unnormalised_target_gives_negative_kl():
+    assert page.kl_rows > 0
+    assert page.kl_unnormalised < 0
+
+
+def test_mismatched_shapes_broadcast_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        terms = F.kl_div(page.log_q_rows.unsqueeze(1), page.p_rows, reduction="none")
+    assert terms.shape == (4, 4, 5)
+    assert not torch.isclose(page.kl_broadcast, page.kl_rows)
+
+
+def test_identical_distributions_can_round_below_zero():
+    assert page.terms_identical.min() < 0
+    assert page.terms_identical.min() > -1e-6
+
+
+def test_clamp_min_removes_the_rounding():
+    assert (page.terms_identical.sum(dim=-1).clamp_min(0) >= 0).all()
+
+
+def test_checked_kl_gives_exactly_zero_for_identical_log_probabilities():
+    log_probs = F.log_softmax(page.same_logits, dim=1)
+    assert checked_kl(log_probs, log_probs, reduction="none").eq(0).all()
+
+
+def test_checked_kl_refuses_the_unnormalised_and_broadcast_inputs():
+    log_p_rows = page.p_rows.log()
+    for log_p, log_q in [
+        ((0.3 * page.p_rows).log(), page.log_q_rows),
+        (log_p_rows, page.log_q_rows.unsqueeze(1)),
+    ]:
+        try:
+            checked_kl(log_p, log_q)
+        except ValueError:
+            continue
+        raise AssertionError("checked_kl accepted an input the page says it refuses")
+
+
+def test_most_probabilities_of_a_large_vocabulary_are_below_float16_range():
+    p = page.teacher_logits.softmax(dim=-1)
+    assert (p < 6e-8).float().mean() > 0.5
+
+
+def test_float16_softmax_rounds_most_probabilities_to_zero():
+    assert (page.q_half == 0).float().mean() > 0.5
+
+
+def test_float16_softmax_then_log_gives_no_finite_kl():
+    assert not page.kl_half_softmax.isfinite()
+
+
+def test_float16_log_softmax_is_finite_but_rounded():
+    assert page.kl_half_log_softmax.dtype == torch.float16
+    assert page.kl_half_log_softmax.isfinite()
+    exact = page.student_half.double().log_softmax(dim=-1)
+    rounded = page.student_half.log_softmax(dim=-1).double()
+    assert (rounded - exact).abs().max() > 1e-3
+
+
+def test_upcast_log_softmax_matches_float64():
+    reference = F.kl_div(
+        page.student_half.double().log_softmax(dim=-1),
+        page.teacher_half.double().log_softmax(dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert_close(page.kl_upcast.double(), reference, rtol=1e-4, atol=0)
+
+
+def test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32():
+    for dtype in [torch.float16, torch.bfloat16]:
+        kl, log_q_dtype = page.kl_under_autocast(
+            page.student_half, page.teacher_half, dtype
+        )
+        assert kl.dtype == torch.float32
+        assert log_q_dtype == dtype
+
+
+def test_autocast_keeps_the_error_of_half_precision_log_softmax():
+    kl, _ = page.kl_under_autocast(page.student_half, page.teacher_half, torch.half)
+    half_log_probs = F.kl_div(
+        page.student_half.log_softmax(dim=-1).float(),
+        page.teacher_half.log_softmax(dim=-1).float(),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert_close(kl, half_log_probs, **FLOAT32)
+    assert not torch.isclose(kl, page.kl_upcast, rtol=1e-4)
