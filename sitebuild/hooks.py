@@ -1,4 +1,4 @@
-"""MkDocs hooks: snippet modules become pages, TeX becomes MathML.
+"""MkDocs hooks: snippet modules become executed pages, TeX becomes MathML.
 
 MkDocs loads this file by path (``hooks:`` in mkdocs.yml), so the checkout's root
 is put on ``sys.path`` to import the ``sitebuild`` package beside it.
@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 import mkdocs.plugins
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sitebuild import links, mathfont, mathml, pages  # noqa: E402
+from sitebuild import execute, links, mathfont, mathml, pages  # noqa: E402
+
+CACHE_DIR = ROOT / ".cache" / "pages"
 
 math_characters: set[str] = set()
 
@@ -23,18 +26,34 @@ def on_pre_build(config):
     math_characters.clear()
 
 
-@mkdocs.plugins.event_priority(100)  # before mkdocs-jupyter claims the .py files
+@mkdocs.plugins.event_priority(100)  # before mkdocs-jupyter claims the notebooks
 def on_files(files, config):
-    for module in pages.snippet_pages(ROOT / "snippets"):
-        files.append(
-            File(
-                module.name,
-                src_dir=str(module.parent),
-                dest_dir=config["site_dir"],
-                use_directory_urls=config["use_directory_urls"],
-            )
+    try:
+        executed = execute.execute_pages(
+            pages.snippet_pages(ROOT / "snippets"), CACHE_DIR
         )
+    except execute.PageExecutionError as error:
+        raise PluginError(f"executing the snippet pages failed:\n{error}") from None
+    for source, page in executed.items():
+        files.append(
+            File.generated(config, source.name, abs_src_path=str(page.notebook))
+        )
+        published = [*page.media, source, page.download]
+        for path in published:
+            uri = f"{source.stem}/{path.name}"
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
+
+
+def on_nav(nav, config, files):
+    # mkdocs-jupyter (on_files) wrapped each notebook in a NotebookFile, which
+    # recomputes abs_src_path from src_dir, and a generated file has none: give
+    # the wrapper the executed notebook's path back.
+    for file in files:
+        wrapped = getattr(file, "file", None)
+        if wrapped is not None and file.__dict__.get("abs_src_path") is None:
+            file.__dict__["abs_src_path"] = wrapped.abs_src_path
+    return nav
 
 
 def on_page_content(html, page, config, files):

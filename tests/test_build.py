@@ -1,6 +1,7 @@
 """The strict build: every page built, executed, with math, and failures loud."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from bs4 import BeautifulSoup
 from snippets import kl_definition
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PARTS = ["mkdocs.yml", "docs", "sitebuild"]
+PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "sitebuild"]
 TEX_LEFTOVERS = ["$", "\\(", "\\[", "\\frac", "\\mathrm"]
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,9 @@ def test_definition_page_shows_outputs_executed_at_build(site):
     html = (site / "kl_definition" / "index.html").read_text()
     assert f"KL(P‖Q) = {kl_definition.kl_pq:.4f} nats" in html
     assert f"KL(Q‖P) = {kl_definition.kl_qp:.4f} nats" in html
-    assert 'src="data:image/png;base64,' in html  # the figure, drawn at build
+    figures = re.findall(r'<img [^>]*src="(figure-[0-9a-f]+\.png)"', html)
+    assert len(figures) == 1  # drawn at build, published beside the page
+    assert (site / "kl_definition" / figures[0]).stat().st_size > 10_000
 
 
 def local_targets(html_file: Path, site: Path):

@@ -1,0 +1,251 @@
+"""Execute snippet pages before MkDocs renders them: in parallel, cached, never stale.
+
+Each page runs in its own Jupyter kernel, all at once, with its own empty working
+directory: what the page saves there (an animation, say) is published next to it.
+A page is executed again only when something that can change its output changed.
+The cache key covers the page's source, every module of this checkout that the
+page imports (hidden helper cells included, followed transitively), the kernel's
+environment files, `requirements.txt`, the Python version and this file itself.
+"""
+
+import ast
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DIR = Path(__file__).resolve().parent / "kernel"  # matplotlibrc and friends
+CELL_TIMEOUT_S = 300
+EXTRACTED_MIME_TYPES = {"image/png": "png", "image/svg+xml": "svg"}
+
+
+class PageExecutionError(RuntimeError):
+    """One or more pages raised; the message names each page and its error."""
+
+
+@dataclass(frozen=True)
+class ExecutedPage:
+    source: Path  # the snippet module
+    directory: Path  # everything the execution produced, under the cache
+    seconds: float  # how long the execution took (0 for a cache hit)
+    cached: bool
+
+    @property
+    def notebook(self) -> Path:
+        """The executed notebook, with figures as files: what the site renders."""
+        return self.directory / "page.ipynb"
+
+    @property
+    def download(self) -> Path:
+        """The executed notebook with figures embedded: what readers download."""
+        return self.directory / f"{self.source.stem}.ipynb"
+
+    @property
+    def media(self) -> list[Path]:
+        """Files the page wrote, and the figures taken out of its outputs."""
+        return sorted(path for path in (self.directory / "media").iterdir())
+
+
+def cache_key(source: Path, root: Path = ROOT) -> str:
+    """A hash of everything that can change what executing ``source`` shows."""
+    digest = hashlib.sha256()
+    inputs = [source, *sorted(imported_project_files(source, root))]
+    inputs += [Path(__file__), root / "requirements.txt", *sorted(KERNEL_DIR.iterdir())]
+    for path in inputs:
+        digest.update(
+            str(path.relative_to(root) if root in path.parents else path).encode()
+        )
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    digest.update(sys.version.encode())
+    return digest.hexdigest()[:16]
+
+
+def imported_project_files(source: Path, root: Path = ROOT) -> set[Path]:
+    """The checkout's modules that ``source`` imports, directly or through others."""
+    found: set[Path] = set()
+    pending = [source]
+    while pending:
+        code = _python_code(pending.pop())
+        for module in _imported_module_names(code):
+            path = _project_module_path(module, root)
+            if path is not None and path not in found:
+                found.add(path)
+                pending.append(path)
+    return found
+
+
+def execute_pages(
+    sources: list[Path], cache_dir: Path, workers: int | None = None
+) -> dict[Path, ExecutedPage]:
+    """Execute the pages whose outputs are not cached, ``workers`` at a time."""
+    workers = workers or os.cpu_count() or 1
+    planned = {
+        source: cache_dir / f"{source.stem}-{cache_key(source)}" for source in sources
+    }
+    stale = [
+        source for source, directory in planned.items() if not _complete(directory)
+    ]
+    timings = asyncio.run(_execute_all(stale, planned, workers)) if stale else {}
+    _remove_outdated(cache_dir, planned)
+    return {
+        source: ExecutedPage(
+            source, directory, timings.get(source, 0.0), source not in stale
+        )
+        for source, directory in planned.items()
+    }
+
+
+async def _execute_all(stale, planned, workers) -> dict[Path, float]:
+    semaphore = asyncio.Semaphore(workers)
+
+    async def run(source):
+        async with semaphore:
+            return await _execute_one(source, planned[source])
+
+    results = await asyncio.gather(
+        *(run(source) for source in stale), return_exceptions=True
+    )
+    failures = [
+        f"{source.relative_to(ROOT) if ROOT in source.parents else source}: {result}"
+        for source, result in zip(stale, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
+    if failures:
+        raise PageExecutionError("\n\n".join(failures))
+    return dict(zip(stale, results, strict=True))
+
+
+async def _execute_one(source: Path, directory: Path) -> float:
+    shutil.rmtree(directory, ignore_errors=True)
+    media = directory / "media"
+    media.mkdir(parents=True)
+    notebook = jupytext.read(source)
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False
+    )
+    started = time.perf_counter()
+    try:
+        await client.async_execute(cwd=str(media), env=kernel_environment())
+    except CellExecutionError as error:
+        raise PageExecutionError(f"a cell raised\n{error}") from None
+    seconds = time.perf_counter() - started
+    nbformat.write(notebook, directory / f"{source.stem}.ipynb")
+    nbformat.write(_figures_as_files(notebook, media), directory / "page.ipynb")
+    (directory / "done.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def kernel_environment() -> dict[str, str]:
+    """One thread per kernel (pages run side by side; sums keep their order),
+    the site's plotting style, and this checkout importable for hidden helpers."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(ROOT), env.get("PYTHONPATH")])
+            ),
+            "MATPLOTLIBRC": str(KERNEL_DIR / "matplotlibrc"),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONHASHSEED": "0",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+    )
+    return env
+
+
+def _figures_as_files(notebook, media: Path):
+    """A copy of the notebook whose images are files in ``media``, lazily loaded."""
+    light = nbformat.from_dict(json.loads(json.dumps(notebook)))
+    for cell in light.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            for mime_type, extension in EXTRACTED_MIME_TYPES.items():
+                if mime_type in data:
+                    name = _write_figure(
+                        data.pop(mime_type), mime_type, extension, media
+                    )
+                    data["text/html"] = _figure_html(name, media / name, cell)
+                    data.pop("text/plain", None)
+    return light
+
+
+def _write_figure(content, mime_type, extension, media: Path) -> str:
+    if mime_type == "image/png":
+        raw = base64.b64decode(content)
+    else:
+        raw = ("".join(content) if isinstance(content, list) else content).encode()
+    name = f"figure-{hashlib.sha256(raw).hexdigest()[:12]}.{extension}"
+    (media / name).write_bytes(raw)
+    return name
+
+
+def _figure_html(name: str, path: Path, cell) -> str:
+    alt = cell.metadata.get("alt", "Figure drawn by the code above")
+    size = ""
+    if path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            width, height = image.size
+        dpi_scale = 2  # figures are drawn at twice their display size (matplotlibrc)
+        size = f' width="{width // dpi_scale}" height="{height // dpi_scale}"'
+    return f'<img src="{name}" alt="{alt}"{size} loading="lazy" decoding="async">'
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "done.json").is_file()
+
+
+def _remove_outdated(cache_dir: Path, planned: dict[Path, Path]) -> None:
+    keep = set(planned.values())
+    for source in planned:
+        for directory in cache_dir.glob(f"{source.stem}-*"):
+            if directory not in keep and directory.name.count("-") == 1:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _python_code(path: Path) -> str:
+    if path.suffix == ".py" and "# %%" in path.read_text():
+        notebook = jupytext.read(path)
+        return "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    return path.read_text()
+
+
+def _imported_module_names(code: str) -> set[str]:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()  # the kernel will report it, naming the page
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _project_module_path(module: str, root: Path) -> Path | None:
+    parts = module.split(".")
+    for candidate in (
+        root.joinpath(*parts).with_suffix(".py"),
+        root.joinpath(*parts, "__init__.py"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
