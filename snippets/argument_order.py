@@ -1,12 +1,12 @@
 # %% [markdown]
-# # Argument order: which KL does `F.kl_div` compute?
+# # Argument order: which KL does F.kl_div compute?
 #
-# `F.kl_div(input, target)` computes $D_{\mathrm{KL}}(\text{target}\,\|\,
-# \text{input})$: the **model goes first, as log-probabilities**, the target second,
-# as probabilities. So `F.kl_div(log_q, p)` is $D_{\mathrm{KL}}(P\,\|\,Q)$, the
-# reverse of the order in the formula. Swapping the arguments silently computes the
-# other divergence; passing probabilities where log-probabilities belong returns
-# numbers that are simply wrong, often negative.
+# `F.kl_div(input, target)` computes $D_{\mathrm{KL}}(P\,\|\,Q)$ with $P$ in
+# `target` and $\log Q$ in `input`: the **model goes first, as log-probabilities**,
+# the target second, as probabilities. So `F.kl_div(log_q, p)` is
+# $D_{\mathrm{KL}}(P\,\|\,Q)$, the reverse of the order in the formula. Swapping
+# the arguments silently computes the other divergence; passing probabilities where
+# log-probabilities belong returns numbers that are simply wrong, never positive.
 #
 # On this page you will:
 #
@@ -18,7 +18,8 @@
 # %% [markdown]
 # ## What the source says
 #
-# `torch.nn.functional.kl_div` checks nothing and calls `torch.kl_div`, which since
+# `torch.nn.functional.kl_div` checks no shapes and no values (only that the dtypes
+# are floating point) and calls `torch.kl_div`, which since
 # [PR #80334] is a composite of two formulas. With $x$ the `input` and $y$ the
 # `target`, each element of the default form is computed as
 # `xlogy(target, target) - target * input`, and with `log_target=True` as
@@ -87,9 +88,10 @@ kl_div_target_first = F.kl_div(log_p, q, reduction="none").sum(dim=-1)
 # ## Probabilities where log-probabilities belong
 #
 # The `input` is read as $\log Q$ whatever you pass. Give it probabilities and each
-# term becomes $P\,(\log P - Q)$: not a divergence at all, and negative as soon as
-# $Q$ is not small. Give the target as log-probabilities without saying so and it
-# is read as probabilities: $\log$ of a negative number, NaN.
+# term becomes $P\,(\log P - Q)$: not a divergence at all, and never positive,
+# since $\log P \le 0$ and $Q \ge 0$; each row sums to $-H(P) - \sum_x P(x) Q(x)$.
+# Give the target as log-probabilities without saying so and it is read as
+# probabilities: $\log$ of a negative number, NaN.
 
 # %%
 probabilities_as_input = F.kl_div(q, p, reduction="none").sum(dim=-1)
@@ -126,7 +128,7 @@ def issue_60928_loss():
 # print(f"nn.KLDivLoss()(output.log(), target) = {issue_60928_loss():.4f}")
 
 # %% [markdown]
-# ## Both sides in log space: `log_target=True`
+# ## Both sides in log space: log_target=True
 #
 # With `log_target=True` the target is read as $\log P$ and each term is
 # $e^{\log P}(\log P - \log Q)$. Prefer it whenever the target comes out of a
@@ -138,7 +140,9 @@ def issue_60928_loss():
 #   0, while the default form's `xlogy(target, target)` gives NaN there
 #   ([numerical pitfalls](numerical_pitfalls.py));
 # - one caveat: an entry of $\log P$ that is exactly $-\infty$ (a masked logit)
-#   gives $0 \cdot (-\infty)$ = NaN; mask it, as shown on the pitfalls page.
+#   gives $0 \cdot (-\infty)$ = NaN; the
+#   [pitfalls page](numerical_pitfalls.py#masked-classes-on-both-sides) shows
+#   the fix.
 
 # %%
 kl_log_target = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
@@ -148,7 +152,7 @@ kl_log_target = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(di
 # print("F.kl_div(log_q, log_p, log_target=True):", kl_log_target)
 
 # %% [markdown]
-# ## `nn.KLDivLoss` is the same computation
+# ## nn.KLDivLoss is the same computation
 #
 # The module stores `reduction` and `log_target` and calls `F.kl_div` in its
 # `forward`, with the same order: `loss_fn(input, target)`, model first.
@@ -171,6 +175,7 @@ kl_functional = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 #   $D_{\mathrm{KL}}(Q\,\|\,P)$ without a warning.
 # - The input must be log-probabilities (`log_softmax`, not `softmax`); the target
 #   probabilities that sum to 1, or log-probabilities with `log_target=True`.
-#   Nothing is checked: wrong inputs give wrong, often negative, numbers.
+#   Neither shapes nor values are checked: wrong inputs give wrong numbers, and
+#   probabilities passed as the input give numbers that are never positive.
 # - Prefer `log_target=True` with `log_softmax` outputs on both sides.
 # - `nn.KLDivLoss()(input, target)` is `F.kl_div(input, target)`.

@@ -22,9 +22,10 @@
 # $D_{\mathrm{KL}}(P\,\|\,Q)$, unlike `F.kl_div(log_q, log_p, log_target=True)`.
 # Both are log-probabilities along `dim`; $-\infty$ marks an outcome that has
 # probability 0. Where $P = 0$ the term is 0 whatever $Q$ is; where $P > 0$ and
-# $Q = 0$ it is $+\infty$, as the definition says. Each check costs about as much
-# as the KL itself, and on a GPU each `if` waits for the device: fine for a loss,
-# worth knowing inside a hot loop.
+# $Q = 0$ it is $+\infty$, as the definition says, even when $P$ is too small for
+# its probability to be represented. The checks read the inputs a few more times
+# and turn their results into Python booleans: cheap for a loss, but remove them
+# from a loop where every pass over the data counts.
 
 # %%
 import torch
@@ -48,11 +49,13 @@ def checked_kl(log_p, log_q, dim=-1, reduction="mean", atol=1e-4):
     _check_log_probabilities("log_p", log_p, dim, atol)
     _check_log_probabilities("log_q", log_q, dim, atol)
 
-    p = log_p.exp()
-    impossible = p == 0  # the term is 0 there, even where log Q is -inf
+    impossible = log_p == -torch.inf  # P(x) = 0: the term is 0, whatever Q says
     # KL(P‖Q) = Σ p (log p − log q); masking before the subtraction keeps
     # -inf (and NaN gradients) out where P(x) = 0
-    terms = p * (log_p.masked_fill(impossible, 0) - log_q.masked_fill(impossible, 0))
+    log_ratio = log_p.masked_fill(impossible, 0) - log_q.masked_fill(impossible, 0)
+    terms = log_p.exp() * log_ratio
+    # P(x) > 0 and Q(x) = 0 is an infinite term, even if exp(log P) underflows
+    terms = terms.masked_fill(~impossible & (log_q == -torch.inf), torch.inf)
     kl = terms.sum(dim=dim)
     return {"mean": kl.mean(), "sum": kl.sum(), "none": kl}[reduction]
 

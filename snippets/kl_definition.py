@@ -47,7 +47,8 @@ SEED = 0
 
 
 def kl_by_definition(p, q):
-    """KL(P‖Q) in nats for probability vectors along the last dimension."""
+    """KL(P‖Q) in nats for probability vectors along the last dimension (values:
+    to train through it, see "Values versus gradients" below)."""
     # KL(P‖Q) = Σ p log p − Σ p log q; xlogy(0, y) = 0 gives 0·log(0/q) = 0
     return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(dim=-1)
 
@@ -128,6 +129,30 @@ kl_with_distributions = kl_divergence(Categorical(probs=p), Categorical(probs=q)
 # print(f"kl_divergence(P, Q):     {kl_with_distributions:.6f}")
 
 # %% [markdown]
+# ### Values versus gradients
+#
+# `torch.xlogy` fixes the *value* of $0 \cdot \log 0$, not its gradient. Train a
+# model through the definition and let one of its probabilities underflow to 0
+# where $P$ is 0 too: the derivative of $p \log q$ with respect to $q$ is
+# $p / q = 0/0$, NaN, and it reaches every logit through the softmax. `F.kl_div`
+# on `log_softmax` outputs never divides by $q$ and stays finite.
+
+# %%
+p_zero = torch.tensor([0.6, 0.4, 0.0])
+model_logits_far = torch.tensor([2.0, 1.0, -200.0], requires_grad=True)
+
+kl_definition_loss = kl_by_definition(p_zero, model_logits_far.softmax(dim=-1))
+(grad_definition,) = torch.autograd.grad(kl_definition_loss, model_logits_far)
+kl_functional_loss = F.kl_div(
+    model_logits_far.log_softmax(dim=-1), p_zero, reduction="sum"
+)
+(grad_functional,) = torch.autograd.grad(kl_functional_loss, model_logits_far)
+
+# %% active="ipynb"
+# print(f"definition: {kl_definition_loss:.4f}, gradient {grad_definition}")
+# print(f"F.kl_div:   {kl_functional_loss:.4f}, gradient {grad_functional}")
+
+# %% [markdown]
 # ## Properties, checked on tensors
 #
 # ### Never negative (Gibbs' inequality)
@@ -151,16 +176,25 @@ kl_batch = kl_by_definition(p_batch, q_batch)
 # ### Zero exactly when P = Q
 #
 # $D_{\mathrm{KL}}(P\,\|\,P)$ is exactly 0, even in floating point: the two sums
-# are the same numbers. Move a little mass and it becomes small but positive.
+# are the same numbers. Move a little mass and it becomes small but positive. The
+# "only when" holds down to rounding: two float32 distributions that differ by
+# about $10^{-7}$ can give 0 or a value just below it (more on the
+# [numerical pitfalls](numerical_pitfalls.py) page).
 
 # %%
 kl_pp = kl_by_definition(p, p)
 q_nearby = torch.tensor([0.69, 0.21, 0.10])
 kl_p_nearby = kl_by_definition(p, q_nearby)
 
+logits_close = torch.randn(5, generator=torch.Generator().manual_seed(SEED))
+p_close = logits_close.softmax(dim=-1)
+q_close = (logits_close + torch.tensor([1e-7, 0, 0, 0, 0])).softmax(dim=-1)
+kl_close = kl_by_definition(p_close, q_close)
+
 # %% active="ipynb"
 # print(f"KL(P‖P)            = {kl_pp}")
 # print(f"KL(P‖Q) for Q ≈ P  = {kl_p_nearby:.6f}")
+# print(f"P ≠ Q by {(p_close - q_close).abs().max():.1e}:  KL = {kl_close:.1e}")
 
 # %% [markdown]
 # ### Asymmetric, and not a metric
@@ -192,7 +226,7 @@ kl_ab_plus_kl_bc = kl_by_definition(a, b) + kl_by_definition(b, c)
 
 # %%
 def js_divergence(p, q):
-    """Jensen–Shannon divergence in nats: symmetric, at most log 2."""
+    """Jensen–Shannon divergence in nats: symmetric, at most log 2 (values)."""
     m = (p + q) / 2
     return (kl_by_definition(p, m) + kl_by_definition(q, m)) / 2
 
@@ -285,8 +319,9 @@ kl_normal = kl_divergence(p_normal, q_normal)
 #
 # - $D_{\mathrm{KL}}(P\,\|\,Q) = \sum_x P(x) \log\frac{P(x)}{Q(x)}$: never negative,
 #   zero only when $P = Q$, different when the arguments are swapped, not a metric.
-# - Compute it with `torch.xlogy` (or the library calls), not `p * (p / q).log()`,
-#   which returns NaN as soon as $P$ has a zero.
+# - Compute its value with `torch.xlogy` (or the library calls), not
+#   `p * (p / q).log()`, which returns NaN as soon as $P$ has a zero. Train through
+#   `F.kl_div` on log-probabilities, whose gradient stays finite.
 # - `F.kl_div(log_q, p)`: the model's log-probabilities first, the target second.
 # - Cross-entropy and KL differ by $H(P)$, a constant in the model: same gradients,
 #   different loss values.

@@ -100,13 +100,18 @@ log_softmax = logits.log_softmax(dim=-1)
 # outcome with $P = 0$ contributes 0. Zeros in the *model* are not, when they meet
 # zeros in the target: a logit masked with $-\infty$ (a forbidden token, padding)
 # gives $\log Q = -\infty$, and the term `target * input` is $0 \cdot (-\infty)$ =
-# NaN. Either replace the masked log-probabilities after `log_softmax`, or mask
-# logits with the most negative finite number instead of $-\infty$.
+# NaN. Either replace the masked log-probabilities after `log_softmax`, or mask the
+# logits with a large negative *finite* value.
+#
+# Both fixes assume that the target is 0 wherever the model is masked; check it.
+# If the target puts mass on a masked class, the true divergence is $+\infty$ and
+# either fix would hide it behind a finite number.
 
 # %%
 p_masked = torch.tensor([0.6, 0.4, 0.0])  # the target never uses class 2
 mask = torch.tensor([False, False, True])  # and the model must not either
 model_logits = torch.tensor([2.0, 1.0, 0.5])
+assert (p_masked[mask] == 0).all(), "target mass on a masked class: the KL is inf"
 
 log_q_masked = model_logits.masked_fill(mask, -torch.inf).log_softmax(dim=-1)
 kl_with_inf_mask = F.kl_div(log_q_masked, p_masked, reduction="sum")
@@ -114,19 +119,63 @@ kl_with_inf_mask = F.kl_div(log_q_masked, p_masked, reduction="sum")
 kl_fixed_after = F.kl_div(
     log_q_masked.masked_fill(mask, 0.0), p_masked, reduction="sum"
 )
-finite_mask_value = torch.finfo(model_logits.dtype).min
-log_q_finite = model_logits.masked_fill(mask, finite_mask_value).log_softmax(dim=-1)
+MASK_VALUE = -1e4  # finite in every float type; exp() of it is 0
+log_q_finite = model_logits.masked_fill(mask, MASK_VALUE).log_softmax(dim=-1)
 kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
 
 # %% active="ipynb"
 # print(f"mask with -inf:                   {kl_with_inf_mask}")
 # print(f"-inf, then masked_fill(mask, 0):  {kl_fixed_after:.6f}")
-# print(f"mask with finfo.min instead:      {kl_fixed_before:.6f}")
+# print(f"mask with {MASK_VALUE:g} instead:        {kl_fixed_before:.6f}")
+
+# %% [markdown]
+# The finite value has to survive `log_softmax`, which subtracts the largest logit
+# first. `torch.finfo(dtype).min`, a common choice, does in float32 and bfloat16 but
+# overflows to $-\infty$ in float16 as soon as a logit is positive, and the NaN is
+# back. A moderate constant such as $-10^4$ works in all three.
+
+
+# %%
+def kl_with_masked_logits(mask_value, dtype):
+    """F.kl_div after masking class 2 of some logits with mask_value, in dtype."""
+    logits = torch.tensor([30.0, 1.0, 0.5], dtype=dtype).masked_fill(mask, mask_value)
+    return F.kl_div(logits.log_softmax(dim=-1), p_masked.to(dtype), reduction="sum")
+
+
+# %% active="ipynb"
+# for dtype in [torch.float32, torch.bfloat16, torch.float16]:
+#     with_min = kl_with_masked_logits(torch.finfo(dtype).min, dtype)
+#     with_constant = kl_with_masked_logits(MASK_VALUE, dtype)
+#     print(f"{dtype}:  finfo.min {with_min:.4f},  {MASK_VALUE:g} {with_constant:.4f}")
+
+# %% [markdown]
+# ### Masked classes on both sides
+#
+# With `log_target=True` the term is $e^{\log P}(\log P - \log Q)$, so a class
+# masked in the target as well ($\log P = \log Q = -\infty$) gives
+# $0 \cdot (-\infty + \infty)$ = NaN. Clamp both sides to the same finite floor
+# before the call: the masked terms become $0 \cdot 0$. The same precondition
+# holds: the target must be 0 wherever the model is masked.
+
+# %%
+log_p_both = torch.tensor([0.6, 0.4, 0.0]).log()  # log P = -inf on class 2
+log_q_both = log_q_masked  # log Q = -inf on class 2 too
+kl_both_masked = F.kl_div(log_q_both, log_p_both, reduction="sum", log_target=True)
+kl_both_clamped = F.kl_div(
+    log_q_both.clamp_min(MASK_VALUE),
+    log_p_both.clamp_min(MASK_VALUE),
+    reduction="sum",
+    log_target=True,
+)
+
+# %% active="ipynb"
+# print(f"log_target=True, -inf on both sides:  {kl_both_masked}")
+# print(f"both clamped to {MASK_VALUE:g}:               {kl_both_clamped:.6f}")
 
 # %% [markdown]
 # ## NaN gradients
 #
-# ### `torch.where` does not stop NaN in the backward pass
+# ### torch.where does not stop NaN in the backward pass
 #
 # A hand-written KL often guards the log with `torch.where(p > 0, ..., 0)`. The
 # forward value is right, but autograd differentiates *both* branches and
@@ -204,7 +253,8 @@ kl_xlogy = (torch.xlogy(p_trainable, p_trainable) - p_trainable * log_q_fixed).s
 # `F.kl_div` trusts its inputs completely. A target that does not sum to 1 gives a
 # negative "divergence"; shapes that differ are broadcast without a word; and two
 # identical distributions can come out a hair below zero from rounding
-# ([pytorch#80488], reproduced below as reported).
+# ([pytorch#80488]; below is the code of that report, whose last digits depend on
+# the platform).
 #
 # [pytorch#80488]: https://github.com/pytorch/pytorch/issues/80488
 
@@ -243,8 +293,10 @@ terms_identical = F.kl_div(
 # ## Half precision over a large vocabulary
 #
 # float16 cannot represent anything below about $6 \cdot 10^{-8}$. Over a
-# vocabulary of 128,000 tokens most probabilities are smaller than that, so a
-# `softmax` in float16 rounds them to exactly 0, and `log` of them to $-\infty$.
+# vocabulary of 128,000 tokens, with logits spread like the ones below (standard
+# deviation 4), most probabilities are smaller than that, so a `softmax` in float16
+# rounds them to exactly 0, and `log` of them to $-\infty$; a few such zeros are
+# enough for a NaN.
 # `log_softmax` in float16 stays finite but rounds every log-probability to
 # float16's few digits. Compute log-probabilities in float32: cast the logits up
 # before `log_softmax`.
@@ -307,4 +359,4 @@ def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
 #   into the log, or keep the trainable side in log space.
 # - `F.kl_div` checks nothing: normalise, match shapes, expect $-10^{-8}$.
 # - Compute log-probabilities in float32, even when the model runs in half
-#   precision, and even under autocast: cast the logits up yourself.
+#   precision, and even under CPU autocast: cast the logits up yourself.

@@ -22,9 +22,10 @@
 # With $\ell$ the tensor of terms $P\,(\log P - \log Q)$, PyTorch's Python wrapper
 # and its ATen kernel give:
 #
-# - `"none"`: $\ell$ itself, same shape as the input;
+# - `"none"`: $\ell$ itself, one term per element;
 # - `"sum"`: $\sum \ell$;
-# - `"mean"`: $\sum \ell \,/\, N$, with $N$ = `input.numel()`, every element;
+# - `"mean"`: $\sum \ell \,/\, N$, with $N$ the number of terms: `input.numel()`
+#   when input and target have the same shape;
 # - `"batchmean"`: $\sum \ell \,/\, B$, with $B$ = `input.size(0)`; the wrapper asks
 #   ATen for the sum and divides by `input.size()[0]` itself.
 #
@@ -72,7 +73,24 @@ def kl_with_mean_reduction(log_q, log_p):
 # divided again by the five classes, which is why a loss written with the default
 # looks several times too small and its gradients are scaled down by the number of
 # classes. The warning says `"mean"` will behave like `"batchmean"` in the next
-# major release; until then, name the reduction you mean.
+# major release; PyTorch 2.0 was a major release and kept `"mean"` as it was. Name
+# the reduction you mean rather than wait for the default to change.
+#
+# Shapes that broadcast (which nothing checks, see the
+# [pitfalls](numerical_pitfalls.py#nothing-is-validated)) bend both divisors: `"mean"`
+# divides by the number of terms *after* broadcasting, `"batchmean"` still by the
+# input's first dimension, even when the target has more rows.
+
+# %%
+one_model_row = log_q[:1]  # shape (1, 5) against four target rows
+broadcast_batchmean = F.kl_div(
+    one_model_row, log_p, reduction="batchmean", log_target=True
+)
+broadcast_sum = F.kl_div(one_model_row, log_p, reduction="sum", log_target=True)
+
+# %% active="ipynb"
+# print(f"input (1, 5), target (4, 5): 'batchmean' {broadcast_batchmean:.4f},"
+#       f" 'sum' {broadcast_sum:.4f}")
 
 # %% [markdown]
 # ## Language models: (B, T, V) and the token count
@@ -81,7 +99,9 @@ def kl_with_mean_reduction(log_q, log_p):
 # V), one distribution per token along the last dimension. `"batchmean"` still
 # divides by `input.size(0)` = B: the result is the KL *summed over the tokens of a
 # sequence*, averaged over sequences. For the mean KL per token, divide the sum by
-# the token count yourself, and with padding count only the real tokens.
+# the token count yourself, and with padding count only the real tokens. Select
+# them rather than multiply by the mask: a NaN at a padded position times 0 is
+# still NaN.
 
 # %%
 batch_size, seq_len, vocab_size = 2, 3, 6
@@ -101,7 +121,7 @@ lm_batchmean = F.kl_div(
 lm_token_mean = F.kl_div(
     log_q_tokens, log_p_tokens, reduction="sum", log_target=True
 ) / (batch_size * seq_len)
-lm_masked_token_mean = (kl_per_token * padding_mask).sum() / padding_mask.sum()
+lm_masked_token_mean = kl_per_token[padding_mask].mean()  # padded tokens dropped
 
 # %% active="ipynb"
 # print("KL of each token:\n", kl_per_token)
@@ -112,11 +132,13 @@ lm_masked_token_mean = (kl_per_token * padding_mask).sum() / padding_mask.sum()
 # %% [markdown]
 # ## A well-known example, rerun
 #
-# An often-copied blog post explains the reductions with two samples from
+# An often-copied [blog post] explains the reductions with two samples from
 # $\mathrm{Uniform}(0, 10)$ of shape (5, 2), normalised with `softmax` and
 # `log_softmax` over **dim 0**, and prints all four. Here it is with the same
 # seed (the post seeds the global generator, so this cell does too), then again
 # with shape (10, 6, 4).
+#
+# [blog post]: https://douglasrizzo.com.br/kl-div-pytorch/
 
 
 # %%

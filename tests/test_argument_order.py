@@ -1,5 +1,7 @@
 """Claims of the page "Argument order", checked on its own snippet."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,8 +14,11 @@ FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def test_source_formula_default_form():
-    expected = torch.xlogy(page.p, page.p) - page.p * page.log_q
-    assert_close(F.kl_div(page.log_q, page.p, reduction="none"), expected, **FLOAT32)
+    target = torch.cat([page.p[:, :-1], torch.zeros(4, 1)], dim=-1)  # with zeros
+    expected = torch.xlogy(target, target) - target * page.log_q
+    terms = F.kl_div(page.log_q, target, reduction="none")
+    assert_close(terms, expected, **FLOAT32)
+    assert (terms[:, -1] == 0).all()  # xlogy: 0 where the target is 0
 
 
 def test_source_formula_log_target_form():
@@ -34,9 +39,34 @@ def test_forward_and_reverse_kl_differ_in_every_row():
     assert ((page.kl_pq - page.kl_qp).abs() > 1e-2).all()
 
 
-def test_probabilities_as_input_give_wrong_negative_values():
-    assert (page.probabilities_as_input < 0).all()
-    assert not torch.allclose(page.probabilities_as_input, page.kl_pq)
+def test_swapping_arguments_raises_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.kl_div(page.log_p, page.q, reduction="sum")
+
+
+def test_kl_div_checks_neither_shapes_nor_values_only_dtypes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.kl_div(page.log_q, -page.p, reduction="sum")  # negative "probabilities"
+        F.kl_div(page.log_q, 3 * page.p, reduction="sum")  # rows summing to 3
+        F.kl_div(page.log_q[:1], page.p, reduction="sum")  # (1, 5) against (4, 5)
+    with pytest.raises(RuntimeError, match="Integral inputs not supported"):
+        F.kl_div(page.log_q.long(), page.p.long(), reduction="sum")
+
+
+def test_probabilities_as_input_give_minus_entropy_minus_overlap():
+    entropy_p = -torch.xlogy(page.p, page.p).sum(dim=-1)
+    expected = -entropy_p - (page.p * page.q).sum(dim=-1)
+    assert_close(page.probabilities_as_input, expected, **FLOAT32)
+
+
+def test_probabilities_as_input_are_never_positive():
+    generator = torch.Generator().manual_seed(3)
+    for scale in [0.1, 1.0, 5.0, 20.0]:
+        logits_p, logits_q = scale * torch.randn(2, 1000, 5, generator=generator)
+        p, q = logits_p.softmax(dim=-1), logits_q.softmax(dim=-1)
+        assert (F.kl_div(q, p, reduction="none") <= 0).all()
 
 
 def test_log_probabilities_as_target_without_log_target_give_nan():

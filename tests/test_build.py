@@ -80,26 +80,34 @@ def test_definition_page_shows_outputs_executed_at_build(site):
     assert (site / "kl_definition" / figures[0]).stat().st_size > 10_000
 
 
-def local_targets(html_file: Path, site: Path):
-    """Every file an href or src of the page points at on this site."""
+def local_links(html_file: Path, site: Path):
+    """(url, target file, fragment) for every href and src on this site."""
     soup = BeautifulSoup(html_file.read_text(), "html.parser")
     for element in soup.find_all(href=True) + soup.find_all(src=True):
         url = element.get("href") or element.get("src")
-        if urlsplit(url).scheme or url.startswith(("#", "//", "mailto:", "data:")):
+        if urlsplit(url).scheme or url.startswith(("//", "mailto:", "data:")):
             continue
-        path = urlsplit(url).path
+        path, fragment = urlsplit(url).path, urlsplit(url).fragment
         base = site if path.startswith("/") else html_file.parent
-        target = (base / path.lstrip("/")).resolve()
-        yield url, target / "index.html" if target.is_dir() else target
+        target = (base / path.lstrip("/")).resolve() if path else html_file
+        yield url, target / "index.html" if target.is_dir() else target, fragment
 
 
-def test_every_link_and_asset_on_the_site_exists(site):
-    broken = [
-        f"{html.relative_to(site)} -> {url}"
-        for html in site.rglob("*.html")
-        for url, target in local_targets(html, site)
-        if not target.is_file()
-    ]
+def element_ids(html_file: Path) -> set[str]:
+    soup = BeautifulSoup(html_file.read_text(), "html.parser")
+    return {element["id"] for element in soup.find_all(id=True)}
+
+
+def test_every_link_asset_and_anchor_on_the_site_exists(site):
+    broken, ids = [], {}
+    for html in site.rglob("*.html"):
+        for url, target, fragment in local_links(html, site):
+            if not target.is_file():
+                broken.append(f"{html.relative_to(site)} -> {url}: no such file")
+            elif fragment and target.suffix == ".html":
+                ids.setdefault(target, element_ids(target))
+                if fragment not in ids[target]:
+                    broken.append(f"{html.relative_to(site)} -> {url}: no such anchor")
     assert not broken, "\n".join(broken)
 
 

@@ -92,6 +92,13 @@ def test_gradients_stay_finite_with_impossible_classes():
     assert page.grad_masked.isfinite().all()
 
 
+def test_p_too_small_to_represent_against_q_zero_is_still_infinite():
+    log_p_tiny = torch.tensor([0.0, -200.0]).log_softmax(dim=-1)  # exp() gives 0
+    log_q_zero = torch.tensor([0.0, -torch.inf]).log_softmax(dim=-1)
+    assert log_p_tiny.exp()[1] == 0
+    assert checked_kl(log_p_tiny, log_q_zero).item() == math.inf
+
+
 def test_q_zero_where_p_positive_gives_infinity():
     log_q_zeros = log_q.masked_fill(page.masked, -torch.inf).log_softmax(dim=-1)
     assert checked_kl(log_p, log_q_zeros).item() == math.inf

@@ -53,6 +53,22 @@ def test_kl_is_zero_iff_distributions_equal():
     assert (page.kl_batch > 0).all()  # random pairs are never equal
 
 
+def test_distinct_float32_distributions_can_round_to_a_non_positive_kl():
+    assert not torch.equal(page.p_close, page.q_close)
+    assert -1e-6 < page.kl_close <= 0
+
+
+def test_definition_gradient_is_nan_where_p_and_q_are_both_zero():
+    assert page.model_logits_far.softmax(dim=-1)[2] == 0  # Q underflowed
+    assert page.kl_definition_loss.isfinite()
+    assert page.grad_definition.isnan().all()
+
+
+def test_kl_div_on_log_softmax_has_the_same_value_and_a_finite_gradient():
+    assert_close(page.kl_functional_loss, page.kl_definition_loss, **FLOAT32)
+    assert page.grad_functional.isfinite().all()
+
+
 def test_kl_is_asymmetric():
     assert abs(page.kl_pq - page.kl_qp) > 1e-3
 
@@ -70,7 +86,10 @@ def test_jensen_shannon_is_symmetric_and_its_root_obeys_the_triangle_inequality(
     assert page.js_ac <= page.js_ab_plus_js_bc
 
 
-def test_jensen_shannon_is_at_most_log_2():
+def test_jensen_shannon_is_at_most_log_2_reached_by_disjoint_supports():
+    generator = torch.Generator().manual_seed(2)
+    p, q = (5 * torch.randn(2, 1000, 4, generator=generator)).softmax(dim=-1)
+    assert (page.js_divergence(p, q) <= math.log(2) + 1e-6).all()
     disjoint_p, disjoint_q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert_close(page.js_divergence(disjoint_p, disjoint_q), torch.tensor(math.log(2)))
 

@@ -53,6 +53,36 @@ def test_minus_infinity_meeting_a_zero_target_gives_nan():
     assert page.kl_with_inf_mask.isnan()
 
 
+def test_mask_fixes_hide_an_infinite_kl_when_the_target_uses_a_masked_class():
+    p_on_masked = torch.tensor([0.5, 0.3, 0.2])
+    true_kl = F.kl_div(page.log_q_masked, p_on_masked, reduction="sum")
+    hidden = page.log_q_masked.masked_fill(page.mask, 0.0)
+    fixed = F.kl_div(hidden, p_on_masked, reduction="sum")
+    assert true_kl.item() == math.inf
+    assert fixed.isfinite()
+
+
+def test_finfo_min_mask_overflows_to_nan_in_float16_only():
+    assert page.kl_with_masked_logits(torch.finfo(torch.half).min, torch.half).isnan()
+    for dtype in [torch.float32, torch.bfloat16]:
+        assert page.kl_with_masked_logits(torch.finfo(dtype).min, dtype).isfinite()
+
+
+def test_moderate_mask_constant_works_in_all_three_float_types():
+    reference = page.kl_with_masked_logits(page.MASK_VALUE, torch.float64)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16]:
+        kl = page.kl_with_masked_logits(page.MASK_VALUE, dtype)
+        assert_close(kl.double(), reference, rtol=1e-2, atol=0)
+
+
+def test_log_target_with_minus_infinity_on_both_sides_gives_nan():
+    assert page.kl_both_masked.isnan()
+
+
+def test_clamping_both_sides_gives_the_kl_over_the_unmasked_classes():
+    assert_close(page.kl_both_clamped, page.kl_fixed_after, **FLOAT32)
+
+
 def test_both_mask_fixes_give_the_kl_over_the_unmasked_classes():
     log_q_visible = page.model_logits[:2].log_softmax(dim=-1)
     expected = F.kl_div(log_q_visible, page.p_masked[:2], reduction="sum")
@@ -109,7 +139,9 @@ def test_identical_distributions_can_round_below_zero():
 
 
 def test_clamp_min_removes_the_rounding():
-    assert (page.terms_identical.sum(dim=-1).clamp_min(0) >= 0).all()
+    kl_rows = page.terms_identical.sum(dim=-1)
+    assert (kl_rows < 0).any()
+    assert (kl_rows.clamp_min(0) == 0).all()
 
 
 def test_checked_kl_gives_exactly_zero_for_identical_log_probabilities():
@@ -128,6 +160,15 @@ def test_checked_kl_refuses_the_unnormalised_and_broadcast_inputs():
         except ValueError:
             continue
         raise AssertionError("checked_kl accepted an input the page says it refuses")
+
+
+def test_float16_cannot_represent_values_below_about_6e_8():
+    assert torch.tensor(2.0**-24).half() > 0  # 5.96e-8, the smallest float16
+    assert torch.tensor(2.9e-8).half() == 0
+
+
+def test_teacher_logits_have_standard_deviation_about_4():
+    assert_close(page.teacher_logits.std(), torch.tensor(4.0), rtol=0.01, atol=0)
 
 
 def test_most_probabilities_of_a_large_vocabulary_are_below_float16_range():

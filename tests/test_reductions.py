@@ -1,6 +1,7 @@
 """Claims of the page "Reductions", checked on its own snippet."""
 
 import inspect
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -36,6 +37,42 @@ def test_mean_is_still_the_default_and_warns():
     assert any("'batchmean' divides only by the batch size" in text for text in caught)
 
 
+def test_the_promised_change_did_not_come_with_major_release_2():
+    _, caught = page.kl_with_mean_reduction(page.log_q, page.log_p)
+    assert any("in the next major release" in text for text in caught)
+    assert int(torch.__version__.split(".")[0]) >= 2
+
+
+def test_mean_scales_gradients_down_by_the_number_of_classes():
+    def grad_of(reduction):
+        log_q = page.log_q.clone().requires_grad_()
+        with pytest.warns(UserWarning) if reduction == "mean" else nullcontext():
+            loss = F.kl_div(log_q, page.log_p, reduction=reduction, log_target=True)
+        return torch.autograd.grad(loss, log_q)[0]
+
+    n_classes = page.log_q.size(-1)
+    assert_close(grad_of("mean"), grad_of("batchmean") / n_classes, **FLOAT32)
+
+
+def test_the_wrapper_divides_the_sum_by_input_size_0_itself():
+    source = inspect.getsource(F.kl_div)
+    assert 'reduction_enum = _Reduction.get_enum("sum")' in source
+    assert "reduced = reduced / input.size()[0]" in source
+
+
+def test_mean_divides_by_the_terms_after_broadcasting():
+    log_q = page.log_q.unsqueeze(1)  # (4, 1, 5) against (4, 5): 80 terms
+    with pytest.warns(UserWarning):
+        mean = F.kl_div(log_q, page.log_p, reduction="mean", log_target=True)
+    total = F.kl_div(log_q, page.log_p, reduction="sum", log_target=True)
+    assert_close(mean, total / 80, **FLOAT32)
+
+
+def test_batchmean_divides_by_the_input_rows_when_the_target_has_more():
+    assert page.one_model_row.size(0) == 1
+    assert_close(page.broadcast_batchmean, page.broadcast_sum, **FLOAT32)
+
+
 def test_batchmean_divides_by_input_size_0():
     assert_close(page.kl_batchmean, page.kl_sum / page.terms.size(0), **FLOAT32)
 
@@ -58,6 +95,13 @@ def test_masked_token_mean_counts_only_real_tokens():
     real_tokens = page.kl_per_token[page.padding_mask]
     assert real_tokens.numel() == 5
     assert_close(page.lm_masked_token_mean, real_tokens.mean(), **FLOAT32)
+
+
+def test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not():
+    poisoned = page.kl_per_token.masked_fill(~page.padding_mask, float("nan"))
+    multiplied = (poisoned * page.padding_mask).sum() / page.padding_mask.sum()
+    assert multiplied.isnan()
+    assert_close(poisoned[page.padding_mask].mean(), page.lm_masked_token_mean)
 
 
 def test_blog_softmax_over_dim_0_makes_each_column_a_distribution():
