@@ -81,10 +81,14 @@ def test_definition_page_shows_outputs_executed_at_build(site):
 
 
 def local_links(html_file: Path, site: Path):
-    """(url, target file, fragment) for every href and src on this site."""
+    """(url, target file, fragment) for every href, src and poster on this site."""
     soup = BeautifulSoup(html_file.read_text(), "html.parser")
-    for element in soup.find_all(href=True) + soup.find_all(src=True):
-        url = element.get("href") or element.get("src")
+    urls = [
+        element[attribute]
+        for attribute in ("href", "src", "poster")
+        for element in soup.find_all(**{attribute: True})
+    ]
+    for url in urls:
         if urlsplit(url).scheme or url.startswith(("//", "mailto:", "data:")):
             continue
         path, fragment = urlsplit(url).path, urlsplit(url).fragment
@@ -109,6 +113,15 @@ def test_every_link_asset_and_anchor_on_the_site_exists(site):
                 if fragment not in ids[target]:
                     broken.append(f"{html.relative_to(site)} -> {url}: no such anchor")
     assert not broken, "\n".join(broken)
+
+
+def test_animations_fit_their_budget_and_are_shown_on_their_page(site):
+    videos = sorted(site.rglob("*.mp4"))
+    assert len(videos) >= 3
+    for video in videos:
+        assert video.stat().st_size <= 150 * 1024, video
+        page = (video.parent / "index.html").read_text()
+        assert f'src="{video.name}"' in page and f'poster="{video.stem}.png"' in page
 
 
 def test_math_font_is_served_by_the_site(site):

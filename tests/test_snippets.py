@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import jupytext
 import pytest
 
 from sitebuild.pages import shown_code_cells, snippet_pages
@@ -44,3 +45,17 @@ def test_page_code_runs_as_shown_in_a_fresh_interpreter(page, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=NAMES)
+def test_headings_are_plain_text(page):
+    # the table of contents shows headings as text and links to their ids
+    headings = [
+        line
+        for cell in jupytext.read(page).cells
+        if cell.cell_type == "markdown"
+        for line in cell.source.splitlines()
+        if line.startswith("#")
+    ]
+    assert headings
+    assert not [heading for heading in headings if set(heading) & {"$", "`"}]
