@@ -5,7 +5,8 @@ directory: what the page saves there (an animation, say) is published next to it
 A page is executed again only when something that can change its output changed.
 The cache key covers the page's source, every module of this checkout that the
 page imports (hidden helper cells included, followed transitively), the kernel's
-environment files, `requirements.txt`, the Python version and this file itself.
+environment files, `requirements.txt`, the Python version, and this file with the
+modules it imports (they shape the notebook handed to the renderer).
 """
 
 import ast
@@ -25,6 +26,8 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+from sitebuild import admonitions
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"  # matplotlibrc and friends
@@ -62,8 +65,10 @@ class ExecutedPage:
 def cache_key(source: Path, root: Path = ROOT) -> str:
     """A hash of everything that can change what executing ``source`` shows."""
     digest = hashlib.sha256()
+    executor = Path(__file__)
     inputs = [source, *sorted(imported_project_files(source, root))]
-    inputs += [Path(__file__), root / "requirements.txt", *sorted(KERNEL_DIR.iterdir())]
+    inputs += [executor, *sorted(imported_project_files(executor, root))]
+    inputs += [root / "requirements.txt", *sorted(KERNEL_DIR.iterdir())]
     for path in inputs:
         digest.update(
             str(path.relative_to(root) if root in path.parents else path).encode()
@@ -133,8 +138,16 @@ async def _execute_one(source: Path, directory: Path) -> float:
     media = directory / "media"
     media.mkdir(parents=True)
     notebook = jupytext.read(source)
+    for index, cell in enumerate(notebook.cells):
+        cell.id = (
+            f"cell-{index + 1}"  # jupytext makes random ids: same bytes each build
+        )
     client = NotebookClient(
-        notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False
+        notebook,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_S,
+        allow_errors=False,
+        record_timing=False,  # no timestamps in the published notebook
     )
     started = time.perf_counter()
     try:
@@ -143,7 +156,7 @@ async def _execute_one(source: Path, directory: Path) -> float:
         raise PageExecutionError(f"a cell raised\n{error}") from None
     seconds = time.perf_counter() - started
     nbformat.write(notebook, directory / f"{source.stem}.ipynb")
-    nbformat.write(_figures_as_files(notebook, media), directory / "page.ipynb")
+    nbformat.write(_for_the_site(notebook, media), directory / "page.ipynb")
     (directory / "done.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
 
@@ -167,10 +180,13 @@ def kernel_environment() -> dict[str, str]:
     return env
 
 
-def _figures_as_files(notebook, media: Path):
-    """A copy of the notebook whose images are files in ``media``, lazily loaded."""
+def _for_the_site(notebook, media: Path):
+    """A copy of the notebook to render: images as files in ``media``, loaded
+    lazily, and Material's admonitions in Markdown cells turned into HTML."""
     light = nbformat.from_dict(json.loads(json.dumps(notebook)))
     for cell in light.cells:
+        if cell.cell_type == "markdown":
+            cell.source = admonitions.render(cell.source)
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             for mime_type, extension in EXTRACTED_MIME_TYPES.items():

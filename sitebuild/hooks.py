@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sitebuild import execute, links, mathfont, mathml, pages  # noqa: E402
+from sitebuild import (  # noqa: E402
+    execute,
+    links,
+    mathfont,
+    mathml,
+    notebook_html,
+    pages,
+)
 
 CACHE_DIR = ROOT / ".cache" / "pages"
 
@@ -57,11 +64,22 @@ def on_nav(nav, config, files):
 
 
 def on_page_content(html, page, config, files):
-    if page.file.src_uri.endswith(".py"):  # notebook HTML: MkDocs left links alone
+    if page.file.src_uri.endswith(".py"):  # a notebook, rendered by mkdocs-jupyter
+        html = notebook_html.simplify(html)
         html = links.resolve_page_links(html, page.file.src_uri, files)
+        stem = page.file.src_uri.removesuffix(".py")  # after the links: its own
+        html = notebook_html.add_downloads(html, stem, config.get("repo_url"))
     html, characters = mathml.render_math(html, page=page.file.src_uri)
     math_characters.update(characters)
     return html
+
+
+def on_page_context(context, page, config, nav):
+    if page.file.src_uri.endswith(".py"):
+        page.edit_url = notebook_html.snippet_edit_url(
+            config.get("repo_url"), config.get("edit_uri"), page.file.src_uri
+        )
+    return context
 
 
 def on_post_build(config):

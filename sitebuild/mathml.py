@@ -54,6 +54,8 @@ def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
             "latex2mathml does not know this command: rewrite the formula "
             "with commands it supports."
         )
+    if display:  # a box that scrolls on narrow screens instead of the whole page
+        return f'<span class="math-display">{mathml}</span>'
     return mathml
 
 

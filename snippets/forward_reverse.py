@@ -124,12 +124,8 @@ def fit_gaussians(losses, starts, steps=1200, lr=0.1):
     history = torch.empty(steps + 1, len(rows), 3, dtype=DTYPE)
     for step in range(steps + 1):
         log_q = log_q_on_grid(mu, log_sigma)
-        values = torch.cat(
-            [
-                loss(log_q[i * n_starts : (i + 1) * n_starts])
-                for i, loss in enumerate(losses.values())
-            ]
-        )
+        rows_per_loss = zip(losses.values(), log_q.split(n_starts), strict=True)
+        values = torch.cat([loss(rows) for loss, rows in rows_per_loss])
         history[step] = torch.cat([mu, log_sigma.exp(), values[:, None]], 1).detach()
         optimizer.zero_grad()
         values.sum().backward()  # fits are independent: each gets its own gradient

@@ -157,8 +157,11 @@ kl_functional_loss = F.kl_div(
 #
 # ### Never negative (Gibbs' inequality)
 #
-# By Jensen's inequality, $-D_{\mathrm{KL}}(P\,\|\,Q) = \mathbb{E}_P\left[\log
-# \frac{Q}{P}\right] \le \log \mathbb{E}_P\left[\frac{Q}{P}\right] \le \log 1 = 0$.
+# By Jensen's inequality, since the logarithm is concave,
+#
+# $$-D_{\mathrm{KL}}(P\,\|\,Q) = \mathbb{E}_P\left[\log \frac{Q}{P}\right]
+#   \le \log \mathbb{E}_P\left[\frac{Q}{P}\right] \le \log 1 = 0.$$
+#
 # Ten thousand random pairs of distributions over five outcomes:
 
 # %%

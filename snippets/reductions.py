@@ -70,11 +70,13 @@ def kl_with_mean_reduction(log_q, log_p):
 
 # %% [markdown]
 # `"batchmean"` equals the mean of the per-row divergences; `"mean"` is that value
-# divided again by the five classes, which is why a loss written with the default
-# looks several times too small and its gradients are scaled down by the number of
-# classes. The warning says `"mean"` will behave like `"batchmean"` in the next
-# major release; PyTorch 2.0 was a major release and kept `"mean"` as it was. Name
-# the reduction you mean rather than wait for the default to change.
+# divided again by the five classes.
+#
+# !!! warning "The default reduction divides by the classes too"
+#     A loss written with the default `"mean"` looks several times too small, and
+#     its gradients are scaled down by the number of classes. The warning says
+#     `"mean"` will behave like `"batchmean"` in the next major release; PyTorch 2.0
+#     was a major release and kept `"mean"` as it was. Name the reduction you mean.
 #
 # Shapes that broadcast (which nothing checks, see the
 # [pitfalls](numerical_pitfalls.py#nothing-is-validated)) bend both divisors: `"mean"`

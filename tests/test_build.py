@@ -1,17 +1,17 @@
 """The strict build: every page built, executed, with math, and failures loud."""
 
-import os
+import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from bs4 import BeautifulSoup
+from conftest import mkdocs_build
 
+from sitebuild.pages import snippet_pages
 from snippets import kl_definition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,23 +21,9 @@ TEX_LEFTOVERS = ["$", "\\(", "\\[", "\\frac", "\\mathrm"]
 pytestmark = pytest.mark.slow
 
 
-def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        env=os.environ | {"NO_MKDOCS_2_WARNING": "1"},
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    site = tmp_path_factory.mktemp("build") / "site"
-    result = mkdocs_build(ROOT, site)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return site
+def site(built_site):
+    return built_site
 
 
 def page_soup(site: Path, page: str) -> BeautifulSoup:
@@ -109,7 +95,8 @@ def test_every_link_asset_and_anchor_on_the_site_exists(site):
             if not target.is_file():
                 broken.append(f"{html.relative_to(site)} -> {url}: no such file")
             elif fragment and target.suffix == ".html":
-                ids.setdefault(target, element_ids(target))
+                if target not in ids:
+                    ids[target] = element_ids(target)
                 if fragment not in ids[target]:
                     broken.append(f"{html.relative_to(site)} -> {url}: no such anchor")
     assert not broken, "\n".join(broken)
@@ -122,6 +109,62 @@ def test_animations_fit_their_budget_and_are_shown_on_their_page(site):
         assert video.stat().st_size <= 150 * 1024, video
         page = (video.parent / "index.html").read_text()
         assert f'src="{video.name}"' in page and f'poster="{video.stem}.png"' in page
+
+
+def test_every_page_weighs_at_most_150_kb(site):
+    heavy = {
+        str(html.relative_to(site)): html.stat().st_size
+        for html in site.rglob("*.html")
+        if html.stat().st_size > 150 * 1024
+    }
+    assert heavy == {}
+
+
+def notebook_pages(site):
+    return [site / page.stem / "index.html" for page in snippet_pages()]
+
+
+def test_notebook_pages_carry_no_inline_styles_or_scripts(site):
+    for html in notebook_pages(site):
+        article = BeautifulSoup(html.read_text(), "html.parser").select_one("article")
+        assert article.find("style") is None, html
+        assert article.find("script") is None, html
+
+
+def test_media_load_lazily(site):
+    for html in notebook_pages(site):
+        soup = BeautifulSoup(html.read_text(), "html.parser")
+        for image in soup.select("article img"):
+            assert image.get("loading") == "lazy", (html, image)
+        for video in soup.select("article video"):
+            assert video.get("preload") == "none", (html, video)
+
+
+def test_search_index_holds_the_prose_not_the_outputs(site):
+    index = json.loads((site / "search" / "search_index.json").read_text())
+    text = " ".join(doc["text"] for doc in index["docs"])
+    assert "cost nothing" in text  # prose of the definition page
+    assert "0.1838 nats" not in text  # one of its printed outputs
+
+
+def test_notebook_pages_offer_their_source_and_executed_notebook(site):
+    for page in snippet_pages():
+        folder = site / page.stem
+        assert (folder / page.name).read_text() == page.read_text()
+        notebook = json.loads((folder / f"{page.stem}.ipynb").read_text())
+        outputs = [cell.get("outputs") for cell in notebook["cells"]]
+        assert any(outputs), page.stem  # executed, outputs included
+        html = (folder / "index.html").read_text()
+        assert f'href="{page.stem}.ipynb"' in html and f'href="{page.name}"' in html
+
+
+def test_admonitions_render_on_notebook_pages(site):
+    soup = page_soup(site, "reductions")
+    admonition = soup.select_one("div.admonition.warning")
+    assert admonition is not None
+    assert (
+        admonition.select_one(".admonition-title").get_text().startswith("The default")
+    )
 
 
 def test_math_font_is_served_by_the_site(site):

@@ -6,7 +6,7 @@ import pytest
 from mkdocs.structure.files import File, Files
 from mkdocs_jupyter.plugin import NotebookFile
 
-from sitebuild import links, mathfont, mathml
+from sitebuild import admonitions, links, mathfont, mathml, notebook_html
 
 
 def test_unknown_tex_command_fails_naming_page_and_formula():
@@ -81,3 +81,52 @@ def test_link_to_a_missing_page_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mkdocs.plugins.sitebuild"):
         links.resolve_page_links('<a href="missing.py">?</a>', "a.py", files)
     assert "missing.py" in caplog.text
+
+
+def test_admonition_becomes_material_html_with_its_body_rendered():
+    source = '!!! tip "Stay in log space"\n    Use `log_softmax` and $x$.\n\nAfter.'
+    rendered = admonitions.render(source)
+    assert rendered.startswith('<div class="admonition tip">')
+    assert "<code>log_softmax</code>" in rendered and "$x$" in rendered
+    assert rendered.rstrip().endswith("After.")
+
+
+def test_downloads_row_follows_the_title():
+    html = notebook_html.add_downloads("<h1>Title</h1><p>Text</p>", "page", None)
+    assert html.index("page.ipynb") < html.index("<p>Text</p>")
+    assert "Colab" not in html
+
+
+def test_colab_link_only_with_a_github_repository():
+    url = notebook_html.colab_url("https://github.com/owner/site.git", "page")
+    assert url == (
+        "https://colab.research.google.com/github/owner/site/blob/gh-pages/page/page.ipynb"
+    )
+    assert notebook_html.colab_url("https://gitlab.com/owner/site", "page") is None
+    assert notebook_html.colab_url(None, "page") is None
+    html = notebook_html.add_downloads("<h1>T</h1>", "page", "https://github.com/o/s")
+    assert "Open in Colab" in html
+
+
+def test_edit_link_of_a_snippet_page_points_into_snippets():
+    url = notebook_html.snippet_edit_url(
+        "https://github.com/owner/site", "edit/main/docs/", "page.py"
+    )
+    assert url == "https://github.com/owner/site/edit/main/snippets/page.py"
+    assert notebook_html.snippet_edit_url(None, "edit/main/docs/", "page.py") is None
+
+
+def test_simplified_notebook_html_uses_material_code_blocks():
+    html = (
+        '<div class="jp-Cell"><div class="jp-Cell" id="cell-id=x">'
+        '<style>.big{}</style><div class="highlight-ipynb"><pre>'
+        '<span class="n">x</span><span class="w"> </span></pre></div>'
+        '<div class="clipboard-copy-txt">x</div></div></div>'
+    )
+    simplified = notebook_html.simplify(html)
+    assert "<style>" not in simplified and "clipboard-copy-txt" not in simplified
+    assert (
+        '<div class="highlight"><pre><code><span class="n">x</span> </code>'
+        in simplified
+    )
+    assert simplified.count("jp-Cell") == 1

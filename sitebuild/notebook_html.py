@@ -1,0 +1,98 @@
+"""Notebook pages rewritten to look, weigh and behave like the site's other pages.
+
+mkdocs-jupyter renders a notebook with JupyterLab's stylesheet inlined (575 KB on
+every page), a clipboard widget and a hidden copy of every code cell, a MathJax
+and a Mermaid loader pointing at a CDN, and its own code-block markup. Here the
+inline styles and scripts go (site.css styles cells once, cached), code blocks take
+Material's markup, so they get its highlighting, its copy button and its dark
+theme, and outputs are left out of the search index.
+"""
+
+from bs4 import BeautifulSoup
+
+REMOVED = ", ".join(
+    [
+        "style",  # JupyterLab's CSS, inlined on every page
+        "script",  # clipboard widget, MathJax configuration, Mermaid loader
+        ".zeroclipboard-container",  # mkdocs-jupyter's copy button
+        ".clipboard-copy-txt",  # a hidden second copy of every code cell
+        ".jp-Collapser",  # empty
+    ]
+)
+
+
+def simplify(page_html: str) -> str:
+    """The notebook's HTML, with Material's code blocks and no inline assets."""
+    soup = BeautifulSoup(page_html, "html.parser")
+    for element in soup.select(REMOVED):
+        element.decompose()
+    _unwrap_nested_cells(soup)
+    for index, cell in enumerate(soup.select(".jp-Cell")):
+        cell["id"] = f"cell-{index + 1}"  # nbconvert repeats one id on every cell
+    for block in soup.select("div.highlight-ipynb"):
+        _as_material_code_block(soup, block)
+    for outputs in soup.select(".jp-OutputArea"):
+        outputs["data-search-exclude"] = ""  # search finds prose, not tensors
+    for anchor in soup.select("a.anchor-link"):
+        anchor["class"] = ["headerlink"]  # Material shows it on hover only
+    return str(soup)
+
+
+def _unwrap_nested_cells(soup) -> None:
+    # mkdocs-jupyter's template wraps each code cell in a second .jp-Cell div
+    for outer in soup.select("div.jp-Cell"):
+        children = [child for child in outer.children if child.name]
+        if len(children) == 1 and "jp-Cell" in children[0].get("class", []):
+            outer.unwrap()
+
+
+def _as_material_code_block(soup, block) -> None:
+    """<div class="highlight-ipynb"><pre>…</pre></div> → Material's <pre><code>."""
+    block["class"] = ["highlight"]
+    for whitespace in block.select("span.w"):  # spaces need no colour: a third less
+        whitespace.unwrap()
+    pre = block.pre
+    code = soup.new_tag("code")
+    for child in list(pre.contents):
+        code.append(child.extract())
+    pre.append(code)
+
+
+def add_downloads(page_html: str, stem: str, repo_url: str | None) -> str:
+    """A row of links under the title: the page as a notebook, as a script, and in
+    Colab when the site knows its GitHub repository."""
+    links = [
+        f'<a class="md-button" href="{stem}.ipynb" download>Notebook (.ipynb)</a>',
+        f'<a class="md-button" href="{stem}.py" download>Script (.py)</a>',
+    ]
+    colab = colab_url(repo_url, stem)
+    if colab:
+        links.append(f'<a class="md-button" href="{colab}">Open in Colab</a>')
+    row = f'<p class="page-downloads" data-search-exclude>{" ".join(links)}</p>'
+    soup = BeautifulSoup(page_html, "html.parser")
+    title = soup.find("h1")
+    if title is None:
+        return row + page_html
+    title.insert_after(BeautifulSoup(row, "html.parser"))
+    return str(soup)
+
+
+def colab_url(repo_url: str | None, stem: str) -> str | None:
+    """Colab opens notebooks from GitHub: the executed one on the gh-pages branch,
+    where the deploy workflow publishes the built site."""
+    prefix = "https://github.com/"
+    if not repo_url or not repo_url.startswith(prefix):
+        return None
+    repository = repo_url.removeprefix(prefix).strip("/").removesuffix(".git")
+    return (
+        f"https://colab.research.google.com/github/{repository}"
+        f"/blob/gh-pages/{stem}/{stem}.ipynb"
+    )
+
+
+def snippet_edit_url(repo_url: str | None, edit_uri: str | None, name: str):
+    """Where to edit a snippet page: under snippets/, not docs/."""
+    if not repo_url or not edit_uri:
+        return None
+    base = edit_uri.strip("/").removesuffix("docs").strip("/")
+    return f"{repo_url.rstrip('/')}/{base}/snippets/{name}"

@@ -1,0 +1,242 @@
+"""Every page of the built site, visited in headless Chromium as a reader would.
+
+Needs a Chromium: Debian's (``apt-get install -y chromium``, which ``.ci/run``
+does), or any Chrome named by the CHROMIUM environment variable. Without one the
+suite skips, except in CI, where a missing browser is a failure.
+"""
+
+import os
+import shutil
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import SCREENSHOTS
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+PHONE = {"width": 375, "height": 740}
+DESKTOP = {"width": 1280, "height": 900}
+TEX_LEFTOVERS = ["$", "\\(", "\\[", "\\frac", "\\mathrm", "\\log"]
+
+# The page's visible prose: what is left once code, outputs and formulas are gone.
+PROSE_TEXT = """() => {
+  const body = document.body.cloneNode(true);
+  body.querySelectorAll("pre, code, math, script, style, .jp-OutputArea")
+      .forEach((element) => element.remove());
+  return body.innerText;
+}"""
+
+# Scroll to the bottom in screen-sized steps so that lazy media start loading.
+SCROLL_THROUGH = """async () => {
+  for (let y = 0; y < document.body.scrollHeight; y += window.innerHeight / 2) {
+    window.scrollTo(0, y);
+    await new Promise((resolve) => setTimeout(resolve, 60));
+  }
+  window.scrollTo(0, 0);
+}"""
+
+BROKEN_IMAGES = """async () => {
+  const images = [...document.images];
+  await Promise.all(images.map((image) => image.decode().catch(() => {})));
+  return images.filter((image) => !image.complete || image.naturalWidth === 0)
+               .map((image) => image.src);
+}"""
+
+UNPLAYABLE_VIDEOS = """async () => {
+  const failures = [];
+  for (const video of document.querySelectorAll("video")) {
+    video.preload = "auto";
+    video.load();
+    const ready = await new Promise((resolve) => {
+      video.addEventListener("canplay", () => resolve(true), { once: true });
+      video.addEventListener("error", () => resolve(false), { once: true });
+      setTimeout(() => resolve(false), 10000);
+    });
+    if (!ready || video.duration < 1) failures.push(video.currentSrc || video.src);
+  }
+  return failures;
+}"""
+
+
+def chromium_path():
+    return os.environ.get("CHROMIUM") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        message = (
+            "no Chromium found: install one with `apt-get install -y chromium`"
+            " (Debian) or set CHROMIUM=/path/to/chrome"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=CHROMIUM_FLAGS
+        )
+        yield browser
+        browser.close()
+
+
+def pytest_generate_tests(metafunc):
+    if "path" in metafunc.fixturenames:
+        from conftest import ROOT
+
+        pages = ["/"] + sorted(
+            f"/{path.stem}/"
+            for path in (ROOT / "snippets").glob("*.py")
+            if not path.name.startswith("_")
+        )
+        pages += sorted(
+            f"/{path.stem}/"
+            for path in (ROOT / "docs").glob("*.md")
+            if path.stem != "index"
+        )
+        metafunc.parametrize("path", pages)
+
+
+class Visit:
+    """One page load, with every console message and request it caused."""
+
+    def __init__(self, browser, url, viewport, color_scheme="light"):
+        self.host = urlsplit(url).netloc
+        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+        self.page = self.context.new_page()
+        self.console_errors, self.failed, self.foreign = [], [], []
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", lambda error: self.console_errors.append(str(error)))
+        self.page.on("requestfailed", lambda request: self.failed.append(request.url))
+        self.page.on("request", self._on_request)
+        self.page.on("response", self._on_response)
+        self.page.goto(url, wait_until="load")
+
+    def _on_console(self, message):
+        if message.type == "error":
+            self.console_errors.append(message.text)
+
+    def _on_request(self, request):
+        scheme, netloc = urlsplit(request.url)[:2]
+        if scheme in ("http", "https") and netloc != self.host:
+            self.foreign.append(request.url)
+
+    def _on_response(self, response):
+        if response.status >= 400:
+            self.failed.append(f"{response.status} {response.url}")
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture(scope="module")
+def visit(browser, site_url):
+    """Open a page once per module and viewport; tests of one page share the load."""
+    visits = {}
+
+    def open_page(path, viewport=DESKTOP, color_scheme="light"):
+        key = (path, viewport["width"], color_scheme)
+        if key not in visits:
+            visits[key] = Visit(browser, site_url + path, viewport, color_scheme)
+            visits[key].page.evaluate(SCROLL_THROUGH)  # start every lazy load
+        return visits[key]
+
+    yield open_page
+    for opened in visits.values():
+        opened.close()
+
+
+def test_page_loads_cleanly_from_its_own_host_only(visit, path):
+    page = visit(path)
+    page.page.evaluate(BROKEN_IMAGES)  # wait for the lazy images too
+    assert page.console_errors == []
+    assert page.failed == []
+    assert page.foreign == [], "requests to other hosts"
+
+
+def test_page_shows_no_raw_tex_and_renders_its_math(visit, path, built_site):
+    page = visit(path)
+    prose = page.page.evaluate(PROSE_TEXT)
+    assert [tex for tex in TEX_LEFTOVERS if tex in prose] == []
+    source_has_math = (
+        "<math" in (built_site / path.strip("/") / "index.html").read_text()
+    )
+    rendered = page.page.locator("math").count()
+    assert (rendered > 0) == source_has_math
+    if rendered:
+        box = page.page.locator("math").first.bounding_box()
+        assert box is not None and box["height"] > 5  # laid out, not left as text
+
+
+def test_every_image_and_video_loads(visit, path):
+    page = visit(path)
+    assert page.page.evaluate(BROKEN_IMAGES) == []
+    assert page.page.evaluate(UNPLAYABLE_VIDEOS) == []
+
+
+def test_no_horizontal_overflow_on_a_phone(visit, path):
+    page = visit(path, viewport=PHONE)
+    width = page.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"]
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_screenshot(visit, path, color_scheme):
+    page = visit(path, color_scheme=color_scheme)
+    page.page.evaluate(BROKEN_IMAGES)  # wait for every image
+    expected = "slate" if color_scheme == "dark" else "default"
+    scheme = page.page.evaluate("document.body.dataset.mdColorScheme")
+    assert scheme == expected
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    name = (path.strip("/") or "home") + f"-{color_scheme}.png"
+    page.page.screenshot(path=SCREENSHOTS / name, full_page=True)
+    assert (SCREENSHOTS / name).stat().st_size > 10_000
+
+
+def test_theme_toggle_switches_to_dark_and_back(browser, site_url):
+    page = browser.new_page()
+    page.goto(site_url + "/kl_definition/")
+    toggle = page.locator("label.md-header__button[for^='__palette']:visible")
+    toggle.first.click()
+    assert page.evaluate("document.body.dataset.mdColorScheme") == "slate"
+    page.locator("label.md-header__button[for^='__palette']:visible").first.click()
+    assert page.evaluate("document.body.dataset.mdColorScheme") == "default"
+    page.close()
+
+
+def test_copy_button_copies_a_notebook_code_cell(browser, site_url):
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(site_url + "/kl_definition/")
+    block = page.locator(".jp-InputArea pre").first
+    block.locator("button.md-code__button[data-md-type=copy]").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    shown = block.locator("code").inner_text()
+    context.close()
+    assert copied.startswith("import torch")
+    assert copied.strip() == shown.strip()
+
+
+def test_search_finds_prose_of_a_notebook_page(browser, site_url):
+    page = browser.new_page()
+    page.goto(site_url + "/")
+    meta = page.locator(".md-search-result__meta")
+    meta.filter(has_text="Type to start searching").wait_for(state="attached")
+    page.locator("input.md-search__input").click()  # index ready: type as a reader
+    page.locator("input.md-search__input").press_sequentially("exponentiate")
+    results = page.locator(".md-search-result__item a")
+    results.first.wait_for(timeout=10000)
+    hrefs = [link.get_attribute("href") for link in results.all()]
+    assert any("numerical_pitfalls" in href for href in hrefs)
+    page.close()
