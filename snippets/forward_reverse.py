@@ -6,7 +6,7 @@
 # $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: $Q$ stretches over both peaks and
 # matches $P$'s mean and variance exactly. The **reverse** KL
 # $D_{\mathrm{KL}}(Q\,\|\,P)$ is *mode-seeking*: $Q$ settles on one peak, which one
-# depending on where it starts, at a divergence of $\log 2$. Squared error and
+# depending on where it starts, at a divergence just under $\log 2$. Squared error and
 # cosine similarity between the densities do something else again, measured below.
 #
 # On this page you will:
@@ -65,7 +65,8 @@ grid_variance = (p * (x - grid_mean) ** 2).sum()
 # below runs from several starting points, all at once, one row each. The losses
 # compare $Q$ with $P$ on the grid:
 #
-# - forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$: `F.kl_div(log_q, log_p)`, the model first;
+# - forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$: `F.kl_div(log_q, log_p, log_target=True)`,
+#   the model first;
 # - reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$: the same call with the arguments swapped;
 # - the mean squared error between the two densities;
 # - one minus the cosine similarity between the two densities.
@@ -247,9 +248,10 @@ def video_player(path):
 # The reverse KL averages $\log \frac{q}{p}$ under $Q$, so it punishes $Q$ for any
 # mass where $P$ has little, and does not care what $Q$ leaves out. Settled on one
 # component, $q = \mathcal{N}(-5, 1)$ say, and with the peaks this far apart, $p$
-# is $\tfrac12 q$ wherever $q$ has mass, and the divergence is
-# $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$. Which peak wins depends on the
-# start: from $(-2, 2)$ and from $(0, 5)$ the left one, from $(6, 2)$ the right.
+# is $\tfrac12 q$ wherever $q$ has mass, plus a sliver of the other peak's tail,
+# so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$.
+# Which peak wins depends on the start: from $(-2, 2)$ and from $(0, 5)$ the left
+# one, from $(6, 2)$ the right.
 
 # %% active="ipynb"
 # print(f"log 2 = {math.log(2):.6f}")
@@ -286,10 +288,29 @@ def video_player(path):
 # )
 
 # %% [markdown]
-# MSE lands on one Gaussian centred between the peaks from every start, wider than
-# the forward-KL fit. Cosine similarity has more than one optimum: from $(-2, 2)$
-# it settles on the left peak like the reverse KL, from the other two starts on a
-# wide Gaussian centred between the peaks, wider still than MSE's.
+# From these three starts MSE lands on one Gaussian centred between the peaks,
+# wider than the forward-KL fit. Cosine similarity has more than one optimum: from
+# $(-2, 2)$ it settles on the left peak like the reverse KL, from the other two
+# starts on a wide Gaussian centred between the peaks, wider still than MSE's.
+#
+# MSE has more than one optimum too, and the centred one is not its best: started
+# on a peak, it stays there, a little wider than the peak, at a lower loss. This
+# optimum is flat enough that Adam at learning rate 0.1 keeps jittering around it;
+# half that settles.
+
+# %%
+PEAK_STARTS = [(-5.0, 2.0), (10.0, 2.0)]
+PEAK_LR = 0.05
+
+# %% active="ipynb"
+# on_a_peak = fit_gaussians({"MSE": density_mse}, PEAK_STARTS, lr=PEAK_LR)["MSE"]
+# print(f"centred fit: MSE = {fits['MSE'][-1, 0, 2]:.4e}")
+# for i, ((mu0, sigma0), (mu, sigma, mse)) in enumerate(
+#     zip(PEAK_STARTS, on_a_peak[-1])
+# ):
+#     print(f"from ({mu0:+.0f}, {sigma0:.0f}): mu = {mu:.3f}, sigma = {sigma:.3f},"
+#           f" MSE = {mse:.4e}, largest move, last 100 steps:"
+#           f" {largest_recent_move(on_a_peak[:, [i]]):.1e}")
 
 # %% active="ipynb"
 # mse_and_cosine = torch.stack([fits["MSE"][:, 0], fits["cosine"][:, 0]], dim=1)
@@ -372,7 +393,8 @@ def loss_landscape(loss, mus, sigmas):
 # - **densities were used as probabilities**: on a grid, values of $p(x)$ with no
 #   $\Delta x$, which sum to $2/\Delta x$ here;
 # - `F.kl_div` ran with its **default `"mean"`** reduction, which divides by the
-#   number of grid points, so the printed loss was not the KL of anything;
+#   number $N$ of grid points; with the two choices above, the printed loss was
+#   $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, not the KL;
 # - **10,000 Adam steps at learning rate $10^{-3}$**, optimising $\sigma$ itself,
 #   stop long before $\sigma$ has converged.
 #
@@ -382,36 +404,45 @@ def loss_landscape(loss, mus, sigmas):
 
 
 # %%
+def sum_of_densities(grid):
+    """The blog's target: two densities added, total mass 2."""
+    return (
+        Normal(-5.0, 1.0).log_prob(grid).exp() + Normal(10.0, 1.0).log_prob(grid).exp()
+    )
+
+
+def original_setup_loss(mu, sigma, grid, target):
+    """The blog's loss: log densities, no log Δx, and the default "mean"."""
+    log_q_density = -0.5 * ((grid - mu) / sigma) ** 2 - sigma.log() - LOG_SQRT_2PI
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "mean" warns; that is the point here
+        return F.kl_div(log_q_density, target, reduction="mean")
+
+
 def original_setup_fit(steps=10_000, lr=1e-3):
     """The blog's four choices, in float32 like the post. Returns sigma after every
-    1000 steps, the last printed loss, and the final mu and sigma."""
+    1000 steps, the loss it prints at the end, and the final mu and sigma."""
     x32 = x.float()
-    p_sum_of_densities = (
-        Normal(-5.0, 1.0).log_prob(x32).exp() + Normal(10.0, 1.0).log_prob(x32).exp()
-    )
+    target = sum_of_densities(x32)
     mu = torch.tensor(0.0, requires_grad=True)
     sigma = torch.tensor(1.0, requires_grad=True)
     optimizer = torch.optim.Adam([mu, sigma], lr=lr)
     sigmas = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "mean" warns; that is the point here
-        for step in range(steps):
-            # log density, no log Δx: densities used as probabilities
-            log_q_density = (
-                -0.5 * ((x32 - mu) / sigma) ** 2 - sigma.log() - LOG_SQRT_2PI
-            )
-            loss = F.kl_div(log_q_density, p_sum_of_densities, reduction="mean")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % 1000 == 999:
-                sigmas.append(sigma.item())
-    return torch.tensor(sigmas), loss.detach(), mu.detach(), sigma.detach()
+    for step in range(steps):
+        loss = original_setup_loss(mu, sigma, x32, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 1000 == 999:
+            sigmas.append(sigma.item())
+    with torch.no_grad():
+        printed_loss = original_setup_loss(mu, sigma, x32, target)
+    return torch.tensor(sigmas), printed_loss, mu.detach(), sigma.detach()
 
 
 # %% active="ipynb"
 # sigma_history, printed_loss, mu_end, sigma_end = original_setup_fit()
-# p_blog = Normal(-5.0, 1.0).log_prob(x).exp() + Normal(10.0, 1.0).log_prob(x).exp()
+# p_blog = sum_of_densities(x)
 # log_q_end = log_q_on_grid(mu_end.double(), sigma_end.double().log()).view(1, -1)
 # true_kl = forward_kl(log_q_end)
 # print(f"mass of P: {(p_blog * dx).sum():.4f}; as 'probabilities': {p_blog.sum():.1f}")
@@ -427,7 +458,8 @@ def original_setup_fit(steps=10_000, lr=1e-3):
 #
 # ## What to remember
 #
-# - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$ = `F.kl_div(log_q, log_p, ...)`, covers
+# - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$ =
+#   `F.kl_div(log_q, log_p, log_target=True)`, covers
 #   every mode of $P$; over Gaussians it matches $P$'s mean and variance.
 # - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, locks onto one mode; which one depends
 #   on the start.

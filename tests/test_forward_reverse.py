@@ -73,6 +73,15 @@ def test_reverse_kl_fits_reach_the_peak_on_their_side_with_kl_log_2(fits):
     )
 
 
+def test_reverse_kl_on_a_peak_is_just_under_log_2():
+    # p > q/2 everywhere: the other peak's tail adds to p
+    on_the_left_peak = page.log_q_on_grid(
+        torch.tensor([[-5.0]], dtype=page.DTYPE), torch.zeros(1, 1, dtype=page.DTYPE)
+    )
+    gap = math.log(2) - page.reverse_kl(on_the_left_peak).item()
+    assert 0 < gap < 1e-9
+
+
 def test_sigma_stays_positive_at_every_step(fits):
     for trajectory in fits.values():
         assert (trajectory[:, :, 1] > 0).all()
@@ -90,6 +99,17 @@ def test_mse_lands_between_the_peaks_wider_than_the_forward_fit(fits):
     assert_close(ends[:, 0], torch.full((3,), 2.5, dtype=page.DTYPE), rtol=0, atol=1e-2)
     assert (ends[:, 1] > SIGMA_STAR + 1).all()
     assert ends[:, 1].max() - ends[:, 1].min() < 1e-2  # the same fit from every start
+
+
+def test_mse_started_on_a_peak_stays_there_at_a_lower_loss_than_centred(fits):
+    mse_only = {"MSE": page.density_mse}
+    on_a_peak = page.fit_gaussians(mse_only, page.PEAK_STARTS, lr=page.PEAK_LR)["MSE"]
+    assert page.largest_recent_move(on_a_peak) < 1e-3
+    ends = zip(page.PEAK_STARTS, on_a_peak[-1], strict=True)
+    for (peak, _), (mu, sigma, mse) in ends:
+        assert abs(mu - peak) < 1e-2
+        assert 1.0 < sigma < 3.0  # a little wider than the peak
+        assert mse < fits["MSE"][-1, 0, 2]
 
 
 def test_cosine_has_more_than_one_optimum(fits):
@@ -130,17 +150,26 @@ def test_original_setup_stops_well_before_sigma_converges():
 
 
 def test_original_setup_target_has_mass_two():
-    p_sum = (
-        page.Normal(-5.0, 1.0).log_prob(page.x).exp()
-        + page.Normal(10.0, 1.0).log_prob(page.x).exp()
-    )
-    assert_close((p_sum * page.dx).sum().item(), 2.0, rtol=0, atol=1e-9)
-    assert_close(p_sum.sum().item(), 2.0 / page.dx, rtol=1e-9, atol=0)
+    p_sum = page.sum_of_densities(page.x.float())  # as the fit uses it
+    assert_close((p_sum * page.dx).sum().item(), 2.0, rtol=1e-6, atol=0)
+    assert_close(p_sum.sum().item(), 2.0 / page.dx, rtol=1e-6, atol=0)
+
+
+def test_original_setup_prints_a_scaled_and_shifted_kl():
+    _, printed_loss, mu, sigma = page.original_setup_fit(steps=200)
+    log_q = page.log_q_on_grid(mu.double(), sigma.double().log()).view(1, -1)
+    true_kl = page.forward_kl(log_q).item()
+    n_points = len(page.x)
+    expected = 2 * (true_kl + math.log(2)) / (n_points * page.dx)
+    assert_close(printed_loss.item(), expected, rtol=1e-4, atol=0)
 
 
 @pytest.fixture(scope="module")
 def animation(tmp_path_factory):
-    trajectory = page.fit_gaussians({"reverse KL": page.reverse_kl}, page.STARTS[:2])
+    # a short fit is enough: the budget and frame count do not need convergence
+    trajectory = page.fit_gaussians(
+        {"reverse KL": page.reverse_kl}, page.STARTS[:2], steps=300
+    )
     path = tmp_path_factory.mktemp("animation") / "fit.mp4"
     page.animate_fits(trajectory["reverse KL"], path, "reverse KL", n_frames=100)
     return path, trajectory["reverse KL"]
