@@ -2,6 +2,7 @@
 #   make serve   set up .venv, build every page, serve at http://127.0.0.1:8000
 #   make test    set up .venv, lint, run every test (the strict build included)
 #   make build   write the static site to site/
+#   make bench   time builds and tests against the goals (README, "Speed")
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup serve build test test-fast lint clean
+.PHONY: setup serve build test test-fast lint bench clean
 
 setup: $(INSTALLED)
 
@@ -34,6 +35,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Clean build, no-change and one-page rebuilds, make test: timed on a copy.
+bench: setup
+	$(BIN)/python -m sitebuild.bench
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

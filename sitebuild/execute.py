@@ -15,10 +15,12 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from nbclient.exceptions import CellExecutionError
 from sitebuild import admonitions
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("mkdocs.plugins.sitebuild")
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"  # matplotlibrc and friends
 CELL_TIMEOUT_S = 300
 EXTRACTED_MIME_TYPES = {"image/png": "png", "image/svg+xml": "svg"}
@@ -43,8 +46,12 @@ class PageExecutionError(RuntimeError):
 class ExecutedPage:
     source: Path  # the snippet module
     directory: Path  # everything the execution produced, under the cache
-    seconds: float  # how long the execution took (0 for a cache hit)
-    cached: bool
+    cached: bool  # reused from an earlier build, not executed by this one
+
+    @property
+    def seconds(self) -> float:
+        """How long executing the page took, when it was executed."""
+        return json.loads((self.directory / "done.json").read_text())["seconds"]
 
     @property
     def notebook(self) -> Path:
@@ -103,14 +110,25 @@ def execute_pages(
     stale = [
         source for source, directory in planned.items() if not _complete(directory)
     ]
-    timings = asyncio.run(_execute_all(stale, planned, workers)) if stale else {}
+    timings = _run(_execute_all(stale, planned, workers)) if stale else {}
+    for source, seconds in timings.items():
+        log.info(f"executed {_shown(source)} in {seconds:.1f} s")
     _remove_outdated(cache_dir, planned)
     return {
-        source: ExecutedPage(
-            source, directory, timings.get(source, 0.0), source not in stale
-        )
+        source: ExecutedPage(source, directory, source not in stale)
         for source, directory in planned.items()
     }
+
+
+def _run(coroutine):
+    """asyncio.run, also from a thread that already runs an event loop (Jupyter,
+    or a test that drives a browser): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
 
 
 async def _execute_all(stale, planned, workers) -> dict[Path, float]:
@@ -124,7 +142,7 @@ async def _execute_all(stale, planned, workers) -> dict[Path, float]:
         *(run(source) for source in stale), return_exceptions=True
     )
     failures = [
-        f"{source.relative_to(ROOT) if ROOT in source.parents else source}: {result}"
+        f"{_shown(source)}: {result}"
         for source, result in zip(stale, results, strict=True)
         if isinstance(result, BaseException)
     ]
@@ -138,6 +156,7 @@ async def _execute_one(source: Path, directory: Path) -> float:
     media = directory / "media"
     media.mkdir(parents=True)
     notebook = jupytext.read(source)
+    notebook.metadata.pop("jupytext", None)  # lists cell metadata keys in set order
     for index, cell in enumerate(notebook.cells):
         cell.id = (
             f"cell-{index + 1}"  # jupytext makes random ids: same bytes each build
@@ -220,6 +239,10 @@ def _figure_html(name: str, path: Path, cell) -> str:
         dpi_scale = 2  # figures are drawn at twice their display size (matplotlibrc)
         size = f' width="{width // dpi_scale}" height="{height // dpi_scale}"'
     return f'<img src="{name}" alt="{alt}"{size} loading="lazy" decoding="async">'
+
+
+def _shown(source: Path) -> str:
+    return str(source.relative_to(ROOT) if ROOT in source.parents else source)
 
 
 def _complete(directory: Path) -> bool:

@@ -17,20 +17,23 @@ if str(ROOT) not in sys.path:
 
 from sitebuild import (  # noqa: E402
     execute,
-    links,
     mathfont,
-    mathml,
     notebook_html,
     pages,
+    postprocess,
+    report,
 )
 
 CACHE_DIR = ROOT / ".cache" / "pages"
+HTML_CACHE_DIR = ROOT / ".cache" / "html"
 
 math_characters: set[str] = set()
+page_cache = postprocess.PageCache(HTML_CACHE_DIR)
 
 
 def on_pre_build(config):
     math_characters.clear()
+    page_cache.used.clear()
 
 
 @mkdocs.plugins.event_priority(100)  # before mkdocs-jupyter claims the notebooks
@@ -49,6 +52,8 @@ def on_files(files, config):
         for path in published:
             uri = f"{source.stem}/{path.name}"
             files.append(File.generated(config, uri, abs_src_path=str(path)))
+    content = report.build_report(executed)
+    files.append(File.generated(config, report.SITE_PATH, content=content))
     return files
 
 
@@ -64,12 +69,9 @@ def on_nav(nav, config, files):
 
 
 def on_page_content(html, page, config, files):
-    if page.file.src_uri.endswith(".py"):  # a notebook, rendered by mkdocs-jupyter
-        html = notebook_html.simplify(html)
-        html = links.resolve_page_links(html, page.file.src_uri, files)
-        stem = page.file.src_uri.removesuffix(".py")  # after the links: its own
-        html = notebook_html.add_downloads(html, stem, config.get("repo_url"))
-    html, characters = mathml.render_math(html, page=page.file.src_uri)
+    html, characters = page_cache.process(
+        html, page.file.src_uri, files, config.get("repo_url")
+    )
     math_characters.update(characters)
     return html
 
@@ -83,4 +85,6 @@ def on_page_context(context, page, config, nav):
 
 
 def on_post_build(config):
-    mathfont.write_subset(math_characters, Path(config["site_dir"], mathfont.SITE_PATH))
+    font = Path(config["site_dir"], mathfont.SITE_PATH)
+    mathfont.write_subset(math_characters, font, cache_dir=ROOT / ".cache" / "fonts")
+    page_cache.forget_unused()

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -9,9 +10,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from filelock import FileLock
+
+# One thread per test process, as in the build's kernels: the same sums in the same
+# order, and test workers that do not fight over the cores.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / ".cache" / "screenshots"
+PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "sitebuild"]
 
 
 def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
@@ -26,11 +35,43 @@ def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
     )
 
 
+def write_project(project: Path, pages: dict[str, str], files=None) -> None:
+    """A copy of the site's machinery with other snippet pages: ``pages`` maps a
+    module name to the code of its one cell; ``files`` adds or replaces files."""
+    for part in PROJECT_PARTS:
+        source = ROOT / part
+        if source.is_dir():
+            shutil.copytree(source, project / part, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, project / part)
+    config = yaml.safe_load((project / "mkdocs.yml").read_text())
+    config["nav"] = [{"Home": "index.md"}] + [{name: f"{name}.py"} for name in pages]
+    (project / "mkdocs.yml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    home = "# Home\n\n" + "".join(f"[{name}]({name}.py)\n" for name in pages)
+    (project / "docs" / "index.md").write_text(home)
+    (project / "snippets").mkdir(exist_ok=True)
+    for name, cell in pages.items():
+        (project / "snippets" / f"{name}.py").write_text(
+            f"# %% [markdown]\n# # {name}\n\n# %%\n{cell}\n"
+        )
+    for relative, content in (files or {}).items():
+        (project / relative).write_text(content)
+
+
 @pytest.fixture(scope="session")
-def built_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("build") / "site"
-    result = mkdocs_build(ROOT, site)
-    assert result.returncode == 0, result.stderr[-5000:]
+def built_site(tmp_path_factory, worker_id) -> Path:
+    """The site, built once per run even when pytest-xdist runs several workers:
+    the first to take the lock builds, the others wait and reuse its output."""
+    shared = tmp_path_factory.getbasetemp()  # this run's, and under xdist its
+    if worker_id != "master":  # workers' directories share their parent
+        shared = shared.parent
+    site, log = shared / "site", shared / "build.log"
+    with FileLock(shared / "build.lock"):
+        if not log.exists():
+            result = mkdocs_build(ROOT, site)
+            log.write_text(f"{result.returncode}\n{result.stderr[-5000:]}")
+    returncode, stderr = log.read_text().split("\n", 1)
+    assert returncode == "0", stderr
     return site
 
 
@@ -52,5 +93,9 @@ def site_url(built_site):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if SCREENSHOTS.is_dir() and any(SCREENSHOTS.iterdir()):
+    browser_ran = any(
+        report.nodeid.startswith("tests/test_browser.py")
+        for report in terminalreporter.stats.get("passed", [])
+    )
+    if browser_ran:
         terminalreporter.write_line(f"screenshots of every page: {SCREENSHOTS}")

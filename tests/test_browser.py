@@ -36,9 +36,10 @@ PROSE_TEXT = """() => {
 
 # Scroll to the bottom in screen-sized steps so that lazy media start loading.
 SCROLL_THROUGH = """async () => {
-  for (let y = 0; y < document.body.scrollHeight; y += window.innerHeight / 2) {
+  // two screens a step: Chromium starts lazy loads well over a screen away
+  for (let y = 0; y < document.body.scrollHeight; y += 2 * window.innerHeight) {
     window.scrollTo(0, y);
-    await new Promise((resolve) => setTimeout(resolve, 60));
+    await new Promise((resolve) => setTimeout(resolve, 25));
   }
   window.scrollTo(0, 0);
 }"""
@@ -105,6 +106,7 @@ def pytest_generate_tests(metafunc):
             for path in (ROOT / "docs").glob("*.md")
             if path.stem != "index"
         )
+        pages.append("/build/")  # made by the build: how long each page took
         metafunc.parametrize("path", pages)
 
 
@@ -142,15 +144,16 @@ class Visit:
 
 @pytest.fixture(scope="module")
 def visit(browser, site_url):
-    """Open a page once per module and viewport; tests of one page share the load."""
+    """Each page loaded once, on a desktop screen in the light theme, and scrolled
+    through; every test of the page looks at that one load."""
     visits = {}
 
-    def open_page(path, viewport=DESKTOP, color_scheme="light"):
-        key = (path, viewport["width"], color_scheme)
-        if key not in visits:
-            visits[key] = Visit(browser, site_url + path, viewport, color_scheme)
-            visits[key].page.evaluate(SCROLL_THROUGH)  # start every lazy load
-        return visits[key]
+    def open_page(path):
+        if path not in visits:
+            visits[path] = Visit(browser, site_url + path, DESKTOP)
+            visits[path].page.evaluate(SCROLL_THROUGH)  # start every lazy load
+            visits[path].page.evaluate(BROKEN_IMAGES)  # and wait for the images
+        return visits[path]
 
     yield open_page
     for opened in visits.values():
@@ -159,7 +162,6 @@ def visit(browser, site_url):
 
 def test_page_loads_cleanly_from_its_own_host_only(visit, path):
     page = visit(path)
-    page.page.evaluate(BROKEN_IMAGES)  # wait for the lazy images too
     assert page.console_errors == []
     assert page.failed == []
     assert page.foreign == [], "requests to other hosts"
@@ -186,33 +188,49 @@ def test_every_image_and_video_loads(visit, path):
 
 
 def test_no_horizontal_overflow_on_a_phone(visit, path):
-    page = visit(path, viewport=PHONE)
-    width = page.page.evaluate("document.documentElement.scrollWidth")
+    page = visit(path).page
+    page.set_viewport_size(PHONE)
+    page.wait_for_timeout(100)  # let the layout settle
+    width = page.evaluate("document.documentElement.scrollWidth")
+    page.set_viewport_size(DESKTOP)
     assert width <= PHONE["width"]
 
 
-@pytest.mark.parametrize("color_scheme", ["light", "dark"])
-def test_screenshot(visit, path, color_scheme):
-    page = visit(path, color_scheme=color_scheme)
-    page.page.evaluate(BROKEN_IMAGES)  # wait for every image
-    expected = "slate" if color_scheme == "dark" else "default"
-    scheme = page.page.evaluate("document.body.dataset.mdColorScheme")
-    assert scheme == expected
+def test_screenshots_in_the_light_and_the_dark_theme(visit, path):
+    page = visit(path).page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    name = (path.strip("/") or "home") + f"-{color_scheme}.png"
-    page.page.screenshot(path=SCREENSHOTS / name, full_page=True)
-    assert (SCREENSHOTS / name).stat().st_size > 10_000
+    name = path.strip("/") or "home"
+    for scheme, theme in [("default", "light"), ("slate", "dark")]:
+        if page.evaluate("document.body.dataset.mdColorScheme") != scheme:
+            toggle_theme(page)
+        assert page.evaluate("document.body.dataset.mdColorScheme") == scheme
+        shot = SCREENSHOTS / f"{name}-{theme}.jpg"  # JPEG: half PNG's encoding time
+        page.screenshot(path=shot, full_page=True, type="jpeg", quality=85)
+        assert shot.stat().st_size > 10_000
+    toggle_theme(page)  # back to light for whatever looks next
+
+
+def toggle_theme(page):
+    page.locator("label.md-header__button[for^='__palette']:visible").first.click()
 
 
 def test_theme_toggle_switches_to_dark_and_back(browser, site_url):
     page = browser.new_page()
     page.goto(site_url + "/kl_definition/")
-    toggle = page.locator("label.md-header__button[for^='__palette']:visible")
-    toggle.first.click()
+    toggle_theme(page)
     assert page.evaluate("document.body.dataset.mdColorScheme") == "slate"
-    page.locator("label.md-header__button[for^='__palette']:visible").first.click()
+    toggle_theme(page)
     assert page.evaluate("document.body.dataset.mdColorScheme") == "default"
     page.close()
+
+
+def test_dark_theme_follows_the_system_preference(browser, site_url):
+    context = browser.new_context(color_scheme="dark")
+    page = context.new_page()
+    page.goto(site_url + "/")
+    scheme = page.evaluate("document.body.dataset.mdColorScheme")
+    context.close()
+    assert scheme == "slate"
 
 
 def test_copy_button_copies_a_notebook_code_cell(browser, site_url):

@@ -2,20 +2,17 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 from bs4 import BeautifulSoup
-from conftest import mkdocs_build
+from conftest import mkdocs_build, write_project
 
 from sitebuild.pages import snippet_pages
 from snippets import kl_definition
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "sitebuild"]
 TEX_LEFTOVERS = ["$", "\\(", "\\[", "\\frac", "\\mathrm"]
 
 pytestmark = pytest.mark.slow
@@ -176,20 +173,7 @@ def test_math_font_is_served_by_the_site(site):
 
 def write_project_with_page(project: Path, cell: str) -> None:
     """A copy of the site whose only snippet page runs ``cell``."""
-    for part in PROJECT_PARTS:
-        source = ROOT / part
-        if source.is_dir():
-            shutil.copytree(source, project / part, dirs_exist_ok=True)
-        else:
-            shutil.copy(source, project / part)
-    config = yaml.safe_load((project / "mkdocs.yml").read_text())
-    config["nav"] = [{"Home": "index.md"}, {"Example": "example_page.py"}]
-    (project / "mkdocs.yml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    (project / "docs" / "index.md").write_text("# Home\n\n[Example](example_page.py)\n")
-    (project / "snippets").mkdir(exist_ok=True)
-    (project / "snippets" / "example_page.py").write_text(
-        f"# %% [markdown]\n# # Example\n\n# %%\n{cell}\n"
-    )
+    write_project(project, {"example_page": cell})
 
 
 def test_a_cell_that_raises_fails_the_build_naming_the_page(tmp_path):
