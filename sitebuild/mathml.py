@@ -41,6 +41,9 @@ class MathError(ValueError):
     """TeX that cannot become MathML; the message names the page and formula."""
 
 
+RADICAL = "\u221a"
+
+
 def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
     """MathML for one formula; unknown TeX commands are an error, not text."""
     mathml = convert(tex.strip(), display="block" if display else "inline")
@@ -71,6 +74,8 @@ def render_math(page_html: str, page: str = "?") -> tuple[str, set[str]]:
             if "$" in text and not _inside_code(text):
                 _replace_dollar_math(text, page)
     characters = {c for math in soup.find_all("math") for c in math.get_text()}
+    if soup.find(["msqrt", "mroot"]):
+        characters.add(RADICAL)  # drawn by the browser, absent from the markup
     return str(soup), characters - {" ", "\n"}
 
 

@@ -4,7 +4,8 @@ formulas as MathML; cached under a key of everything the result depends on.
 A rebuild with nothing changed then reads each page back instead of parsing it
 again (the parsing is most of a no-change rebuild's time). The key covers the
 rendered HTML, the page's address, every page's URL (links depend on them), the
-repository URL (the Colab link) and the code of this module and those it imports.
+repository URL (the Colab link), the code of this module and those it imports, and
+requirements.txt (the versions of the libraries that parse HTML and convert TeX).
 """
 
 import hashlib
@@ -14,6 +15,7 @@ from pathlib import Path
 from sitebuild import execute, links, mathml, notebook_html
 
 THIS_CODE = [Path(__file__), *sorted(execute.imported_project_files(Path(__file__)))]
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 
 
 class PageCache:
@@ -60,6 +62,6 @@ def _key(html, page_uri, site_map, repo_url) -> str:
     digest = hashlib.sha256()
     for part in [html, page_uri, json.dumps(site_map), repr(repo_url)]:
         digest.update(part.encode())
-    for path in THIS_CODE:
+    for path in [*THIS_CODE, REQUIREMENTS]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:24]

@@ -308,9 +308,9 @@ PEAK_LR = 0.05
 # for i, ((mu0, sigma0), (mu, sigma, mse)) in enumerate(
 #     zip(PEAK_STARTS, on_a_peak[-1])
 # ):
+#     move = largest_recent_move(on_a_peak[:, [i]])
 #     print(f"from ({mu0:+.0f}, {sigma0:.0f}): mu = {mu:.3f}, sigma = {sigma:.3f},"
-#           f" MSE = {mse:.4e}, largest move, last 100 steps:"
-#           f" {largest_recent_move(on_a_peak[:, [i]]):.1e}")
+#           f" MSE = {mse:.4e}, last 100 steps moved {move:.0e}")
 
 # %% active="ipynb"
 # mse_and_cosine = torch.stack([fits["MSE"][:, 0], fits["cosine"][:, 0]], dim=1)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 from conftest import ROOT, mkdocs_build, write_project
 
-from sitebuild import execute
+from sitebuild import execute, postprocess
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,15 @@ def test_cache_key_covers_requirements_kernel_style_and_executor(tmp_path):
     before = execute.cache_key(page, tmp_path)
     (tmp_path / "requirements.txt").write_text("torch==9.9.9\n")
     assert execute.cache_key(page, tmp_path) != before
+
+
+def test_processed_html_key_covers_requirements(tmp_path, monkeypatch):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("latex2mathml==1.0\n")
+    monkeypatch.setattr(postprocess, "REQUIREMENTS", requirements)
+    before = postprocess._key("<p>$x$</p>", "page.py", [], None)
+    requirements.write_text("latex2mathml==2.0\n")
+    assert postprocess._key("<p>$x$</p>", "page.py", [], None) != before
 
 
 def test_two_clean_executions_give_the_same_bytes(tmp_path):

@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+from bs4 import BeautifulSoup
 from mkdocs.structure.files import File, Files
 from mkdocs_jupyter.plugin import NotebookFile
 
@@ -35,6 +36,15 @@ def test_notebook_dollar_math_becomes_mathml_but_code_is_left_alone():
     assert 'display="block"' in rendered
     assert "<code>$HOME</code>" in rendered
     assert {"x", "2", "∑"} <= characters
+
+
+def test_a_square_root_asks_the_font_for_its_radical_sign():
+    # the browser draws √ from the math font; the markup holds no such character
+    html = '<div class="jp-RenderedMarkdown"><p>error as $1/\\sqrt{n}$</p></div>'
+    rendered, characters = mathml.render_math(html, page="page.py")
+    assert "<msqrt>" in rendered
+    assert "\u221a" not in BeautifulSoup(rendered, "html.parser").get_text()
+    assert "\u221a" in characters
 
 
 def test_arithmatex_markup_becomes_mathml():
