@@ -174,10 +174,31 @@ async def _execute_one(source: Path, directory: Path) -> float:
     except CellExecutionError as error:
         raise PageExecutionError(f"a cell raised\n{error}") from None
     seconds = time.perf_counter() - started
+    for cell in notebook.cells:
+        merge_consecutive_streams(cell)
     nbformat.write(notebook, directory / f"{source.stem}.ipynb")
     nbformat.write(_for_the_site(notebook, media), directory / "page.ipynb")
     (directory / "done.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def merge_consecutive_streams(cell) -> None:
+    """One output for consecutive prints to the same stream: how the kernel
+    splits them depends on when it flushed, which would change the page's HTML
+    from one build to the next."""
+    merged = []
+    for output in cell.get("outputs", []):
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and output.output_type == previous.output_type == "stream"
+            and output.name == previous.name
+        ):
+            previous.text += output.text
+        else:
+            merged.append(output)
+    if "outputs" in cell:
+        cell.outputs = merged
 
 
 def kernel_environment() -> dict[str, str]:

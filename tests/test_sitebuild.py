@@ -2,12 +2,13 @@
 
 import logging
 
+import nbformat
 import pytest
 from bs4 import BeautifulSoup
 from mkdocs.structure.files import File, Files
 from mkdocs_jupyter.plugin import NotebookFile
 
-from sitebuild import admonitions, links, mathfont, mathml, notebook_html
+from sitebuild import admonitions, execute, links, mathfont, mathml, notebook_html
 
 
 def test_unknown_tex_command_fails_naming_page_and_formula():
@@ -140,3 +141,21 @@ def test_simplified_notebook_html_uses_material_code_blocks():
         in simplified
     )
     assert simplified.count("jp-Cell") == 1
+
+
+def test_consecutive_prints_become_one_output_whatever_the_flushes():
+    cell = nbformat.v4.new_code_cell("...")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="a\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="b\n"),  # a flush apart
+        nbformat.v4.new_output("stream", name="stderr", text="warning\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": "figure"}),
+        nbformat.v4.new_output("stream", name="stdout", text="c\n"),
+    ]
+    execute.merge_consecutive_streams(cell)
+    assert [output.get("text") for output in cell.outputs] == [
+        "a\nb\n",
+        "warning\n",
+        None,
+        "c\n",
+    ]
