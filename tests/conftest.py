@@ -13,10 +13,22 @@ import pytest
 import torch
 import yaml
 from filelock import FileLock
+from hypothesis import HealthCheck, settings
 
 # One thread per test process, as in the build's kernels: the same sums in the same
 # order, and test workers that do not fight over the cores.
 torch.set_num_threads(1)
+
+# Property tests search the same examples on every run (CI and laptop agree), with no
+# per-example deadline: a 128k-vocabulary example takes longer than a tiny one.
+settings.register_profile(
+    "site",
+    derandomize=True,
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("site")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / ".cache" / "screenshots"
@@ -90,6 +102,17 @@ def site_url(built_site):
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
+
+
+def pytest_collection_modifyitems(items):
+    """A claim about CUDA runs where a GPU is present and is skipped, saying so,
+    where none is: the site builds and tests on a CPU."""
+    if torch.cuda.is_available():
+        return
+    reason = f"no CUDA device here (torch {torch.__version__}); run on a GPU machine"
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_terminal_summary(terminalreporter):
