@@ -1,5 +1,6 @@
 """Every row of the home page's cheat sheet computes what its first column says."""
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -7,24 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from copyable import FENCED_CODE, run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.testing import assert_close
 
 from snippets.checked_kl import checked_kl
 from snippets.large_vocab import chunked_kl
 
+QUOTED_IN_PROSE = {
+    "finfo(dtype).eps": "a quantity named in words",
+    "input.size(0)": "what batchmean divides by, as the source writes it",
+}
 HOME = Path(__file__).resolve().parents[1] / "docs" / "index.md"
 ROW = re.compile(
     r"^\| (?P<computes>[^|`]+?) \| `(?P<call>[^`]+)` \| (?P<remember>[^|]*)\|$", re.M
 )
 NAN_WITH_ZEROS = "NaN if P has zeros"
 ESTIMATES = "estimated per sample of Q"  # rows whose mean over samples is the value
-N_SAMPLES = 20_000
+PER_TOKEN = {"mean KL(P‖Q) over real tokens"}
 TEMPERATURE = 3.0
 
 
 def cheat_sheet_rows():
-    text = HOME.read_text()
+    text = HOME.read_text().split("## Cheat sheet", 1)[1]
     rows = ROW.findall(text)
     table_lines = [line for line in text.splitlines() if line.startswith("| ")]
     # every line of the table but its header is a row this test understands
@@ -34,16 +42,23 @@ def cheat_sheet_rows():
     return rows
 
 
-def example_tensors(with_zeros):
-    """Four rows of distributions over five classes; optionally zeros in P."""
+# (rows, classes) and dtype: the toy size, and a language model's vocabularies
+SCALES = {
+    "5 classes, float64": ((4, 5), torch.float64),
+    "32k classes, float32": ((4, 32_000), torch.float32),
+    "128k classes, float32": ((2, 128_000), torch.float32),
+}
+TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5)}
+
+
+def example_tensors(shape, dtype, with_zeros):
+    """Rows of distributions over the last dimension; optionally zeros in P."""
     generator = torch.Generator().manual_seed(0)
-    logits_p, logits_q = torch.randn(2, 4, 5, dtype=torch.float64, generator=generator)
+    logits_p, logits_q = 3 * torch.randn(2, *shape, dtype=dtype, generator=generator)
     if with_zeros:
         logits_p[0, 2:] = -torch.inf  # masked classes: P = 0, log P = -inf
     log_p, log_q = logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1)
-    # samples of Q, per row, and both log-probabilities of each
-    x = torch.multinomial(log_q.exp(), N_SAMPLES, replacement=True, generator=generator)
-    mu, logvar = torch.randn(2, 4, 3, dtype=torch.float64, generator=generator)
+    mu, logvar = torch.randn(2, shape[0], 3, dtype=dtype, generator=generator)
     return {
         "p": log_p.exp(),
         "log_p": log_p,
@@ -51,53 +66,52 @@ def example_tensors(with_zeros):
         "log_q": log_q,
         "logits_p": logits_p,
         "logits_q": logits_q,
-        "log_q_x": log_q.gather(-1, x),
-        "log_p_x": log_p.gather(-1, x),
+        # every outcome as a "sample" of Q: an estimator's mean is then exact
+        "log_q_x": log_q,
+        "log_p_x": log_p,
         "mu": mu,
         "logvar": logvar,
         "T": TEMPERATURE,
     }
 
 
-def reference_values(p, q, logits_p, logits_q, mu, logvar, **_):
-    """Each quantity written out from its definition, outcome by outcome."""
+def kl_from_logits(logits_a, logits_b):
+    """KL(A‖B) per row from the definition, in float64, outcomes with A = 0
+    left out: Σ a (log a − log b) over a > 0."""
+    log_a = logits_a.double().log_softmax(dim=-1)
+    log_b = logits_b.double().log_softmax(dim=-1)
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(dim=-1)
 
-    def kl(a, b):
-        return sum(ai * (ai / bi).log() for ai, bi in zip(a, b, strict=True) if ai > 0)
 
-    def entropy(a):
-        return -sum(ai * ai.log() for ai in a if ai > 0)
+def entropy_from_logits(logits):
+    log_a = logits.double().log_softmax(dim=-1)
+    return -torch.where(log_a.exp() > 0, log_a.exp() * log_a, 0.0).sum(dim=-1)
 
-    kl_pq = torch.stack([kl(p_row, q_row) for p_row, q_row in zip(p, q, strict=True)])
-    entropy_p = torch.stack([entropy(p_row) for p_row in p])
+
+def reference_values(logits_p, logits_q, mu, logvar, **_):
+    """Each quantity from its definition, in float64 whatever the inputs' dtype."""
+    kl_pq, kl_qp = (
+        kl_from_logits(logits_p, logits_q),
+        kl_from_logits(logits_q, logits_p),
+    )
+    entropy_p = entropy_from_logits(logits_p)
+    kl_pq_t = kl_from_logits(logits_p / TEMPERATURE, logits_q / TEMPERATURE)
+    mu, logvar = mu.double(), logvar.double()
     return {
         "KL(P‖Q) of each row": kl_pq,
         "KL(P‖Q) summed over rows": kl_pq.sum(),
         "mean KL(P‖Q) over rows": kl_pq.mean(),
-        "mean KL(P‖Q) over rows ÷ classes": kl_pq.mean() / p.size(-1),
-        "KL(Q‖P) of each row": torch.stack(
-            [kl(q_row, p_row) for p_row, q_row in zip(p, q, strict=True)]
-        ),
+        "mean KL(P‖Q) over rows ÷ classes": kl_pq.mean() / logits_p.size(-1),
+        "KL(Q‖P) of each row": kl_qp,
         "H(P, Q) of each row": entropy_p + kl_pq,
         "H(P) of each row": entropy_p,
         "mean KL(P‖Q) over rows, from logits": kl_pq.mean(),
-        "T² · mean KL(P_T‖Q_T) over rows": TEMPERATURE**2
-        * torch.stack(
-            [
-                kl(p_row, q_row)
-                for p_row, q_row in zip(
-                    (logits_p / TEMPERATURE).softmax(-1),
-                    (logits_q / TEMPERATURE).softmax(-1),
-                    strict=True,
-                )
-            ]
-        ).mean(),
+        "T² · mean KL(P_T‖Q_T) over rows": TEMPERATURE**2 * kl_pq_t.mean(),
         "KL(N(mu, exp(logvar))‖N(0, 1)) of each row": kl_divergence(
             Normal(mu, (logvar / 2).exp()), Normal(0.0, 1.0)
         ).sum(dim=-1),
-        "KL(Q‖P), estimated per sample of Q": torch.stack(
-            [kl(q_row, p_row) for p_row, q_row in zip(p, q, strict=True)]
-        ),
+        "KL(Q‖P), estimated per sample of Q": kl_qp,
     }
 
 
@@ -110,30 +124,30 @@ def evaluate(call, tensors):
         return eval(call, namespace | tensors)
 
 
-@pytest.mark.parametrize("computes, call, remember", cheat_sheet_rows())
+@pytest.mark.parametrize(
+    "computes, call, remember",
+    [row for row in cheat_sheet_rows() if row[0] not in PER_TOKEN],
+)
 @pytest.mark.parametrize("with_zeros", [False, True], ids=["P>0", "P with zeros"])
-def test_cheat_sheet_row_computes_what_it_says(computes, call, remember, with_zeros):
-    tensors = example_tensors(with_zeros)
+@pytest.mark.parametrize("scale", SCALES)
+def test_cheat_sheet_row_computes_what_it_says(
+    computes, call, remember, with_zeros, scale
+):
+    shape, dtype = SCALES[scale]
+    tensors = example_tensors(shape, dtype, with_zeros)
     expected = reference_values(**tensors)
     assert computes in expected, f"no reference value for {computes!r}: add one"
     result = evaluate(call, tensors)
     if with_zeros and NAN_WITH_ZEROS in remember:
         assert result.isnan().any(), f"{call} is said to give NaN here"
     elif ESTIMATES in computes:
-        assert_unbiased(result, expected[computes])
+        # unbiased: the estimate averaged over Q's outcomes, weighted exactly
+        mean_over_q = (tensors["q"].double() * result.double()).sum(dim=-1)
+        rtol, atol = TOLERANCES[dtype]
+        assert_close(mean_over_q, expected[computes], rtol=rtol, atol=atol)
     else:
-        assert_close(result, expected[computes], rtol=1e-10, atol=1e-12)
-
-
-def assert_unbiased(samples, expected):
-    """The mean of each row's samples is that row's value, within 5 standard
-    errors; an infinite value (P = 0 where Q > 0) gives infinite samples."""
-    for row, value in zip(samples, expected, strict=True):
-        if value.isinf():
-            assert row.mean().isinf()
-        else:
-            standard_error = row.std() / len(row) ** 0.5
-            assert abs(row.mean() - value) < 5 * standard_error + 1e-12
+        rtol, atol = TOLERANCES[dtype]
+        assert_close(result.double(), expected[computes], rtol=rtol, atol=atol)
 
 
 def test_xlogy_gradient_is_nan_where_p_is_zero_and_where_p_and_q_are_zero():
@@ -142,3 +156,108 @@ def test_xlogy_gradient_is_nan_where_p_is_zero_and_where_p_and_q_are_zero():
     (torch.xlogy(p, p) - torch.xlogy(p, q)).sum().backward()
     assert p.grad.isnan().tolist() == [True, True, False]
     assert q.grad.isnan().tolist() == [True, False, False]
+
+
+def test_per_token_row_is_the_mean_over_real_tokens_of_a_padded_batch():
+    # (batch, tokens, vocabulary) with padding at the end of the second sequence
+    generator = torch.Generator().manual_seed(1)
+    logits_p, logits_q = 3 * torch.randn(2, 2, 5, 32_000, generator=generator)
+    log_p, log_q = logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1)
+    log_q[1, 3:] = torch.nan  # whatever a padded position holds is left out
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    call = next(
+        call for computes, call, _ in cheat_sheet_rows() if computes in PER_TOKEN
+    )
+    result = evaluate(call, {"log_q": log_q, "log_p": log_p, "mask": mask})
+    expected = kl_from_logits(logits_p, logits_q)[mask].mean()
+    assert_close(result.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchmean_on_a_batch_of_sequences_is_tokens_times_the_per_token_kl():
+    generator = torch.Generator().manual_seed(2)
+    log_p, log_q = torch.randn(2, 2, 7, 32_000, generator=generator).log_softmax(-1)
+    per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    assert_close(batchmean, 7 * per_token.mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("classes", [5, 32_000, 128_000])
+def test_default_mean_is_exactly_classes_times_smaller_than_batchmean(classes):
+    generator = torch.Generator().manual_seed(3)
+    log_p, log_q = torch.randn(2, 3, classes, generator=generator).log_softmax(dim=-1)
+    with pytest.warns(UserWarning, match="batchmean"):
+        mean = F.kl_div(log_q, log_p.exp(), reduction="mean")
+    batchmean = F.kl_div(log_q, log_p.exp(), reduction="batchmean")
+    assert_close(mean * classes, batchmean, rtol=1e-5, atol=0)
+
+
+@given(
+    classes=st.sampled_from([2, 5, 1000, 32_000]),
+    scale=st.floats(0.1, 10.0),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=20)
+def test_probabilities_as_the_first_argument_always_give_a_negative_kl(
+    classes, scale, seed
+):
+    # Σ p (log p − q) < 0: Σ p log p ≤ 0 and Σ p q > 0
+    generator = torch.Generator().manual_seed(seed)
+    p, q = (scale * torch.randn(2, 2, classes, generator=generator)).softmax(dim=-1)
+    assert run_inline('F.kl_div(q, p, reduction="batchmean")', p=p, q=q) < 0
+
+
+@pytest.mark.parametrize("classes", [32_000, 128_000])
+def test_categorical_probs_is_wrong_at_a_language_models_vocabulary(classes):
+    # probs= clamps at finfo(dtype).eps before the log; logits= does not
+    generator = torch.Generator().manual_seed(4)
+    logits_p, logits_q = 4 * torch.randn(2, 2, classes, generator=generator)
+    expected = kl_from_logits(logits_p, logits_q)
+    p, q = logits_p.softmax(dim=-1), logits_q.softmax(dim=-1)
+    with_probs = kl_divergence(Categorical(probs=p), Categorical(probs=q))
+    assert ((with_probs.double() - expected).abs() / expected > 0.05).all()
+    with_logits = run_inline(
+        "kl_divergence(Categorical(logits=log_p), Categorical(logits=log_q))",
+        log_p=logits_p.log_softmax(dim=-1),
+        log_q=logits_q.log_softmax(dim=-1),
+    )
+    assert_close(with_logits.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def home_code_blocks() -> list[str]:
+    return FENCED_CODE.findall(HOME.read_text())
+
+
+def run_printing(code: str) -> list[str]:
+    """The block run as shown; what each print printed."""
+    printed = []
+    run_inline(code, print=lambda *values: printed.append(" ".join(map(str, values))))
+    return printed
+
+
+def test_home_symptom_block_prints_a_negative_kl_then_nan_then_nan():
+    (block,) = home_code_blocks()
+    printed = run_printing(block)
+    values = [float(line.removeprefix("tensor(").rstrip(")")) for line in printed]
+    assert len(values) == 3
+    assert values[0] < 0
+    assert math.isnan(values[1]) and math.isnan(values[2])
+
+
+def test_reading_order_call_is_the_mean_kl_of_p_from_q():
+    generator = torch.Generator().manual_seed(5)
+    logits_p, logits_q = torch.randn(2, 3, 32_000, generator=generator)
+    namespace = run_inline("log_q = logits_q.log_softmax(dim=-1)", logits_q=logits_q)
+    result = run_inline(
+        'F.kl_div(log_q, p, reduction="batchmean")',
+        log_q=namespace["log_q"],
+        p=logits_p.softmax(dim=-1),
+    )
+    expected = kl_from_logits(logits_p, logits_q).mean()
+    assert_close(result.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_then_log_gives_minus_infinity_where_a_class_underflows():
+    logits = torch.tensor([0.0, -200.0])  # float32: e^-200 rounds to 0
+    log_q = run_inline("logits.softmax(dim=-1).log()", logits=logits)
+    assert log_q[1].item() == -math.inf
+    assert log_q.isfinite().tolist() == [True, False]

@@ -20,7 +20,7 @@ from copyable import (
     strings_passed_to_run_inline,
     unnamed_arguments,
 )
-from test_cheat_sheet import cheat_sheet_rows
+from test_cheat_sheet import cheat_sheet_rows, home_code_blocks
 
 SOURCES = prose_sources()
 TESTS = Path(__file__).resolve().parent
@@ -57,8 +57,10 @@ def uncovered_calls(name: str, tested: set[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tested_strings():
+    # the home page's table rows and code blocks are run by test_cheat_sheet.py
     cheat_sheet_calls = {normalised(call) for _, call, _ in cheat_sheet_rows()}
-    return strings_passed_to_run_inline() | cheat_sheet_calls
+    blocks = {normalised(block) for block in home_code_blocks()}
+    return strings_passed_to_run_inline() | cheat_sheet_calls | blocks
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
