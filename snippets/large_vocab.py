@@ -2,17 +2,21 @@
 # # KL over a large vocabulary, in chunks
 #
 # Distilling a language model compares two (tokens, vocabulary) tables of logits,
-# with a vocabulary of 128,000 entries or so. The straightforward loss,
-# `F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True)`,
-# allocates several tensors the size of those tables across its forward and
-# backward passes. A chunked KL takes the rows a few at a time and writes the
-# gradient in closed form: the same value and the same gradients, and no
-# table-sized tensor besides the gradient it has to return.
+# with vocabularies of tens or hundreds of thousands of entries (`VOCAB_SIZES`
+# below). The straightforward loss, with `log_q = student.log_softmax(dim=-1)` and
+# `log_p = teacher.log_softmax(dim=-1)`,
+# `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`, allocates
+# several tensors the size of those tables across its forward and backward passes.
+# A chunked KL takes the rows a few at a time and writes the gradient in closed
+# form: the same value and the same gradients, and no table-sized tensor besides
+# the gradient it has to return.
 #
-# On this page you will count what each version allocates, write the chunked
-# version as a `torch.autograd.Function`, and check it against `F.kl_div`. How
-# much memory and time it saves on a real vocabulary is measured by the
-# repository's benchmark (`make bench`), not on this page.
+# On this page you will count what each version allocates, and write the chunked
+# version as a `torch.autograd.Function` that takes (batch, tokens, vocabulary)
+# logits, a mask for prompt and padding tokens and a temperature, and check it
+# against `F.kl_div`. How much memory and time it saves on a real vocabulary is
+# measured by the repository's benchmark (`make bench`, on a CPU; its table is in
+# the README), not on this page.
 
 # %% [markdown]
 # ## The straightforward version
@@ -24,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 SEED = 0
+VOCAB_SIZES = {"Llama 2": 32_000, "Llama 3": 128_256}
 
 
 def straightforward_kl(student_logits, teacher_logits):
@@ -39,7 +44,7 @@ def straightforward_kl(student_logits, teacher_logits):
 # A `TorchDispatchMode` sees every operation PyTorch runs, the backward pass's
 # included. The one below counts the results that are new tensors (not views of
 # an input) as large as the logits: log-softmax twice, then each elementwise step
-# of `exp(target) * (target - input)`, then the backward through them.
+# of $e^{\log p}(\log p - \log q)$, then the backward through them.
 
 
 # %%
@@ -67,13 +72,13 @@ class CountLargeAllocations(TorchDispatchMode):
         return result
 
 
-def large_allocations(loss_fn, n_rows=64, vocab_size=4096):
+def large_allocations(loss_fn, shape=(64, 4096)):
     """The operations of a forward and backward pass that create logits-sized
     tensors, for student logits that need a gradient and a fixed teacher."""
     generator = torch.Generator().manual_seed(SEED)
-    student = torch.randn(n_rows, vocab_size, generator=generator, requires_grad=True)
-    teacher = torch.randn(n_rows, vocab_size, generator=generator)
-    with CountLargeAllocations(n_rows * vocab_size) as counter:
+    student = torch.randn(shape, generator=generator, requires_grad=True)
+    teacher = torch.randn(shape, generator=generator)
+    with CountLargeAllocations(student.numel()) as counter:
         loss_fn(student, teacher).backward()
     return counter.operations
 
@@ -86,29 +91,39 @@ def large_allocations(loss_fn, n_rows=64, vocab_size=4096):
 # %% [markdown]
 # ## The chunked version
 #
-# For a row with student log-probabilities $\log q$ and teacher $\log p$, the KL is
+# For a row with student log-probabilities $\log q$ and teacher $\log p$ at
+# temperature $T$ (both logits divided by $T$), the KL is
 # $\sum_i p_i (\log p_i - \log q_i)$ and its gradients with respect to the logits
-# have closed forms:
+# $s$ and $t$ have closed forms:
 #
-# $$\frac{\partial\, D_{\mathrm{KL}}}{\partial s_i} = q_i - p_i, \qquad
+# $$\frac{\partial\, D_{\mathrm{KL}}}{\partial s_i} = \frac{q_i - p_i}{T}, \qquad
 #   \frac{\partial\, D_{\mathrm{KL}}}{\partial t_i}
-#   = p_i\big(\log p_i - \log q_i - D_{\mathrm{KL}}\big).$$
+#   = \frac{p_i\big(\log p_i - \log q_i - D_{\mathrm{KL}}\big)}{T}.$$
 #
-# So the forward pass keeps its inputs and three numbers per row (the two
-# log-normalisers and the row's KL), and the backward pass recomputes each chunk's
-# probabilities and writes that chunk of the gradient: the temporaries are
-# (chunk, vocabulary) in size. Half-precision logits are processed in float32, and
-# a teacher logit masked with $-\infty$ contributes 0 instead of the NaN that
-# `F.kl_div(..., log_target=True)` returns for it (see
+# So the forward pass keeps its inputs (references, not copies) and three numbers
+# per row (the two log-normalisers and the row's KL), and the backward pass
+# recomputes each chunk's probabilities and writes that chunk of the gradient: the
+# temporaries are (chunk, vocabulary) in size. Half-precision logits are processed
+# in float32, and a teacher logit masked with $-\infty$ contributes 0 instead of
+# the NaN of `F.kl_div` with `log_target=True` (see
 # [numerical pitfalls](numerical_pitfalls.py)).
+#
+# The loss is the mean over the tokens that `mask` keeps (True where a token
+# counts, e.g. `labels != -100`), like Liger-Kernel's `ignore_index`; dropped
+# tokens get a zero gradient whatever their logits hold, and a batch with no kept
+# token gives 0, not the 0/0 of a plain mean. Leading dimensions are flattened (a
+# view), so it divides by the number of tokens, where `"batchmean"` on a
+# (batch, tokens, vocabulary) tensor divides by the batch only
+# ([reductions](reductions.py)). The temperature is not multiplied back in:
+# multiply by $T^2$ yourself for Hinton's scaling ([distillation](distillation.py)).
 
 
 # %%
 class ChunkedKL(torch.autograd.Function):
-    """Mean over rows of KL(softmax(teacher) ‖ softmax(student)), by row chunks."""
+    """Mean over kept rows of KL(softmax(t / T) ‖ softmax(s / T)), by row chunks."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, chunk_size):
+    def forward(ctx, student_logits, teacher_logits, keep, temperature, chunk_size):
         working = torch.promote_types(
             torch.promote_types(student_logits.dtype, teacher_logits.dtype),
             torch.float32,
@@ -117,56 +132,104 @@ class ChunkedKL(torch.autograd.Function):
         per_row = torch.empty(3, n_rows, dtype=working, device=student_logits.device)
         lse_s, lse_t, kl_rows = per_row
         for rows in row_chunks(n_rows, chunk_size):
-            s = student_logits[rows].to(working)
-            t = teacher_logits[rows].to(working)
+            s = scaled_chunk(student_logits, rows, working, temperature)
+            t = scaled_chunk(teacher_logits, rows, working, temperature)
             lse_s[rows], lse_t[rows] = s.logsumexp(dim=-1), t.logsumexp(dim=-1)
             p = (t - lse_t[rows, None]).exp_()
             # KL = Σ p (log p − log q) = Σ p (t − s) − lse_t + lse_s, since Σ p = 1;
             # a masked teacher logit (t = −inf, p = 0) contributes 0, not 0 · inf
             t_minus_s = (t - s).masked_fill_(t == -torch.inf, 0.0)
             kl_rows[rows] = (p * t_minus_s).sum(dim=-1) - lse_t[rows] + lse_s[rows]
-        ctx.save_for_backward(student_logits, teacher_logits, lse_s, lse_t, kl_rows)
-        ctx.chunk_size = chunk_size
-        return kl_rows.sum() / n_rows
+        n_kept = keep.sum().clamp(min=1)  # no kept token: a loss of 0, not 0/0
+        ctx.save_for_backward(student_logits, teacher_logits, keep, n_kept, *per_row)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # where, not a product: a dropped row's NaN must not reach the sum
+        return torch.where(keep, kl_rows, 0.0).sum() / n_kept
 
     @staticmethod
     def backward(ctx, grad_output):
-        student_logits, teacher_logits, lse_s, lse_t, kl_rows = ctx.saved_tensors
-        working = lse_s.dtype
-        scale = grad_output / student_logits.size(0)  # the mean over rows
+        student_logits, teacher_logits, keep, n_kept, lse_s, lse_t, kl_rows = (
+            ctx.saved_tensors
+        )
+        working, temperature = lse_s.dtype, ctx.temperature
+        scale = grad_output / (n_kept * temperature)  # the mean, and the 1/T
+        dropped = ~keep[:, None]
         grad_student = grad_teacher = None
         if ctx.needs_input_grad[0]:
             grad_student = torch.empty_like(student_logits)
         if ctx.needs_input_grad[1]:
             grad_teacher = torch.empty_like(teacher_logits)
         for rows in row_chunks(student_logits.size(0), ctx.chunk_size):
-            s = student_logits[rows].to(working)
-            t = teacher_logits[rows].to(working)
+            s = scaled_chunk(student_logits, rows, working, temperature)
+            t = scaled_chunk(teacher_logits, rows, working, temperature)
             log_p = t - lse_t[rows, None]
             p = log_p.exp()
-            if grad_teacher is not None:  # ∂KL/∂t = p (log p − log q − KL)
+            if grad_teacher is not None:  # ∂KL/∂t = p (log p − log q − KL) / T
                 log_ratio = log_p.sub_(s).add_(lse_s[rows, None])
                 log_ratio.sub_(kl_rows[rows, None]).masked_fill_(t == -torch.inf, 0.0)
-                grad_teacher[rows] = log_ratio.mul_(p).mul_(scale)
-            if grad_student is not None:  # ∂KL/∂s = q − p
+                gradient = log_ratio.mul_(p).mul_(scale)
+                grad_teacher[rows] = gradient.masked_fill_(dropped[rows], 0.0)
+            if grad_student is not None:  # ∂KL/∂s = (q − p) / T
                 q = (s - lse_s[rows, None]).exp_()
-                grad_student[rows] = q.sub_(p).mul_(scale)
-        return grad_student, grad_teacher, None
+                gradient = q.sub_(p).mul_(scale)
+                grad_student[rows] = gradient.masked_fill_(dropped[rows], 0.0)
+        return grad_student, grad_teacher, None, None, None
+
+
+def scaled_chunk(logits, rows, working, temperature):
+    """Rows of logits in the working dtype, divided by the temperature."""
+    chunk = logits[rows].to(working)
+    return chunk if temperature == 1 else chunk / temperature
 
 
 def row_chunks(n_rows, chunk_size):
     return [slice(start, start + chunk_size) for start in range(0, n_rows, chunk_size)]
 
 
-CHUNK_VALUES = 1 << 20  # a million values per temporary: 4 MB in float32
+CHUNK_VALUES = 1 << 20  # about a million values per (chunk, vocabulary) temporary
 
 
-def chunked_kl(student_logits, teacher_logits, chunk_size=None):
-    """Mean over rows of KL(teacher ‖ student), ``chunk_size`` rows at a time (by
-    default as many rows as make about CHUNK_VALUES values)."""
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_VALUES // student_logits.size(-1))
-    return ChunkedKL.apply(student_logits, teacher_logits, chunk_size)
+def default_chunk_size(vocab_size):
+    return max(1, CHUNK_VALUES // vocab_size)
+
+
+def chunked_kl(
+    student_logits, teacher_logits, chunk_size=None, *, mask=None, temperature=1.0
+):
+    """Mean over tokens of KL(teacher ‖ student) at ``temperature``, for logits of
+    shape (..., vocabulary), ``chunk_size`` rows at a time (by default about
+    CHUNK_VALUES values); ``mask`` (the logits' shape without the vocabulary, True
+    where a token counts) leaves out prompt and padding tokens."""
+    check_chunked_kl_inputs(student_logits, teacher_logits, mask, temperature)
+    vocab_size, device = student_logits.size(-1), student_logits.device
+    shape_without_vocab = student_logits.shape[:-1]
+    chunk_size = default_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if mask is None:
+        mask = torch.ones(shape_without_vocab, dtype=torch.bool, device=device)
+    student_rows = student_logits.reshape(-1, vocab_size)  # a view when contiguous
+    teacher_rows = teacher_logits.reshape(-1, vocab_size)
+    keep = mask.reshape(-1).to(device)
+    return ChunkedKL.apply(student_rows, teacher_rows, keep, temperature, chunk_size)
+
+
+def check_chunked_kl_inputs(student_logits, teacher_logits, mask, temperature):
+    shape = tuple(student_logits.shape)
+    if shape != tuple(teacher_logits.shape) or not shape:
+        raise ValueError(
+            f"student logits {shape} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have one shape (..., vocabulary), "
+            "e.g. (batch, tokens, vocabulary)"
+        )
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != shape[:-1]):
+        raise ValueError(
+            f"mask must be a bool tensor of shape {shape[:-1]} (the logits' shape "
+            f"without the vocabulary), True where a token counts, e.g. "
+            f"labels != -100; got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    if not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
 # %% active="ipynb"
@@ -176,16 +239,28 @@ def chunked_kl(student_logits, teacher_logits, chunk_size=None):
 # %% [markdown]
 # ## The same value, the same gradients
 #
-# On logits with a row count the chunk size does not divide, and with a teacher
-# that needs a gradient too (as in mutual learning), both versions agree to
-# float32 precision; `torch.autograd.gradcheck` confirms the hand-written backward
-# in float64 against finite differences.
+# On (batch, tokens, vocabulary) logits whose row count the chunk size does not
+# divide, with a padding mask, a temperature, and a teacher that needs a gradient
+# too (as in mutual learning), the chunked version agrees with the straightforward
+# masked loss below to float32 precision; `torch.autograd.gradcheck` confirms the
+# hand-written backward in float64 against finite differences.
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
-n_rows, vocab_size = 37, 1000
-student = 3 * torch.randn(n_rows, vocab_size, generator=generator)
-teacher = 3 * torch.randn(n_rows, vocab_size, generator=generator)
+batch, tokens, vocab_size = 3, 13, 1000
+student = 3 * torch.randn(batch, tokens, vocab_size, generator=generator)
+teacher = 3 * torch.randn(batch, tokens, vocab_size, generator=generator)
+lengths = torch.tensor([13, 9, 4])  # the rest of each sequence is padding
+mask = torch.arange(tokens) < lengths[:, None]
+temperature = 2.0
+
+
+def straightforward_masked_kl(student_logits, teacher_logits, mask, temperature):
+    """F.kl_div on every token, then the mean over the tokens the mask keeps."""
+    log_q = (student_logits / temperature).log_softmax(dim=-1)
+    log_p = (teacher_logits / temperature).log_softmax(dim=-1)
+    kl_tokens = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+    return kl_tokens[mask].sum() / mask.sum().clamp(min=1)
 
 
 def value_and_gradients(loss_fn):
@@ -194,16 +269,22 @@ def value_and_gradients(loss_fn):
     return (loss, *torch.autograd.grad(loss, (s, t)))
 
 
-reference = value_and_gradients(straightforward_kl)
-chunked = value_and_gradients(lambda s, t: chunked_kl(s, t, chunk_size=8))
+reference = value_and_gradients(
+    lambda s, t: straightforward_masked_kl(s, t, mask, temperature)
+)
+chunked = value_and_gradients(
+    lambda s, t: chunked_kl(s, t, chunk_size=8, mask=mask, temperature=temperature)
+)
 relative_differences = [
     ((a - b).abs().max() / b.abs().max()).item()
     for a, b in zip(chunked, reference, strict=True)
 ]
-small_double = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+small_double = torch.randn(2, 2, 3, 7, generator=generator, dtype=torch.float64)
 small_double = [logits.requires_grad_() for logits in small_double]
+small_mask = torch.tensor([[True, False, True], [True, True, False]])
 gradcheck_passed = torch.autograd.gradcheck(
-    lambda s, t: chunked_kl(s, t, chunk_size=2), small_double
+    lambda s, t: chunked_kl(s, t, 2, mask=small_mask, temperature=1.5),
+    small_double,
 )
 
 # %% active="ipynb"
@@ -213,25 +294,23 @@ gradcheck_passed = torch.autograd.gradcheck(
 # print("gradcheck:", gradcheck_passed)
 
 # %% [markdown]
-# ## Where fused kernels go further
+# ## On a GPU
 #
-# Chunking keeps the loss from multiplying the memory of the logits, but the
-# logits themselves, and the gradient the loss returns, are still tables of
-# (tokens, vocabulary). On GPUs, [Liger-Kernel]'s Triton kernels go further:
-# `LigerFusedLinearJSD` takes the last hidden states and the output layer's
-# weights instead of logits, computes the logits chunk by chunk inside the loss
-# and writes the gradients in the same pass, so the full table of logits never
-# exists; its generalised Jensen–Shannon divergence has the forward and reverse
-# KL as its two extreme settings.
-#
-# [Liger-Kernel]: https://github.com/linkedin/Liger-Kernel
+# This chunking is plain PyTorch and runs on any device: it splits the rows, keeps
+# both logit tables (references) until the backward pass and recomputes each
+# chunk's probabilities there. [KL on GPUs](fused_kl_kernels.py) shows what plain
+# bfloat16 costs, how many chunks a long sequence takes, and how Liger-Kernel's
+# fused kernels differ: they tile the vocabulary inside each row and compute the
+# gradient in the forward pass.
 #
 # ## What to remember
 #
 # - The straightforward KL of two logit tables allocates several more tables of
-#   the same size; with a 128k vocabulary those set the peak memory
-#   (`make bench` measures it).
+#   the same size; with a large vocabulary those set the peak memory
+#   (`make bench` measures it on a CPU).
 # - Chunk over rows, recompute in the backward pass, and use the closed-form
-#   gradients $q - p$ (student) and $p(\log p - \log q - D_{\mathrm{KL}})$
-#   (teacher).
+#   gradients $(q - p)/T$ (student) and $p(\log p - \log q - D_{\mathrm{KL}})/T$
+#   (teacher). Drop prompt and padding tokens with a mask, not by multiplying.
+# - `chunked_kl(student, teacher, mask=labels != -100, temperature=2.0)` takes
+#   (batch, tokens, vocabulary) logits and computes in float32 whatever their dtype.
 # - Check a hand-written backward with `torch.autograd.gradcheck` in float64.

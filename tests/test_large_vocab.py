@@ -1,12 +1,20 @@
 """Claims of the page "KL over a large vocabulary, in chunks"."""
 
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import large_vocab as page
 
 RELATIVE = {"rtol": 1e-5, "atol": 0}
+# the page's (batch, tokens, vocabulary) example as rows, for the 2-D reference
+ROWS_S, ROWS_T = page.student.flatten(0, 1), page.teacher.flatten(0, 1)
 
 
 def test_straightforward_version_creates_several_logits_sized_tensors():
@@ -28,8 +36,14 @@ def test_chunked_value_and_gradients_match_kl_div_to_1e_5_relative():
 
 
 def test_row_count_need_not_be_a_multiple_of_the_chunk_size():
-    assert page.n_rows % 8 != 0
-    assert len(page.row_chunks(page.n_rows, 8)) == 5
+    n_rows = page.batch * page.tokens
+    assert n_rows % 8 != 0
+    assert len(page.row_chunks(n_rows, 8)) == -(-n_rows // 8)
+
+
+def test_page_example_drops_padding_and_uses_a_temperature():
+    assert page.student.dim() == 3 and page.temperature != 1
+    assert 0 < page.mask.sum() < page.mask.numel()
 
 
 def test_hand_written_backward_passes_gradcheck():
@@ -53,25 +67,26 @@ def test_chunked_kl_keeps_its_work_on_the_logits_device():
 
 
 def test_chunked_kl_works_in_the_wider_dtype_of_its_two_inputs():
-    student, teacher = page.student.float(), page.teacher.double()
+    student, teacher = ROWS_S.float(), ROWS_T.double()
     value = page.chunked_kl(student, teacher, 8)
     reference = page.straightforward_kl(student.double(), teacher)
     assert value.dtype == torch.float64
     assert_close(value, reference, rtol=1e-6, atol=0)
 
 
-def test_forward_keeps_only_its_inputs_and_three_numbers_per_row():
+def test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row():
     student = page.student.clone().requires_grad_()
-    loss = page.chunked_kl(student, page.teacher, 8)
-    saved = loss.grad_fn.saved_tensors
-    assert saved[0].data_ptr() == student.data_ptr()
-    assert saved[1].data_ptr() == page.teacher.data_ptr()
-    assert len(saved) == 5
-    assert all(tensor.shape == (page.n_rows,) for tensor in saved[2:])
+    loss = page.chunked_kl(student, page.teacher, 8, mask=page.mask)
+    student_rows, teacher_rows, keep, n_kept, *per_row = loss.grad_fn.saved_tensors
+    assert student_rows.data_ptr() == student.data_ptr()  # a view, not a copy
+    assert teacher_rows.data_ptr() == page.teacher.data_ptr()
+    assert keep.dtype == torch.bool and n_kept.numel() == 1
+    n_rows = page.batch * page.tokens
+    assert [tensor.shape for tensor in per_row] == [(n_rows,)] * 3
 
 
 def test_half_precision_logits_are_processed_in_float32():
-    student, teacher = page.student.half(), page.teacher.half()
+    student, teacher = ROWS_S.half(), ROWS_T.half()
     value = page.chunked_kl(student, teacher, 8)
     assert value.dtype == torch.float32
     reference = page.straightforward_kl(student.float(), teacher.float())
@@ -79,28 +94,29 @@ def test_half_precision_logits_are_processed_in_float32():
 
 
 def test_masked_teacher_logits_contribute_zero_where_kl_div_gives_nan():
-    teacher = page.teacher.clone()
+    teacher = ROWS_T.clone()
     teacher[:, -10:] = -torch.inf  # a masked part of the vocabulary
-    assert page.straightforward_kl(page.student, teacher).isnan()
+    assert page.straightforward_kl(ROWS_S, teacher).isnan()
     p = teacher.softmax(dim=-1)
-    log_q = page.student.log_softmax(dim=-1)
+    log_q = ROWS_S.log_softmax(dim=-1)
     expected = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
-    student = page.student.clone().requires_grad_()
+    student = ROWS_S.clone().requires_grad_()
     value = page.chunked_kl(student, teacher, 8)
     (gradient,) = torch.autograd.grad(value, student)
     assert_close(value, expected, **RELATIVE)
     assert gradient.isfinite().all()
 
 
-def test_gradients_are_the_closed_forms():
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradients_are_the_closed_forms_divided_by_the_temperature(temperature):
     student = page.student.double().requires_grad_()
     teacher = page.teacher.double().requires_grad_()
-    value = page.chunked_kl(student, teacher, 8)
+    value = page.chunked_kl(student, teacher, 8, temperature=temperature)
     grad_s, grad_t = torch.autograd.grad(value, (student, teacher))
-    q, p = student.softmax(-1), teacher.softmax(-1)
+    q, p = (student / temperature).softmax(-1), (teacher / temperature).softmax(-1)
     log_ratio = p.log() - q.log()
     kl_rows = (p * log_ratio).sum(-1, keepdim=True)
-    n = student.size(0)
+    n = page.batch * page.tokens * temperature  # the mean over tokens, and 1/T
     assert_close(grad_s, (q - p) / n, rtol=1e-9, atol=1e-15)
     assert_close(grad_t, p * (log_ratio - kl_rows) / n, rtol=1e-9, atol=1e-15)
 
@@ -113,3 +129,222 @@ def test_straightforward_version_is_f_kl_div_batchmean_with_log_target():
         log_target=True,
     )
     assert_close(page.straightforward_kl(page.student, page.teacher), expected)
+
+
+# --- mask, temperature, (batch, tokens, vocabulary) input (issue 11) ---------------
+
+
+def reference_kl(student, teacher, mask, temperature):
+    """The definition in float64: mean over kept tokens of Σ p (log p − log q)."""
+    p = (teacher.double() / temperature).softmax(dim=-1)
+    log_q = (student.double() / temperature).log_softmax(dim=-1)
+    kl_tokens = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
+    return torch.where(mask, kl_tokens, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def reference_value_and_gradients(student, teacher, mask, temperature):
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double().requires_grad_()
+    value = reference_kl(s, t, mask, temperature)
+    return (value, *torch.autograd.grad(value, (s, t)))
+
+
+def chunked_value_and_gradients(student, teacher, **kwargs):
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    value = page.chunked_kl(s, t, **kwargs)
+    return (value, *torch.autograd.grad(value, (s, t)))
+
+
+def padded_batch(vocab_size, dtype=torch.float32, shape=(2, 3), seed=0):
+    """Logits of (batch, tokens, vocabulary) and a mask that drops the padding."""
+    generator = torch.Generator().manual_seed(seed)
+    student = 3 * torch.randn(*shape, vocab_size, generator=generator)
+    teacher = 3 * torch.randn(*shape, vocab_size, generator=generator)
+    mask = torch.rand(shape, generator=generator) < 0.7
+    mask.view(-1)[0] = True
+    return student.to(dtype), teacher.to(dtype), mask
+
+
+def test_page_vocabularies_are_llama_2_and_llama_3():
+    assert page.VOCAB_SIZES == {"Llama 2": 32_000, "Llama 3": 128_256}
+
+
+@pytest.mark.parametrize("vocab_size", page.VOCAB_SIZES.values())
+def test_chunked_kl_equals_the_straightforward_masked_loss_at_32k_and_128k(
+    vocab_size,
+):
+    student, teacher, mask = padded_batch(vocab_size)
+    chunked = chunked_value_and_gradients(
+        student, teacher, chunk_size=2, mask=mask, temperature=2.0
+    )
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    value = page.straightforward_masked_kl(s, t, mask, 2.0)
+    straightforward = (value, *torch.autograd.grad(value, (s, t)))
+    for a, b in zip(chunked, straightforward, strict=True):
+        scale = b.abs().max()
+        assert_close(a / scale, b / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab_size", page.VOCAB_SIZES.values())
+def test_chunked_kl_matches_the_float64_definition_at_32k_and_128k(vocab_size, dtype):
+    student, teacher, mask = padded_batch(vocab_size, dtype)
+    value, grad_s, grad_t = chunked_value_and_gradients(
+        student, teacher, mask=mask, temperature=2.0
+    )
+    expected = reference_value_and_gradients(student, teacher, mask, 2.0)
+    assert value.dtype == torch.float32  # computed in float32 whatever the input
+    assert grad_s.dtype == grad_t.dtype == dtype
+    assert_close(value.double(), expected[0], rtol=1e-5, atol=0)
+    # gradients come back in the logits' dtype: rounding to it is the only error
+    rtol = 1e-5 if dtype == torch.float32 else 2**-8
+    for gradient, reference in zip((grad_s, grad_t), expected[1:], strict=True):
+        atol = 1e-5 * reference.abs().max().item()
+        assert_close(gradient.double(), reference, rtol=rtol, atol=atol)
+
+
+@settings(max_examples=30)
+@given(
+    leading=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    vocab_size=st.integers(1, 40),
+    chunk_size=st.integers(1, 9),
+    temperature=st.sampled_from([0.5, 1.0, 2.0, 7.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_kl_is_the_masked_mean_kl_for_any_shape_chunk_and_mask(
+    leading, vocab_size, chunk_size, temperature, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (*leading, vocab_size)
+    student = 4 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    teacher = 4 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    mask = torch.rand(shape[:-1], generator=generator) < 0.6
+    chunked = chunked_value_and_gradients(
+        student, teacher, chunk_size=chunk_size, mask=mask, temperature=temperature
+    )
+    expected = reference_value_and_gradients(student, teacher, mask, temperature)
+    for a, b in zip(chunked, expected, strict=True):
+        assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_hand_written_backward_passes_gradcheck_with_mask_and_temperature():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, 6, generator=generator, dtype=torch.float64)
+    student, teacher = (x.requires_grad_() for x in logits)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda s, t: page.chunked_kl(s, t, 3, mask=mask, temperature=0.7),
+        (student, teacher),
+    )
+
+
+def test_dropped_tokens_get_zero_gradient_whatever_their_logits_hold():
+    student, teacher, mask = padded_batch(50)
+    mask[0, 1] = False
+    teacher[0, 1] = torch.nan  # e.g. a padding position nobody filled
+    student[0, 1] = -torch.inf
+    value, grad_s, grad_t = chunked_value_and_gradients(student, teacher, mask=mask)
+    assert value.isfinite()
+    assert (grad_s[~mask] == 0).all() and (grad_t[~mask] == 0).all()
+    clean_s, clean_t = student.clone(), teacher.clone()
+    clean_s[0, 1] = clean_t[0, 1] = 0.0
+    assert_close(value, page.chunked_kl(clean_s, clean_t, mask=mask), **RELATIVE)
+
+
+def test_a_batch_with_no_kept_token_gives_zero_loss_and_zero_gradients():
+    student, teacher, mask = padded_batch(50)
+    value, grad_s, grad_t = chunked_value_and_gradients(
+        student, teacher, mask=torch.zeros_like(mask)
+    )
+    assert value.item() == 0.0
+    assert (grad_s == 0).all() and (grad_t == 0).all()
+
+
+def test_chunked_kl_divides_by_tokens_where_batchmean_divides_by_the_batch():
+    student, teacher, mask = padded_batch(50, shape=(2, 5))
+    every_token = torch.ones_like(mask)
+    value = page.chunked_kl(student, teacher, mask=every_token)
+    batchmean = page.straightforward_kl(student, teacher)  # 3-D: divides by 2
+    assert_close(value * 5, batchmean, **RELATIVE)
+
+
+def test_chunked_version_with_mask_and_temperature_creates_only_the_gradient():
+    mask = torch.arange(16) < torch.tensor([16, 9, 3, 1])[:, None]
+    operations = page.large_allocations(
+        lambda s, t: page.chunked_kl(s, t, 8, mask=mask, temperature=2.0),
+        shape=(4, 16, 1024),
+    )
+    assert operations == ["aten.empty_like.default"]
+
+
+@pytest.mark.parametrize(
+    "student_shape, teacher_shape, kwargs, message",
+    [
+        ((4, 16, 50), (64, 50), {}, "must have one shape"),
+        ((), (), {}, "must have one shape"),
+        (
+            (4, 16, 50),
+            (4, 16, 50),
+            {"mask": torch.ones(64, dtype=torch.bool)},
+            "(4, 16)",
+        ),
+        ((4, 16, 50), (4, 16, 50), {"mask": torch.ones(4, 16)}, "bool tensor"),
+        ((4, 50), (4, 50), {"temperature": 0.0}, "positive number"),
+        ((4, 50), (4, 50), {"temperature": float("inf")}, "positive number"),
+        ((4, 50), (4, 50), {"chunk_size": 0}, "positive int"),
+    ],
+)
+def test_bad_input_gets_a_value_error_saying_what_to_fix(
+    student_shape, teacher_shape, kwargs, message
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        page.chunked_kl(
+            torch.zeros(student_shape), torch.zeros(teacher_shape), **kwargs
+        )
+
+
+def test_a_single_distribution_is_valid_input():
+    student, teacher, _ = padded_batch(50, shape=(1,))
+    assert_close(
+        page.chunked_kl(student[0], teacher[0]),
+        page.straightforward_kl(student, teacher),
+        **RELATIVE,
+    )
+
+
+@pytest.mark.cuda
+def test_chunked_kl_on_cuda_gives_the_cpu_value_and_gradients_with_bf16_logits():
+    student, teacher, mask = padded_batch(page.VOCAB_SIZES["Llama 3"], torch.bfloat16)
+    on_cpu = chunked_value_and_gradients(student, teacher, mask=mask, temperature=2.0)
+    on_cuda = chunked_value_and_gradients(
+        student.cuda(), teacher.cuda(), mask=mask.cuda(), temperature=2.0
+    )
+    for a, b in zip(on_cuda, on_cpu, strict=True):
+        assert a.device.type == "cuda"
+        assert_close(a.cpu().float(), b.float(), rtol=2**-8, atol=1e-6)
+
+
+def test_prose_calls_run_as_written():
+    student, teacher, mask = padded_batch(50)
+    labels = torch.where(mask, 7, -100)
+    log_q = run_inline("student.log_softmax(dim=-1)", student=student)
+    log_p = run_inline("log_p = teacher.log_softmax(dim=-1)", teacher=teacher)["log_p"]
+    assert_close(log_q, student.log_softmax(dim=-1))
+    value = run_inline(
+        'F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)',
+        log_q=log_q.flatten(0, 1),
+        log_p=log_p.flatten(0, 1),
+    )
+    every_token = torch.ones_like(mask)
+    assert_close(value, page.chunked_kl(student, teacher, mask=every_token), **RELATIVE)
+    run_inline("log_q = student.log_softmax(dim=-1)", student=student)
+    masked = run_inline(
+        "chunked_kl(student, teacher, mask=labels != -100, temperature=2.0)",
+        chunked_kl=page.chunked_kl,
+        student=student,
+        teacher=teacher,
+        labels=labels,
+    )
+    assert_close(
+        masked.double(), reference_kl(student, teacher, mask, 2.0), rtol=1e-5, atol=0
+    )
