@@ -2,37 +2,44 @@
 # # KL estimators in RL fine-tuning
 #
 # When a language model is fine-tuned with reinforcement learning, a KL term keeps
-# the policy $q = \pi_\theta$ near a reference $p = \pi_{\text{ref}}$. The exact
-# $D_{\mathrm{KL}}(q\,\|\,p)$ needs a sum over the whole vocabulary at every
-# position; what the trainers use instead are one-sample estimates, from tokens
-# $x \sim q$ and the ratio $r = p(x) / q(x)$ (John Schulman's
-# [Approximating KL divergence]):
+# the policy $q = \pi_\theta$ near a reference $p = \pi_{\text{ref}}$. At one
+# position the exact $D_{\mathrm{KL}}(q\,\|\,p)$ is a sum over the vocabulary,
+# computable from the two logits tables the trainer already has (at the cost of
+# holding both); what is out of reach is the KL between *sequence* distributions,
+# a sum over every continuation. Trainers therefore score the tokens they sampled,
+# $x \sim q$, with one-sample estimates of the ratio $r = p(x) / q(x)$ (John
+# Schulman's [Approximating KL divergence]):
 #
 # $$k_1 = -\log r, \qquad k_2 = \tfrac12 (\log r)^2, \qquad
 #   k_3 = (r - 1) - \log r.$$
 #
 # $k_1$ and $k_3$ are unbiased, $k_2$ is biased; $k_2$ and $k_3$ are never
 # negative; $k_3$ has far less variance than $k_1$ when $q$ and $p$ are close, and
-# unbounded variance when $p$'s tails are much heavier than $q$'s.
+# infinite variance when $p$'s tails are at least as heavy as $\sqrt{q}$'s. All of
+# this holds only for tokens drawn from $q$ itself.
 #
-# On this page you will measure all of that on Gaussians, then compute the
-# per-token terms of PPO-style RLHF ($k_1$ in the reward) and GRPO ($k_3$ in the
-# loss) from log-probabilities, and see what the gradient of $k_3$ in a loss
-# actually is.
+# On this page you will measure all of that on Gaussians, see what infinite
+# variance looks like as the sample grows and what it means for tokens, and
+# measure how sampling at a temperature, from the top-k, or from a stale policy
+# biases the estimates. What to put in a loss, and the names trainers give these
+# choices, are on the next page, [KL penalties in RL fine-tuning, in
+# practice](rl_kl_in_practice.py).
 #
 # [Approximating KL divergence]: http://joschu.net/blog/kl-approx.html
 
 # %% [markdown]
 # ## Bias and spread, measured
 #
-# $q = \mathcal{N}(0, 1)$ is sampled; $p$ is $\mathcal{N}(0.1, 1)$ (near, true KL
-# 0.005) or $\mathcal{N}(1, 1)$ (far, true KL 0.5). For each estimator, its mean
-# over a million samples relative to the true KL (the bias), and its standard
-# deviation relative to the true KL (the spread of a one-sample estimate).
+# $q = \mathcal{N}(0, 1)$ is sampled; $p = \mathcal{N}(\delta, 1)$ is near
+# ($\delta = 0.1$) or far ($\delta = 1$); the true KL, $\delta^2 / 2$, is in the
+# table. For each estimator: its mean over a million samples relative to the true
+# KL (the bias), the same in closed form, its standard deviation relative to the
+# true KL (the spread of a one-sample estimate), and its smallest sample.
 
 # %%
+import math
+
 import torch
-import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 SEED = 0
@@ -61,173 +68,223 @@ def gaussian(mu, sigma):
     return Normal(torch.tensor(mu, dtype=DTYPE), torch.tensor(sigma, dtype=DTYPE))
 
 
+def relative_bias_in_closed_form(name, delta):
+    """E[k]/KL − 1 for q = N(0, 1), p = N(δ, 1): log r = δx − δ²/2 is Gaussian,
+    so E[k2] = ½(δ² + δ⁴/4) = KL · (1 + δ²/4); k1 and k3 are unbiased."""
+    return delta**2 / 4 if name == "k2" else 0.0
+
+
 q = gaussian(0.0, 1.0)
+SHIFTS = {"near": 0.1, "far": 1.0}
 PAIRS = {
-    "near: p = N(0.1, 1)": gaussian(0.1, 1.0),
-    "far: p = N(1, 1)": gaussian(1.0, 1.0),
+    f"{pair}: p = N({delta}, 1)": gaussian(delta, 1.0) for pair, delta in SHIFTS.items()
 }
 
 # %% active="ipynb" tags=["hide-input"]
 # from IPython.display import Markdown
 #
 # rows = []
-# for pair, p in PAIRS.items():
+# for (pair, p), delta in zip(PAIRS.items(), SHIFTS.values()):
 #     samples, true_kl = sampled_estimates(q, p)
 #     for name, values in samples.items():
 #         bias, spread = values.mean() / true_kl - 1, values.std() / true_kl
+#         exact = relative_bias_in_closed_form(name, delta)
 #         rows.append(
-#             f"| {pair} | {true_kl:.4f} | {name} | {bias:+.4f} | {spread:.2f} |"
-#             f" {values.min():.3g} |"
+#             f"| {pair} | {true_kl:.4f} | {name} | {bias:+.4f} | {exact:+.4f} |"
+#             f" {spread:.2f} | {values.min():.3g} |"
 #         )
 # Markdown(
-#     "| pair | true KL | estimator | bias / true KL | std / true KL | smallest |\n"
-#     "|---|---|---|---|---|---|\n" + "\n".join(rows)
+#     "| pair | true KL | estimator | bias / true KL | closed form |"
+#     " std / true KL | smallest |\n"
+#     "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
 # )
 
 # %% [markdown]
 # Read the table as Schulman does: $k_1$'s bias and $k_3$'s are within a few
 # standard errors of zero (the standard error of a million-sample mean is the
-# spread divided by a thousand), while $k_2$ overestimates the far pair's KL by
-# about a quarter. The "smallest" column shows a negative value for $k_1$ and
-# none for $k_2$ or $k_3$: each sample of those two is $\ge 0$, $k_2$ being a
-# square and $k_3$ because $r - 1 \ge \log r$. For the near pair $k_3$'s spread
-# is a small fraction of $k_1$'s.
+# spread divided by a thousand), while $k_2$ overestimates the KL by the fraction
+# $\delta^2/4$ of the "closed form" column, which the measured bias matches. The
+# "smallest" column shows a negative value for $k_1$ and none for $k_2$ or $k_3$:
+# each sample of those two is $\ge 0$, $k_2$ being a square and $k_3$ because
+# $r - 1 \ge \log r$. For the near pair $k_3$'s spread is a small fraction of
+# $k_1$'s.
 
 # %% [markdown]
-# ## When k3's variance blows up
+# ## When k3's variance is infinite
 #
-# $k_3$ contains $r = p/q$ itself, and
-# $\mathbb{E}_q[r^2] = \int p^2 / q\,\mathrm{d}x$ is infinite when $p$'s tails
-# are heavier than $\sqrt{q}$'s: sampling from a distribution much narrower than
-# $p$. For two centred Gaussians that happens from $\sigma_p^2 \ge 2\sigma_q^2$
-# on. With $q = \mathcal{N}(0, 1)$ and $p = \mathcal{N}(0, 2^2)$, past that
-# threshold, the mean of $k_3$ is still the KL, but its sample standard deviation
-# never settles as the sample grows, while $k_1$'s does.
+# $k_3$ contains $r = p/q$ itself, and $\mathbb{E}_q[r^2] = \int p^2 / q\,
+# \mathrm{d}x$ is infinite when $p$'s tails are *at least as heavy* as
+# $\sqrt{q}$'s (at equality $p^2/q$ is a constant, whose integral diverges too).
+# For two centred Gaussians that is $\sigma_p^2 \ge 2\sigma_q^2$: $q$ only
+# $\sqrt 2$ narrower than $p$ is enough. Take $q = \mathcal{N}(0, 1)$ and
+# $p = \mathcal{N}(0, 2^2)$: then $r = \tfrac12 e^{3x^2/8}$, whose tail falls like
+# $P(r > t) \approx t^{-4/3}$ (up to a logarithm). A tail index of $4/3$ means a
+# finite mean (so $k_3$ is still unbiased) and an infinite variance: the sample
+# variance is dominated by the largest of $n$ samples, and the sample standard
+# deviation grows roughly like $n^{1/4}$, by jumps, instead of settling. One seed
+# can even fall between two sizes, so here are several seeds, their median, and
+# the median's growth per tenfold more samples: of the order of $10^{1/4}$, far
+# from the 1 of a standard deviation that settles. $k_1 = \log 2 -
+# 3x^2/8$ has the finite standard deviation $3/(4\sqrt2)$ and settles on it.
 
 # %%
 p_wide = gaussian(0.0, 2.0)
 GROWING_SIZES = [1_000, 10_000, 100_000, 1_000_000]
+N_SEEDS = 8
+K1_STD_WIDE = 3 / (4 * math.sqrt(2))  # std of log 2 − 3x²/8 with x ~ N(0, 1)
 
 
-def spread_as_the_sample_grows(q, p):
-    """Sample standard deviation of k1 and k3 on the first n samples, for each n."""
-    samples, _ = sampled_estimates(q, p, max(GROWING_SIZES))
-    return {
-        name: [samples[name][:n].std().item() for n in GROWING_SIZES]
-        for name in ["k1", "k3"]
-    }
+def spread_as_the_sample_grows(q, p, seeds=range(N_SEEDS)):
+    """Sample std of k1 and k3 on the first n samples: (seeds, sizes) per name."""
+    spreads = {"k1": [], "k3": []}
+    for seed in seeds:
+        samples, _ = sampled_estimates(q, p, max(GROWING_SIZES), seed)
+        for name, rows in spreads.items():
+            rows.append([samples[name][:n].std().item() for n in GROWING_SIZES])
+    return {name: torch.tensor(rows, dtype=DTYPE) for name, rows in spreads.items()}
 
+
+def growth_per_decade(spreads):
+    """Median over seeds at the largest size over the smallest, per tenfold."""
+    median = spreads.median(dim=0).values
+    decades = math.log10(GROWING_SIZES[-1] / GROWING_SIZES[0])
+    return (median[-1] / median[0]).item() ** (1 / decades)
+
+
+wide_spreads = spread_as_the_sample_grows(q, p_wide)
 
 # %% active="ipynb"
 # wide_samples, wide_kl = sampled_estimates(q, p_wide)
-# print(f"true KL(q‖p) = {wide_kl:.4f}; means: k1 {wide_samples['k1'].mean():.4f},"
-#       f" k3 {wide_samples['k3'].mean():.4f}")
-# for name, stds in spread_as_the_sample_grows(q, p_wide).items():
-#     print(f"std of {name} on 1e3, 1e4, 1e5, 1e6 samples:",
-#           ", ".join(f"{std:.3f}" for std in stds))
+# print(f"true KL(q‖p) = {wide_kl:.4f}; means on 1e6 samples:"
+#       f" k1 {wide_samples['k1'].mean():.4f}, k3 {wide_samples['k3'].mean():.4f}")
+# for name, spreads in wide_spreads.items():
+#     print(f"std of {name} on 1e3, 1e4, 1e5, 1e6 samples, one row per seed:")
+#     print(spreads.numpy().round(3))
+#     print(f"  median: {spreads.median(dim=0).values.numpy().round(3)};"
+#           f" growth per tenfold: {growth_per_decade(spreads):.2f}"
+#           f" (n^(1/4): {10**0.25:.2f}, settled: 1)")
+# print(f"k1's std in closed form: {K1_STD_WIDE:.4f}")
 
 # %% [markdown]
-# ## Per token, in RLHF and GRPO
+# In a language model the vocabulary is finite, so the variance is finite, but
+# it can be huge: $\mathbb{E}_{\pi_\theta}[r^2] = \sum_x \pi_{\text{ref}}(x)^2 /
+# \pi_\theta(x)$, and a token that the policy has made much less likely than the
+# reference does ($\pi_\theta \ll \pi_{\text{ref}}$) contributes
+# $\pi_{\text{ref}}^2 / \pi_\theta$. That token is rarely sampled, but when it
+# is, $k_3$ and its gradient weight $1 - r$ (next page) are enormous. Below, one
+# token of a 1000-token vocabulary has reference probability 1% while the policy
+# pushes it down:
+
+# %%
+VOCAB = 1000
+
+
+def k3_std_exact(log_pi, log_ref):
+    """Std of k3 over tokens x ~ π, every token weighted by its probability."""
+    k3 = estimators(log_ref, log_pi)["k3"]
+    pi = log_pi.exp()
+    mean = (pi * k3).sum(dim=-1, keepdim=True)
+    return (pi * (k3 - mean) ** 2).sum(dim=-1).sqrt()
+
+
+def one_token_pushed_down(policy_probability, reference_probability=0.01):
+    """Log-probs of a policy and a reference that differ on token 0 only."""
+    rest = torch.full((VOCAB - 1,), 1.0 / (VOCAB - 1), dtype=DTYPE)
+    pi = torch.cat([torch.tensor([policy_probability], dtype=DTYPE), rest])
+    ref = torch.cat([torch.tensor([reference_probability], dtype=DTYPE), rest])
+    pi, ref = pi / pi.sum(), ref / ref.sum()
+    return pi.log(), ref.log()
+
+
+POLICY_PROBABILITIES = [1e-2, 1e-4, 1e-6, 1e-8]
+
+# %% active="ipynb"
+# for probability in POLICY_PROBABILITIES:
+#     log_pi, log_ref = one_token_pushed_down(probability)
+#     r = (log_ref[0] - log_pi[0]).exp()
+#     print(f"π_θ(token) = {probability:.0e}: r = {r:.3g}, gradient weight 1 − r ="
+#           f" {1 - r:.3g}, std of k3 = {k3_std_exact(log_pi, log_ref):.3g}")
+
+# %% [markdown]
+# This is why verl clamps $k_3$ and why DeepSeek-V3.2 (§3.1) reweights it; both
+# are on the [next page](rl_kl_in_practice.py).
 #
-# In a language model, $q$ is the policy's next-token distribution and the
-# sample is the token the policy generated; both log-probabilities of that token
-# come from one forward pass each. PPO-style RLHF subtracts $\beta k_1$ per token
-# from the reward (with the task reward added at the last token), so the KL enters
-# through the policy gradient. GRPO instead adds $\beta k_3$ per token to the
-# loss, with $r = \pi_{\text{ref}}(x) / \pi_\theta(x)$.
+# ## Samples from another distribution bias the values
+#
+# $\mathbb{E}_q[k_1] = \mathbb{E}_q[k_3] = D_{\mathrm{KL}}(q\,\|\,p)$ only for
+# $x \sim q$. Rollouts are often drawn from something else: at a temperature
+# $\ne 1$, from the top-k (or top-p) tokens, from an inference engine whose
+# numerics differ, or from the previous policy $\pi_{\text{old}}$ while several
+# updates are taken on one batch. Then the mean of the estimates is not the KL.
+# Importance weights $\pi_\theta(x) / \pi_{\text{sampler}}(x)$ remove the bias
+# when the sampler can draw every token, not when top-k has cut tokens off.
+# Computed exactly over a 1000-token vocabulary (every token weighted by the
+# sampler's probability):
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
-batch_size, seq_len, vocab_size, beta = 2, 6, 50, 0.1
-policy_logits = torch.randn(batch_size, seq_len, vocab_size, generator=generator)
-reference_logits = policy_logits + 0.3 * torch.randn(
-    batch_size, seq_len, vocab_size, generator=generator
+policy_logits = 2 * torch.randn(VOCAB, generator=generator, dtype=DTYPE)
+reference_logits = policy_logits + 0.5 * torch.randn(
+    VOCAB, generator=generator, dtype=DTYPE
 )
-policy_probs = policy_logits.softmax(dim=-1).view(-1, vocab_size)
-tokens = torch.multinomial(policy_probs, 1, generator=generator)  # what it generated
-tokens = tokens.view(batch_size, seq_len)
+old_logits = policy_logits + 0.5 * torch.randn(VOCAB, generator=generator, dtype=DTYPE)
+log_pi = policy_logits.log_softmax(dim=-1)
+log_ref = reference_logits.log_softmax(dim=-1)
+# KL(π‖π_ref) over the whole vocabulary: what k1 and k3 estimate
+true_kl = (log_pi.exp() * (log_pi - log_ref)).sum(dim=-1)
 
-log_pi = policy_logits.log_softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-log_ref = reference_logits.log_softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
-# PPO-style RLHF: k1 = log π − log π_ref per token, subtracted from the reward
-kl_penalty = beta * (log_pi - log_ref)
-task_reward = torch.tensor([1.0, 0.0])  # one score per sequence
-rewards = -kl_penalty
-rewards[:, -1] += task_reward
+def top_k_log_probs(logits, k):
+    """The sampler that keeps the k most likely tokens and renormalises."""
+    threshold = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, -math.inf).log_softmax(dim=-1)
 
-# GRPO: k3 with r = π_ref / π, added per token to the loss
-log_r = log_ref - log_pi
-grpo_kl_term = beta * (torch.expm1(log_r) - log_r)
+
+SAMPLERS = {
+    "π_θ itself": log_pi,
+    "temperature 0.7": (policy_logits / 0.7).log_softmax(dim=-1),
+    "top-k, k = 50": top_k_log_probs(policy_logits, 50),
+    "stale π_old": old_logits.log_softmax(dim=-1),
+}
+
+
+def expected_estimates(log_sampler, log_pi, log_ref, importance_weighted=False):
+    """E over x ~ sampler of k1 and k3, optionally times π_θ(x) / sampler(x)."""
+    weights = log_sampler.exp()
+    if importance_weighted:  # sampler · π_θ / sampler, where the sampler can draw
+        weights = torch.where(weights > 0, log_pi.exp(), 0.0)
+    values = estimators(log_ref, log_pi)
+    return {name: (weights * values[name]).sum(dim=-1) for name in ["k1", "k3"]}
+
 
 # %% active="ipynb"
-# print("per-token k1 penalty (RLHF):\n", kl_penalty)
-# print("per-token k3 term (GRPO):\n", grpo_kl_term)
+# print(f"true KL(π_θ‖π_ref) = {true_kl:.4f}")
+# for sampler, log_sampler in SAMPLERS.items():
+#     plain = expected_estimates(log_sampler, log_pi, log_ref)
+#     weighted = expected_estimates(log_sampler, log_pi, log_ref, True)
+#     print(f"{sampler:16} E[k1] {plain['k1']:.4f}, E[k3] {plain['k3']:.4f};"
+#           f" importance-weighted: {weighted['k1']:.4f}, {weighted['k3']:.4f}")
 
 # %% [markdown]
-# ## The gradient of k3 in a loss is not the gradient of the KL
+# The first row is the KL; no other sampler gives it: each moves the means off it,
+# by an amount and in a direction that depend on the sampler. The importance
+# weights bring them back, except for top-k, whose weighted means miss exactly
+# the tokens the sampler never draws. This is what TRL's
+# `vllm_importance_sampling_correction` and DeepSeek-V3.2's ratio correct for; an
+# estimate of the KL is only as good as the knowledge of where the tokens came
+# from.
 #
-# Averaged over tokens sampled from $\pi_\theta$ and differentiated with the samples
-# held fixed (which is what a loss does), $\nabla_\theta k_3 = (1 - r)\,\nabla_\theta
-# \log \pi_\theta(x)$, whose expectation is
-# $-\sum_x \pi_{\text{ref}}(x)\,\nabla_\theta \log \pi_\theta(x)
-# = \nabla_\theta D_{\mathrm{KL}}(\pi_{\text{ref}}\,\|\,\pi_\theta)$: the gradient of
-# the *forward* KL, not of the $D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})$
-# that $k_3$ estimates. $k_1$ in a loss is worse: its expected gradient,
-# $\mathbb{E}[\nabla_\theta \log \pi_\theta(x)]$, is zero. (This assumes
-# on-policy tokens; when GRPO takes several steps on one batch, the tokens come
-# from the previous policy and the expectation is over that.) Computed exactly over
-# a small vocabulary (every token weighted by its probability, weights held
-# fixed):
-
-
-# %%
-def expected_loss_gradient(estimator, logits, reference_log_probs):
-    """E_{x ~ π}[∇ estimator(x)], the sampling distribution held fixed."""
-    logits = logits.clone().requires_grad_()
-    log_pi = logits.log_softmax(dim=-1)
-    weights = log_pi.exp().detach()  # the tokens' probabilities, not differentiated
-    values = estimators(reference_log_probs, log_pi)[estimator]
-    (gradient,) = torch.autograd.grad((weights * values).sum(), logits)
-    return gradient
-
-
-def kl_gradient(logits, reference_log_probs, direction):
-    """∇ of KL(π‖π_ref) ("reverse") or KL(π_ref‖π) ("forward") over the logits."""
-    logits = logits.clone().requires_grad_()
-    log_pi = logits.log_softmax(dim=-1)
-    if direction == "reverse":  # KL(π‖π_ref): the one k3 estimates
-        kl = F.kl_div(reference_log_probs, log_pi, reduction="sum", log_target=True)
-    else:  # KL(π_ref‖π)
-        kl = F.kl_div(log_pi, reference_log_probs, reduction="sum", log_target=True)
-    (gradient,) = torch.autograd.grad(kl, logits)
-    return gradient
-
-
-small_logits = torch.randn(5, generator=generator, dtype=DTYPE)
-small_reference = small_logits + torch.randn(5, generator=generator, dtype=DTYPE)
-small_reference = small_reference.log_softmax(dim=-1)
-
-grad_k3_loss = expected_loss_gradient("k3", small_logits, small_reference)
-grad_k1_loss = expected_loss_gradient("k1", small_logits, small_reference)
-grad_reverse_kl = kl_gradient(small_logits, small_reference, "reverse")
-grad_forward_kl = kl_gradient(small_logits, small_reference, "forward")
-
-# %% active="ipynb"
-# print("E[∇ k3]          ", grad_k3_loss)
-# print("∇ KL(π_ref‖π)    ", grad_forward_kl)
-# print("∇ KL(π‖π_ref)    ", grad_reverse_kl)
-# print("E[∇ k1]          ", grad_k1_loss)
-
-# %% [markdown]
 # ## What to remember
 #
 # - From samples of $q$ and $r = p/q$: $k_1 = -\log r$ is unbiased, can be
 #   negative, and is noisy when $q \approx p$; $k_2 = \tfrac12(\log r)^2$ is
 #   biased; $k_3 = (r - 1) - \log r$ is unbiased, never negative, quiet when
-#   $q \approx p$, and of unbounded variance when $p$'s tails are much heavier
-#   than $q$'s (centred Gaussians: $\sigma_p^2 \ge 2\sigma_q^2$).
-# - RLHF puts $\beta k_1$ in the reward; GRPO puts $\beta k_3$ in the loss.
-# - In a loss, $k_3$'s gradient is that of the forward KL
-#   $D_{\mathrm{KL}}(\pi_{\text{ref}}\,\|\,\pi_\theta)$ in expectation, and $k_1$'s is
-#   zero: an estimator of a value is not an estimator of its gradient.
+#   $q \approx p$, and of infinite variance when $p$'s tails are at least as heavy
+#   as $\sqrt{q}$'s (centred Gaussians: $\sigma_p^2 \ge 2\sigma_q^2$); then its
+#   sample std grows like $n^{1/4}$.
+# - In a vocabulary, tokens with $\pi_\theta \ll \pi_{\text{ref}}$ make $k_3$'s
+#   variance and gradient weight huge.
+# - The estimates assume tokens drawn from $\pi_\theta$ at temperature 1;
+#   temperature, top-k/top-p and stale $\pi_{\text{old}}$ bias them.
+# - The exact per-position KL is computable from the logits; only the sequence KL
+#   needs estimates. What to put in the loss: [next page](rl_kl_in_practice.py).
