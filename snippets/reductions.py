@@ -6,13 +6,14 @@
 # the default in PyTorch 2.13, with a warning), and `"batchmean"` divides it by
 # `input.size(0)`, whatever the first dimension holds. `"batchmean"` is the mean
 # KL per distribution only when the distributions lie along the last dimension of
-# a 2-D tensor. For language-model outputs of shape (B, T, V) it divides by B, not
-# by the B·T tokens.
+# a 2-D tensor: one distribution of shape (C,) gets divided by C. For
+# language-model outputs of shape (B, T, V) it divides by B, not by the B·T tokens.
 #
 # On this page you will:
 #
 # - check each reduction against the sum it divides, on tensors;
-# - compute the per-token KL of a language model, with and without padding;
+# - compute the per-token KL of a language model, with and without padding, with
+#   gradients that stay finite when padded positions hold NaN;
 # - rerun a well-known blog example and see why its `"batchmean"` is not a mean KL,
 #   then fix its layout.
 
@@ -73,11 +74,49 @@ def kl_with_mean_reduction(log_q, log_p):
 # divided again by the five classes.
 #
 # !!! warning "The default reduction divides by the classes too"
-#     A loss written with the default `"mean"` looks several times too small, and
-#     its gradients are scaled down by the number of classes. The warning says
-#     `"mean"` will behave like `"batchmean"` in the next major release; PyTorch 2.0
-#     was a major release and kept `"mean"` as it was. Name the reduction you mean.
-#
+#     On (rows, classes), a loss written with the default `"mean"` is exactly $C$
+#     times smaller than `"batchmean"`, $C$ being the number of classes, and so are
+#     its gradients. For a language-model vocabulary that factor is the vocabulary
+#     size (the ratio at 32,000 classes is printed below). The warning says `"mean"`
+#     will behave like `"batchmean"` in the next major release; PyTorch 2.0 was a
+#     major release and kept `"mean"` as it was. Name the reduction you mean.
+
+# %%
+n_classes = 32_000  # as many as a language model's vocabulary
+vocab_generator = torch.Generator().manual_seed(SEED)
+log_p_vocab, log_q_vocab = torch.randn(
+    2, 4, n_classes, generator=vocab_generator
+).log_softmax(dim=-1)
+kl_vocab_mean, _ = kl_with_mean_reduction(log_q_vocab, log_p_vocab)
+kl_vocab_batchmean = F.kl_div(
+    log_q_vocab, log_p_vocab, reduction="batchmean", log_target=True
+)
+
+# %% active="ipynb"
+# print(f"4 rows x {n_classes} classes: 'batchmean' / 'mean' ="
+#       f" {kl_vocab_batchmean / kl_vocab_mean:.1f}")
+
+# %% [markdown]
+# A single distribution of shape (C,) is not a batch of one: its `input.size(0)` is
+# C, so `"batchmean"` divides its KL by the number of classes. Use `"sum"` for one
+# distribution, or give it a batch dimension with `unsqueeze(0)`.
+
+# %%
+one_log_p, one_log_q = log_p[0], log_q[0]  # one distribution, shape (5,)
+one_sum = F.kl_div(one_log_q, one_log_p, reduction="sum", log_target=True)
+one_batchmean = F.kl_div(one_log_q, one_log_p, reduction="batchmean", log_target=True)
+one_as_batch = F.kl_div(
+    one_log_q.unsqueeze(0),
+    one_log_p.unsqueeze(0),
+    reduction="batchmean",
+    log_target=True,
+)
+
+# %% active="ipynb"
+# print(f"shape (5,):   'sum' {one_sum:.4f}, 'batchmean' {one_batchmean:.4f}")
+# print(f"shape (1, 5): 'batchmean' {one_as_batch:.4f}")
+
+# %% [markdown]
 # Shapes that broadcast (which nothing checks, see the
 # [pitfalls](numerical_pitfalls.py#nothing-is-validated)) bend both divisors: `"mean"`
 # divides by the number of terms *after* broadcasting, `"batchmean"` still by the
@@ -101,9 +140,7 @@ broadcast_sum = F.kl_div(one_model_row, log_p, reduction="sum", log_target=True)
 # V), one distribution per token along the last dimension. `"batchmean"` still
 # divides by `input.size(0)` = B: the result is the KL *summed over the tokens of a
 # sequence*, averaged over sequences. For the mean KL per token, divide the sum by
-# the token count yourself, and with padding count only the real tokens. Select
-# them rather than multiply by the mask: a NaN at a padded position times 0 is
-# still NaN.
+# the token count yourself, and with padding count only the real tokens.
 
 # %%
 batch_size, seq_len, vocab_size = 2, 3, 6
@@ -112,7 +149,7 @@ logits_teacher, logits_student = torch.randn(
 )
 log_p_tokens = logits_teacher.log_softmax(dim=-1)
 log_q_tokens = logits_student.log_softmax(dim=-1)
-padding_mask = torch.tensor([[True, True, True], [True, True, False]])  # 5 real
+padding_mask = torch.tensor([[True, True, True], [True, True, False]])  # True: real
 
 kl_per_token = F.kl_div(
     log_q_tokens, log_p_tokens, reduction="none", log_target=True
@@ -129,7 +166,55 @@ lm_masked_token_mean = kl_per_token[padding_mask].mean()  # padded tokens droppe
 # print("KL of each token:\n", kl_per_token)
 # print(f"'batchmean' (sum / B = {batch_size}):          {lm_batchmean:.4f}")
 # print(f"mean per token (sum / B·T = {batch_size * seq_len}):   {lm_token_mean:.4f}")
-# print(f"mean per real token (5 of 6):      {lm_masked_token_mean:.4f}")
+# n_real = int(padding_mask.sum())
+# print(f"mean per real token ({n_real} of {padding_mask.numel()}):      "
+#       f"{lm_masked_token_mean:.4f}")
+
+# %% [markdown]
+# ### Padding and NaN: select, and clean what comes from upstream
+#
+# Select the real tokens rather than multiply by the mask: a NaN at a padded
+# position times 0 is still NaN. Selection fixes the value, and the gradients too
+# when the NaN is made inside the KL term (a padded target row of $-\infty$
+# log-probabilities: $0 \cdot (-\infty)$). It does not fix a NaN that reaches the
+# padded positions from upstream, such as a hidden state from a fully masked
+# attention row: the selected loss is finite, but the output layer's gradient sums
+# over *every* position, padded ones included, and $0 \cdot \text{NaN}$ is NaN.
+# Replace the padded inputs with `torch.where` before they enter the layer: the
+# same fix as for `torch.where` on the [pitfalls page][where-nan].
+#
+# [where-nan]: numerical_pitfalls.py#torchwhere-does-not-stop-nan-in-the-backward-pass
+
+
+# %%
+def token_kl(hidden, weight, log_p, padding_mask):
+    """Mean KL per real token of a linear output layer; hidden is (B, T, H)."""
+    log_q = (hidden @ weight).log_softmax(dim=-1)
+    terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    return terms.sum(dim=-1)[padding_mask].mean()
+
+
+hidden_size = 4
+hidden = torch.randn(batch_size, seq_len, hidden_size, generator=generator)
+weight = torch.randn(hidden_size, vocab_size, generator=generator, requires_grad=True)
+hidden_nan = hidden.masked_fill(~padding_mask[..., None], torch.nan)  # from upstream
+
+loss_nan_upstream = token_kl(hidden_nan, weight, log_p_tokens, padding_mask)
+(grad_nan_upstream,) = torch.autograd.grad(loss_nan_upstream, weight)
+
+hidden_clean = torch.where(padding_mask[..., None], hidden_nan, 0.0)
+loss_cleaned = token_kl(hidden_clean, weight, log_p_tokens, padding_mask)
+(grad_cleaned,) = torch.autograd.grad(loss_cleaned, weight)
+
+# %% active="ipynb"
+# terms_nan = kl_per_token.masked_fill(~padding_mask, torch.nan)
+# multiplied = (terms_nan * padding_mask).sum() / padding_mask.sum()
+# print(f"NaN at the pad, multiplied by the mask: {multiplied:.4f}")
+# print(f"NaN at the pad, selected:               {terms_nan[padding_mask].mean():.4f}")
+# print(f"NaN hidden state at the pad: loss {loss_nan_upstream:.4f},"
+#       f" weight gradient has NaN: {grad_nan_upstream.isnan().any().item()}")
+# print(f"after torch.where on the input:  loss {loss_cleaned:.4f},"
+#       f" weight gradient has NaN: {grad_cleaned.isnan().any().item()}")
 
 # %% [markdown]
 # ## A well-known example, rerun
@@ -163,7 +248,7 @@ def blog_example(shape, reduction):
 
 # %% [markdown]
 # The numbers are right for what was asked, but `"batchmean"` is not the mean KL
-# of anything in this layout. `softmax(dim=0)` makes each **column** a
+# of anything in this layout. `F.softmax(b, dim=0)` makes each **column** a
 # distribution: two distributions over five outcomes for shape (5, 2), 6 × 4 = 24
 # over ten outcomes for (10, 6, 4). `"batchmean"` divides by `input.size(0)`: by 5
 # and by 10, the number of *outcomes*. The mean KL per distribution divides the
@@ -225,8 +310,11 @@ def mean_kl_per_distribution(shape):
 #
 # - Name the reduction: the default `"mean"` divides by batch × classes.
 # - `"batchmean"` divides by `input.size(0)`. It is the mean KL per distribution
-#   only when the tensor is (number of distributions, number of classes).
+#   only when the tensor is (number of distributions, number of classes); a single
+#   (C,) distribution gets divided by C: use `"sum"` for it.
 # - The dimension that holds each distribution is yours to choose, through the
 #   `dim` of `softmax` / `log_softmax`; keep it last.
 # - For (B, T, V) language-model outputs, sum and divide by the number of real
-#   tokens.
+#   tokens. Select them with the mask rather than multiply, and replace NaN inputs
+#   at padded positions with `torch.where` before the layer, or the gradients are
+#   NaN.

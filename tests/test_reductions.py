@@ -6,11 +6,18 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import reductions as page
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+QUOTED_IN_PROSE = {
+    "input.size(0)": "a quantity named in words: the divisor of 'batchmean'",
+    "input.numel()": "a quantity named in words: the divisor of 'mean'",
+    "input.size()[0]": "quoted from torch/nn/functional.py's kl_div wrapper",
+}
 SHAPES = [(5, 2), (10, 6, 4)]
 
 
@@ -52,6 +59,60 @@ def test_mean_scales_gradients_down_by_the_number_of_classes():
 
     n_classes = page.log_q.size(-1)
     assert_close(grad_of("mean"), grad_of("batchmean") / n_classes, **FLOAT32)
+
+
+@pytest.mark.parametrize("n_classes", [5, 32_000, 128_000])
+def test_mean_is_exactly_c_times_smaller_than_batchmean_value_and_gradient(n_classes):
+    generator = torch.Generator().manual_seed(page.SEED)
+    log_p, log_q = torch.randn(2, 3, n_classes, generator=generator).log_softmax(dim=-1)
+    log_q.requires_grad_()
+    mean, _ = page.kl_with_mean_reduction(log_q, log_p)
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    (grad_mean,) = torch.autograd.grad(mean, log_q)
+    (grad_batchmean,) = torch.autograd.grad(batchmean, log_q)
+    assert_close(mean * n_classes, batchmean, rtol=1e-5, atol=0)
+    assert_close(grad_mean * n_classes, grad_batchmean, rtol=1e-5, atol=0)
+
+
+@settings(max_examples=20)
+@given(rows=st.integers(1, 6), n_classes=st.integers(2, 300))
+def test_mean_times_the_classes_is_batchmean_on_rows_of_distributions(rows, n_classes):
+    generator = torch.Generator().manual_seed(rows * 1000 + n_classes)
+    log_p, log_q = torch.randn(
+        2, rows, n_classes, generator=generator, dtype=torch.float64
+    ).log_softmax(dim=-1)
+    mean, _ = page.kl_with_mean_reduction(log_q, log_p)
+    # KL per row from the definition, in float64
+    expected = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    assert_close(mean * n_classes, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_page_prints_the_ratio_at_32k_classes():
+    assert page.n_classes == 32_000
+    ratio = page.kl_vocab_batchmean / page.kl_vocab_mean
+    assert_close(ratio, torch.tensor(32_000.0), rtol=1e-5, atol=0)
+
+
+def test_batchmean_divides_a_single_distribution_by_its_classes():
+    n_classes = page.one_log_p.numel()
+    assert page.one_log_p.dim() == 1
+    assert_close(page.one_batchmean, page.one_sum / n_classes, **FLOAT32)
+    assert_close(page.one_sum, page.kl_per_row[0], **FLOAT32)
+
+
+@pytest.mark.parametrize("n_classes", [3, 32_000, 128_000])
+def test_sum_or_unsqueeze_0_give_the_kl_of_a_single_distribution(n_classes):
+    generator = torch.Generator().manual_seed(page.SEED)
+    log_p, log_q = torch.randn(2, n_classes, generator=generator).log_softmax(dim=-1)
+    expected = (log_p.double().exp() * (log_p.double() - log_q.double())).sum()
+    total = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    batch_of_one = F.kl_div(
+        log_q.unsqueeze(0), log_p.unsqueeze(0), reduction="batchmean", log_target=True
+    )
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    assert_close(total.double(), expected, rtol=1e-4, atol=1e-6)
+    assert_close(batch_of_one, total, **FLOAT32)
+    assert_close(batchmean * n_classes, total, rtol=1e-5, atol=1e-6)
 
 
 def test_the_wrapper_divides_the_sum_by_input_size_0_itself():
@@ -102,6 +163,94 @@ def test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not():
     multiplied = (poisoned * page.padding_mask).sum() / page.padding_mask.sum()
     assert multiplied.isnan()
     assert_close(poisoned[page.padding_mask].mean(), page.lm_masked_token_mean)
+
+
+def padded_lm_batch(batch, tokens, vocab, hidden_size=8, dtype=torch.float32):
+    """A (batch, tokens, vocab) teacher, a linear student head and a padding mask
+    whose last rows end in padding (True at real tokens)."""
+    generator = torch.Generator().manual_seed(page.SEED)
+    hidden = torch.randn(batch, tokens, hidden_size, generator=generator, dtype=dtype)
+    weight = torch.randn(hidden_size, vocab, generator=generator, dtype=dtype)
+    log_p = torch.randn(batch, tokens, vocab, generator=generator, dtype=dtype)
+    lengths = torch.arange(tokens, tokens - batch, -1).clamp_min(1)
+    padding_mask = torch.arange(tokens) < lengths[:, None]
+    return hidden, weight.requires_grad_(), log_p.log_softmax(dim=-1), padding_mask
+
+
+LM_SIZES = [(2, 3, 6), (2, 8, 32_000), (2, 4, 128_000)]
+
+
+def weight_grad(hidden, weight, log_p, padding_mask):
+    loss = page.token_kl(hidden, weight, log_p, padding_mask)
+    return loss, torch.autograd.grad(loss, weight)[0]
+
+
+def real_tokens_only_reference(hidden, weight, log_p, padding_mask):
+    """The same loss and gradient in float64 from the real tokens alone: the pads
+    never enter the computation."""
+    weight64 = weight.detach().double().requires_grad_()
+    log_q = (hidden[padding_mask].double() @ weight64).log_softmax(dim=-1)
+    log_p = log_p[padding_mask].double()
+    loss = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    return loss, torch.autograd.grad(loss, weight64)[0]
+
+
+@pytest.mark.parametrize("size", LM_SIZES, ids=str)
+def test_selection_fixes_value_and_gradient_of_a_nan_made_inside_the_kl(size):
+    hidden, weight, log_p, padding_mask = padded_lm_batch(*size)
+    log_p_padded = log_p.masked_fill(~padding_mask[..., None], -torch.inf)
+    terms = F.kl_div(
+        (hidden @ weight).log_softmax(dim=-1),
+        log_p_padded,
+        reduction="none",
+        log_target=True,
+    ).sum(dim=-1)
+    assert terms[~padding_mask].isnan().all()  # 0 * (-inf) at every pad
+    assert (terms * padding_mask).sum().isnan()
+    loss, grad = weight_grad(hidden, weight, log_p_padded, padding_mask)
+    expected_loss, expected_grad = real_tokens_only_reference(
+        hidden, weight, log_p, padding_mask
+    )
+    assert_close(loss.double(), expected_loss, rtol=1e-4, atol=1e-6)
+    assert_close(grad.double(), expected_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_selection_leaves_nan_gradients_from_an_upstream_nan_on_the_page():
+    assert page.loss_nan_upstream.isfinite()
+    assert page.grad_nan_upstream.isnan().any()
+
+
+@pytest.mark.parametrize("size", LM_SIZES, ids=str)
+def test_selection_leaves_nan_gradients_from_an_upstream_nan(size):
+    hidden, weight, log_p, padding_mask = padded_lm_batch(*size)
+    hidden_nan = hidden.masked_fill(~padding_mask[..., None], torch.nan)
+    loss, grad = weight_grad(hidden_nan, weight, log_p, padding_mask)
+    assert loss.isfinite()
+    assert grad.isnan().any()
+
+
+def test_torch_where_on_the_padded_inputs_gives_finite_gradients_on_the_page():
+    assert_close(page.loss_cleaned, page.loss_nan_upstream, **FLOAT32)
+    assert page.grad_cleaned.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", LM_SIZES, ids=str)
+def test_torch_where_on_the_padded_inputs_gives_the_real_tokens_gradient(size, dtype):
+    hidden, weight, log_p, padding_mask = padded_lm_batch(*size, dtype=dtype)
+    hidden_nan = hidden.masked_fill(~padding_mask[..., None], torch.nan)
+    hidden_clean = torch.where(padding_mask[..., None], hidden_nan, 0.0)
+    loss, grad = weight_grad(hidden_clean, weight, log_p, padding_mask)
+    expected_loss, expected_grad = real_tokens_only_reference(
+        hidden, weight, log_p, padding_mask
+    )
+    tolerance = (
+        {"rtol": 1e-3, "atol": 1e-6}
+        if dtype == torch.float32
+        else {"rtol": 5e-2, "atol": 5e-2 * expected_grad.abs().max().item()}
+    )
+    assert_close(loss.double(), expected_loss, **tolerance)
+    assert_close(grad.double(), expected_grad, **tolerance)
 
 
 def test_blog_softmax_over_dim_0_makes_each_column_a_distribution():
