@@ -1,45 +1,105 @@
-"""Claims of the page "A checked KL to copy": every refusal, and agreement."""
+"""Claims of the page "A checked KL to copy": every refusal, what it accepts, cost."""
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import checked_kl as page
-from snippets.checked_kl import checked_kl
+from snippets.checked_kl import checked_kl, normalisation_tolerance
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (*HALF_DTYPES, torch.float32, torch.float64)
+FLOAT16_MAX = torch.finfo(torch.float16).max
 log_p, log_q = page.log_p, page.log_q
 
 
-@pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda: checked_kl(log_p, log_q[0]), r"shape \(4, 5\).*expand_as"),
-        (lambda: checked_kl(log_p.exp(), log_q), "positive entries.*log_softmax"),
-        (lambda: checked_kl(page.logits_p, log_q), "positive entries"),
-        (lambda: checked_kl(log_p, page.logits_q.log_softmax(0)), "does not normalise"),
-        (lambda: checked_kl(log_p, log_q * float("nan")), "20 NaN"),
-        (lambda: checked_kl(log_p, log_q, reduction="batchmean"), "reduction="),
-        (lambda: checked_kl(log_p.long(), log_q.long()), "dtype torch.int64"),
-        (lambda: checked_kl(log_p, log_q, dim=2), "dim=2 is not a dimension"),
-        (lambda: checked_kl(log_p, log_q.masked_fill(log_q < -1, -torch.inf)), "sum"),
-    ],
-    ids=[
-        "shapes differ",
-        "probabilities",
-        "logits",
-        "not normalised",
-        "nan",
-        "reduction",
-        "integers",
-        "dim",
-        "rows with lost mass",
-    ],
-)
-def test_checked_kl_refuses_misuse_with_a_message_that_says_what_to_do(call, message):
+def real_log_softmax(n_rows, n_classes, dtype, scale, seed, zeros=0):
+    """What readers pass: log_softmax of logits in ``dtype``, with ``zeros``
+    classes masked to -inf (P = 0 there) in every row."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(n_rows, n_classes, generator=generator)
+    logits[:, :zeros] = -torch.inf
+    return logits.to(dtype).log_softmax(dim=-1)
+
+
+def kl_float64(log_p, log_q):
+    """KL(P‖Q) per row from the definition, in float64, on the stored values."""
+    log_p, log_q = log_p.double(), log_q.double()
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
+    return terms.sum(dim=-1), terms.abs().sum(dim=-1)
+
+
+def fp16_cpu_row_is_all_minus_inf(logits16):
+    """float16 log_softmax on CPU overflows when Σ exp(x - max) > float16 max."""
+    shifted = logits16.float() - logits16.float().amax(dim=-1, keepdim=True)
+    return bool((shifted.exp().sum(dim=-1) > FLOAT16_MAX).any())
+
+
+# --- refusals -------------------------------------------------------------------
+
+MISUSES = {
+    "shapes differ": (
+        lambda: checked_kl(log_p, log_q[0]),
+        r"shape \(4, 5\).*expand_as",
+    ),
+    "probabilities": (lambda: checked_kl(log_p.exp(), log_q), "probabilities.log()"),
+    "logits": (lambda: checked_kl(page.logits_p, log_q), "logits.*log_softmax"),
+    "wrong dim": (
+        lambda: checked_kl(page.logits_p.log_softmax(dim=0), log_q),
+        "does not normalise along dim=1.*sum to 1 along dim=0: pass that dim",
+    ),
+    "nan": (lambda: checked_kl(log_p, log_q * float("nan")), "20 NaN"),
+    "integers": (lambda: checked_kl(log_p.long(), log_q.long()), "dtype torch.int64"),
+    "bad dim": (lambda: checked_kl(log_p, log_q, dim=2), "dim=2 is not a dimension"),
+    "unknown reduction": (
+        lambda: checked_kl(log_p, log_q, reduction="avg"),
+        "reduction='avg'; use one of",
+    ),
+    "F.kl_div's mean": (
+        lambda: checked_kl(log_p, log_q, reduction="mean"),
+        "every element.*mean_over_distributions",
+    ),
+    "F.kl_div's batchmean": (
+        lambda: checked_kl(log_p, log_q, reduction="batchmean"),
+        r"input.size\(0\).*mean_over_distributions",
+    ),
+    "lost mass": (
+        lambda: checked_kl(log_p, log_q.masked_fill(log_q < -1, -torch.inf)),
+        "sum to between.*mask the logits first",
+    ),
+    "a row of -inf without mask": (
+        lambda: checked_kl(
+            log_p, log_q.masked_fill(page.row_mask[:, None], -torch.inf)
+        ),
+        "every entry -inf.*pass mask=",
+    ),
+    "mask of the wrong shape": (
+        lambda: checked_kl(log_p, log_q, mask=torch.ones(4, 5, dtype=torch.bool)),
+        r"bool mask of shape \(4,\)",
+    ),
+    "integer mask": (
+        lambda: checked_kl(log_p, log_q, mask=page.row_mask.long()),
+        r"dtype torch.int64.*attention_mask.bool\(\)",
+    ),
+    "float mask": (
+        lambda: checked_kl(log_p, log_q, mask=page.row_mask.float()),
+        "pass a bool mask",
+    ),
+}
+
+
+@pytest.mark.parametrize("misuse", list(MISUSES))
+def test_checked_kl_refuses_each_misuse_with_a_message_that_says_what_to_do(misuse):
+    call, message = MISUSES[misuse]
     with pytest.raises(ValueError, match=message):
         call()
 
@@ -50,17 +110,235 @@ def test_every_misuse_shown_on_the_page_is_refused(misuse):
         page.misuses[misuse]()
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n_classes", [32_000, 128_000])
+def test_misuses_are_refused_at_real_vocabulary_sizes_in_every_dtype(dtype, n_classes):
+    generator = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(2, n_classes, generator=generator)
+    good = logits.to(dtype).log_softmax(dim=-1)
+    with pytest.raises(ValueError, match="probabilities.log()"):
+        checked_kl(logits.softmax(dim=-1).to(dtype), good)
+    with pytest.raises(ValueError, match="logits"):
+        checked_kl(logits.to(dtype), good)
+    with pytest.raises(ValueError, match="sum to 1 along dim=0"):
+        checked_kl(logits.to(dtype).log_softmax(dim=0), good)
+    with pytest.raises(ValueError, match="NaN"):
+        checked_kl(good, good.index_fill(-1, torch.tensor([7]), torch.nan))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dropping_the_most_likely_class_after_normalising_is_refused(dtype):
+    log_probs = real_log_softmax(2, 32_000, dtype, scale=6.0, seed=2)
+    top = log_probs.argmax(dim=-1, keepdim=True)
+    assert (log_probs.gather(-1, top).exp() > 0.3).all()  # a third of the mass
+    with pytest.raises(ValueError, match="does not normalise"):
+        checked_kl(log_probs, log_probs.scatter(-1, top, -torch.inf))
+
+
+def test_refusals_never_tell_a_log_softmax_caller_to_call_log_softmax():
+    """Only inputs with positive entries are told to call log_softmax."""
+    for misuse in ("wrong dim", "lost mass", "a row of -inf without mask", "nan"):
+        call, _ = MISUSES[misuse]
+        with pytest.raises(ValueError) as error:
+            call()
+        assert "Pass log_softmax" not in str(error.value)
+
+
+# --- what it accepts --------------------------------------------------------------
+
+
+@given(
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    n_classes=st.one_of(
+        st.integers(2, 300), st.sampled_from([4096, 8192, 32_000, 50_257, 128_000])
+    ),
+    scale=st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0, 10.0, 30.0]),
+    zero_fraction=st.sampled_from([0.0, 0.1, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60)
+def test_every_real_log_softmax_output_is_accepted_and_matches_float64(
+    dtype, n_classes, scale, zero_fraction, seed
+):
+    n_rows = 2 if n_classes > 10_000 else 4
+    zeros = int(zero_fraction * (n_classes - 1))  # at least one class stays
+    log_p = real_log_softmax(n_rows, n_classes, dtype, scale, seed, zeros)
+    log_q = real_log_softmax(n_rows, n_classes, dtype, scale, seed + 1)
+    # the one exception, float16 on CPU over > 65504 classes, is tested below
+    assume(not (log_p == -torch.inf).all(-1).any())
+    assume(not (log_q == -torch.inf).all(-1).any())
+    kl = checked_kl(log_p, log_q, reduction="none")
+    expected, magnitude = kl_float64(log_p, log_q)
+    # float32 arithmetic on the stored values: a few roundings per term, and a sum
+    u = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    assert ((kl.double() - expected).abs() <= 64 * u * (magnitude + 1)).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, n_classes",
+    [(torch.bfloat16, v) for v in (4096, 8192, 50_257, 128_000)]
+    + [(torch.float16, v) for v in (32_000, 50_257)]
+    + [(torch.float32, 128_000), (torch.float32, 262_144)],
+)
+def test_half_precision_log_softmax_at_real_vocabularies_is_accepted(dtype, n_classes):
+    """The review's probes: bf16 at 4096, 8192, 50257 and fp16 at 32000 were refused."""
+    for scale in (0.0, 0.5, 3.0):
+        log_probs = real_log_softmax(2, n_classes, dtype, scale, seed=3)
+        assert checked_kl(log_probs, log_probs.roll(1, dims=0)).isfinite()
+
+
+def test_real_log_softmax_rounding_stays_below_half_the_tolerance():
+    """The tolerance's margin, measured: uniform rows (every rounding the same way)
+    and random ones, from 2 classes to 262,144."""
+    sizes = [2, 3, 5, 70, 300, 1000, 32_000, 128_000, 262_144]
+    for dtype in FLOAT_DTYPES:
+        for n_classes in sizes:
+            for scale in (0.0, 0.003, 0.1, 1.0, 5.0):
+                log_probs = real_log_softmax(2, n_classes, dtype, scale, seed=4)
+                if (log_probs == -torch.inf).all(-1).any():
+                    continue  # the float16 CPU overflow, tested below
+                deviation = torch.logsumexp(log_probs.double(), dim=-1).abs().max()
+                assert deviation <= normalisation_tolerance(dtype, n_classes) / 2
+
+
+def test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums():
+    u_bf16 = 2.0**-8  # 8 significant bits, as the page says
+    assert torch.finfo(torch.bfloat16).eps == 2 * u_bf16
+    expected = 4 * u_bf16 * math.log(32_000) + 2 * (32_000 / 8) * 2.0**-24
+    assert normalisation_tolerance(torch.bfloat16, 32_000) == pytest.approx(expected)
+    assert page.bf16_tolerance == normalisation_tolerance(torch.bfloat16, 32_000)
+
+
+def test_the_page_bf16_rows_are_accepted_within_the_tolerance():
+    assert page.bf16_deviation < page.bf16_tolerance
+    assert page.kl_bf16.dtype == torch.float32 and page.kl_bf16.isfinite()
+
+
+def test_float16_log_softmax_on_cpu_over_65504_uniform_classes_is_minus_inf():
+    assert FLOAT16_MAX == 65504
+    uniform = torch.zeros(1, 70_000, dtype=torch.float16)
+    assert fp16_cpu_row_is_all_minus_inf(uniform)
+    log_probs = uniform.log_softmax(dim=-1)
+    assert (log_probs == -torch.inf).all()
+    with pytest.raises(ValueError, match="every entry -inf"):
+        checked_kl(log_probs, log_probs)
+    # the same logits in float32, or along a non-last dim, are fine
+    assert torch.logsumexp(uniform.float().log_softmax(dim=-1), dim=-1).abs() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inputs_are_computed_in_float32_so_a_small_kl_is_not_rounding_noise(dtype):
+    log_p = real_log_softmax(4, 32_000, dtype, scale=3.0, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    nudged = log_p.float() + 1e-2 * torch.randn(log_p.shape, generator=generator)
+    log_q = nudged.log_softmax(dim=-1).to(dtype)
+    expected, _ = kl_float64(log_p, log_q)
+    kl = checked_kl(log_p, log_q, reduction="none")
+    assert kl.dtype == torch.float32
+    assert_close(kl.double(), expected, rtol=1e-3, atol=1e-6)
+    in_dtype = (log_p.exp() * (log_p - log_q)).sum(
+        dim=-1
+    )  # what dtype arithmetic gives
+    assert (
+        (in_dtype.double() - expected).abs() > 10 * (kl.double() - expected).abs()
+    ).any()
+
+
 def test_rounding_above_zero_within_tolerance_is_accepted():
-    nudged = log_p + 1e-6 * (log_p == log_p.max(dim=-1, keepdim=True).values)
+    nudged = log_p + 1e-7 * (log_p == log_p.max(dim=-1, keepdim=True).values)
     assert checked_kl(nudged, log_q).isfinite()
 
 
-def test_agrees_with_kl_div_batchmean():
+# --- padding mask -----------------------------------------------------------------
+
+
+def padded_batch(dtype, n_classes, seed=7):
+    """(batch, tokens, vocabulary) log-probabilities, sequences of lengths 5 and 2;
+    padded positions hold unnormalised scores and NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    logits_p, logits_q = 3 * torch.randn(2, 2, 5, n_classes, generator=generator)
+    log_p, log_q = (
+        logits_p.to(dtype).log_softmax(-1),
+        logits_q.to(dtype).log_softmax(-1),
+    )
+    mask = torch.arange(5) < torch.tensor([[5], [2]])
+    log_p[~mask] = logits_p[~mask].to(dtype)  # not distributions
+    log_q[1, 3] = torch.nan
+    return log_p, log_q, mask
+
+
+@pytest.mark.parametrize(
+    "dtype, n_classes",
+    [
+        (torch.float32, 5),
+        (torch.float64, 5),
+        (torch.bfloat16, 32_000),
+        (torch.float16, 32_000),
+        (torch.float32, 128_000),
+    ],
+)
+def test_mask_averages_over_real_tokens_only_and_ignores_padded_rows(dtype, n_classes):
+    log_p, log_q, mask = padded_batch(dtype, n_classes)
+    expected, magnitude = kl_float64(log_p[mask], log_q[mask])
+    u = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    kl = checked_kl(log_p, log_q, mask=mask)
+    assert abs(kl.double() - expected.mean()) <= 64 * u * (magnitude.mean() + 1)
+    per_token = checked_kl(log_p, log_q, mask=mask, reduction="none")
+    assert per_token.shape == mask.shape and (per_token[~mask] == 0).all()
+    assert_close(checked_kl(log_p, log_q, mask=mask, reduction="sum"), per_token.sum())
+    with pytest.raises(ValueError):
+        checked_kl(log_p, log_q)  # the same batch without its mask is refused
+
+
+def test_padded_positions_get_zero_gradient_and_real_ones_match_the_unpadded_kl():
+    log_p, _, mask = padded_batch(torch.float32, 5)
+    logits_q = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(8))
+    logits_q[1, 3] = torch.nan  # garbage where padded
+    logits_q.requires_grad_()
+    checked_kl(log_p, logits_q.log_softmax(dim=-1), mask=mask).backward()
+    assert (logits_q.grad[~mask].nan_to_num(0.0) == 0).all()
+    assert logits_q.grad[mask].isfinite().all()
+    real_logits = logits_q.detach()[mask].requires_grad_()
+    checked_kl(log_p[mask], real_logits.log_softmax(dim=-1)).backward()
+    assert_close(logits_q.grad[mask], real_logits.grad, **FLOAT32)
+
+
+def test_mask_works_along_another_dim():
+    log_p3, log_q3, mask = padded_batch(torch.float32, 5)
+    kl = checked_kl(log_p3.transpose(1, 2), log_q3.transpose(1, 2), dim=1, mask=mask)
+    assert_close(kl, checked_kl(log_p3, log_q3, mask=mask), **FLOAT32)
+
+
+def test_an_all_padding_mask_gives_zero_not_nan():
+    log_p3, log_q3, mask = padded_batch(torch.float32, 5)
+    assert checked_kl(log_p3, log_q3, mask=torch.zeros_like(mask)) == 0
+
+
+def test_the_page_mask_example_averages_its_real_tokens():
+    real = page.kl_per_token[page.padding_mask]
+    assert_close(page.kl_tokens, real.mean(), **FLOAT32)
+    assert (page.kl_per_token[~page.padding_mask] == 0).all()
+
+
+# --- reductions: unambiguous --------------------------------------------------------
+
+
+def test_default_reduction_is_kl_div_batchmean_on_rows_and_classes():
     assert_close(page.kl_checked, page.kl_reference, **FLOAT32)
 
 
-def test_gradient_agrees_with_kl_div():
-    assert_close(page.grad_checked, page.grad_reference, **FLOAT32)
+def test_default_reduction_divides_by_distributions_not_by_elements_nor_batch():
+    log_p3, log_q3, _ = padded_batch(torch.float64, 5)
+    log_p3, log_q3 = log_p3[0:1].expand(3, -1, -1), log_q3[0:1].expand(3, -1, -1)
+    total = F.kl_div(log_q3, log_p3, reduction="sum", log_target=True)
+    kl = checked_kl(log_p3, log_q3)
+    assert_close(kl, total / (3 * 5))
+    batchmean = F.kl_div(log_q3, log_p3, reduction="batchmean", log_target=True)
+    assert_close(batchmean, total / 3)  # F.kl_div's batchmean: input.size(0) only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # F.kl_div warns about "mean"
+        mean = F.kl_div(log_q3, log_p3, reduction="mean", log_target=True)
+    assert_close(mean, total / log_p3.numel())
 
 
 def test_reductions_none_and_sum():
@@ -69,9 +347,25 @@ def test_reductions_none_and_sum():
     assert_close(checked_kl(log_p, log_q, reduction="sum"), per_row.sum(), **FLOAT32)
 
 
+def test_prose_kl_div_call_is_the_same_kl_with_the_model_first():
+    value = run_inline(
+        'F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)',
+        log_q=log_q,
+        log_p=log_p,
+    )
+    assert_close(value, checked_kl(log_p, log_q), **FLOAT32)
+
+
 def test_dim_selects_the_dimension_that_holds_each_distribution():
     transposed = checked_kl(log_p.T, log_q.T, dim=0, reduction="none")
     assert_close(transposed, checked_kl(log_p, log_q, reduction="none"), **FLOAT32)
+
+
+# --- valid input: agreement, zeros, gradients ----------------------------------------
+
+
+def test_gradient_agrees_with_kl_div():
+    assert_close(page.grad_checked, page.grad_reference, **FLOAT32)
 
 
 def test_agrees_with_kl_div_where_p_is_zero():
@@ -102,3 +396,60 @@ def test_p_too_small_to_represent_against_q_zero_is_still_infinite():
 def test_q_zero_where_p_positive_gives_infinity():
     log_q_zeros = log_q.masked_fill(page.masked, -torch.inf).log_softmax(dim=-1)
     assert checked_kl(log_p, log_q_zeros).item() == math.inf
+
+
+def test_gradient_wrt_log_p_is_nan_exactly_where_p_is_positive_and_q_is_zero():
+    assert page.kl_infinite == math.inf
+    p_positive_q_zero = (page.log_p_trained > -torch.inf) & (
+        page.log_q_zero == -torch.inf
+    )
+    assert page.grad_log_p[p_positive_q_zero].isnan().all()
+    assert page.grad_log_p[~p_positive_q_zero].isfinite().all()
+
+
+# --- cost ---------------------------------------------------------------------------
+
+
+def count_cost(*args, **kwargs):
+    numel = args[0].numel()
+    with page.CountSyncsAndAllocations(numel) as cost:
+        checked_kl(*args, **kwargs)
+    return cost
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_a_valid_call_costs_exactly_one_host_synchronisation(dtype):
+    log_p3, log_q3, mask = padded_batch(dtype, 1000)
+    assert count_cost(log_p3, log_q3, mask=mask).syncs == 1
+    real_p, real_q = log_p3[mask], log_q3[mask]
+    assert count_cost(real_p, real_q).syncs == 1
+    assert count_cost(real_p, real_q, reduction="none").syncs == 1
+
+
+def test_the_page_counts_one_sync_and_its_allocations():
+    assert page.cost.syncs == 1
+    # two float32 copies of the bf16 inputs, then the formula's elementwise steps
+    assert page.cost.allocations.count("aten._to_copy.default") == 2
+    assert 5 <= len(page.cost.allocations) <= 14
+
+
+def test_float32_input_is_not_copied():
+    log_p32 = real_log_softmax(4, 1000, torch.float32, 3.0, seed=9)
+    allocations = count_cost(log_p32, log_p32.roll(1, 0)).allocations
+    assert "aten._to_copy.default" not in allocations
+
+
+@pytest.mark.cuda
+def test_a_valid_call_synchronises_the_gpu_once():
+    log_p_gpu = real_log_softmax(8, 32_000, torch.bfloat16, 3.0, seed=10).cuda()
+    log_q_gpu = log_p_gpu.roll(1, dims=0)
+    checked_kl(log_p_gpu, log_q_gpu)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checked_kl(log_p_gpu, log_q_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in caught) == 1
