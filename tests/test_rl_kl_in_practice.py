@@ -1,0 +1,266 @@
+"""Claims of the page "KL penalties in RL fine-tuning, in practice"."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from snippets import rl_kl_in_practice as page
+
+EXACT = {"rtol": 1e-9, "atol": 1e-12}
+TO_REVERSE_ON_POLICY = [
+    "k2 in the loss",
+    "k1 in the reward",
+    "k3 × π_θ/sg(π_old)",
+    "k3+ (verl)",
+]
+
+
+def logits_rows(vocab, rows=3, seed=2, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    policy = 2 * torch.randn(rows, vocab, generator=generator, dtype=dtype)
+    reference = policy + 0.5 * torch.randn(
+        rows, vocab, generator=generator, dtype=dtype
+    )
+    old = policy + 0.5 * torch.randn(rows, vocab, generator=generator, dtype=dtype)
+    return policy, reference.log_softmax(dim=-1), old.log_softmax(dim=-1)
+
+
+def reverse_kl_gradient_by_formula(logits, log_ref):
+    """∇_z KL(π‖π_ref) = π ⊙ (log π − log π_ref − KL), in float64, row by row."""
+    log_pi = logits.log_softmax(dim=-1)
+    pi = log_pi.exp()
+    difference = log_pi - log_ref
+    return pi * (difference - (pi * difference).sum(dim=-1, keepdim=True))
+
+
+# --- per token, in a padded batch ---------------------------------------------
+
+
+def test_full_per_position_kl_is_the_mean_of_k1_and_of_k3_over_the_vocabulary():
+    log_pi = page.log_probs.detach().double()
+    log_ref = page.reference_log_probs.double()
+    pi = log_pi.exp()
+    k1, _, k3 = page.k_estimators(log_ref, log_pi)
+    for estimate in [k1, k3]:
+        expected = (pi * estimate).sum(dim=-1) * page.mask
+        assert_close(page.full_kl.detach().double(), expected, rtol=1e-5, atol=1e-7)
+    assert (page.full_kl[~page.mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_full_kl_with_kl_div_matches_float64_definition_at_real_sizes(vocab, dtype):
+    generator = torch.Generator().manual_seed(3)
+    policy = 2 * torch.randn(2, 3, vocab, generator=generator)
+    reference = policy + 0.5 * torch.randn(2, 3, vocab, generator=generator)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    log_pi = policy.to(dtype).log_softmax(dim=-1)
+    log_ref = reference.to(dtype).log_softmax(dim=-1)
+    full = F.kl_div(log_ref, log_pi, reduction="none", log_target=True)
+    full = full.float().sum(dim=-1) * mask
+    lp, lr = log_pi.double(), log_ref.double()
+    expected = (lp.exp() * (lp - lr)).sum(dim=-1) * mask
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(full.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_rewards_carry_no_graph_although_the_policy_log_probs_do():
+    assert page.log_pi.requires_grad
+    assert not page.rewards.requires_grad
+    # the same arithmetic outside no_grad would have kept the live policy's graph
+    assert (-page.beta * (page.log_pi - page.log_ref)).requires_grad
+
+
+def test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing():
+    k1 = (page.log_pi - page.log_ref).detach()
+    rows = torch.arange(page.batch_size)
+    last = page.lengths - 1
+    assert_close(
+        page.rewards[rows, last], page.task_reward - page.beta * k1[rows, last]
+    )
+    assert (page.rewards[~page.mask] == 0).all()
+    inside = page.mask.clone()
+    inside[rows, last] = False
+    assert_close(page.rewards[inside], -page.beta * k1[inside])
+
+
+def test_rewards_with_equal_lengths_are_the_old_last_column_rule():
+    lengths = torch.full((page.batch_size,), page.seq_len)
+    rewards = page.rlhf_rewards(
+        page.log_pi, page.log_ref, page.task_reward, lengths, page.beta
+    )
+    old = -page.beta * (page.log_pi - page.log_ref).detach()
+    old[:, -1] += page.task_reward
+    assert_close(rewards, old)
+
+
+def test_grpo_term_is_beta_k3_on_real_tokens_and_never_negative():
+    r = (page.log_ref - page.log_pi).exp()
+    expected = page.beta * ((r - 1) - r.log()) * page.mask
+    assert_close(page.grpo_kl_term, expected, rtol=1e-5, atol=1e-7)
+    assert (page.grpo_kl_term >= 0).all()
+
+
+# --- what to put in the loss ----------------------------------------------------
+
+
+def test_k3_in_the_loss_has_the_forward_kl_gradient():
+    gradient = page.expected_gradient(
+        "k3 in the loss (GRPO)", page.small_logits, page.small_reference
+    )
+    assert_close(gradient, page.grad_forward_kl, **EXACT)
+    assert (gradient - page.grad_reverse_kl).abs().max() > 1e-2
+
+
+def test_k1_in_the_loss_has_zero_expected_gradient():
+    gradient = page.expected_gradient(
+        "k1 in the loss", page.small_logits, page.small_reference
+    )
+    assert_close(gradient, torch.zeros_like(gradient), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("recipe", TO_REVERSE_ON_POLICY)
+def test_k2_k1_reward_ratio_k3_and_k3_plus_have_the_reverse_kl_gradient(recipe):
+    gradient = page.expected_gradient(recipe, page.small_logits, page.small_reference)
+    assert_close(gradient, page.grad_reverse_kl, **EXACT)
+    by_formula = reverse_kl_gradient_by_formula(page.small_logits, page.small_reference)
+    assert_close(gradient, by_formula, **EXACT)
+
+
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+@pytest.mark.parametrize("recipe", TO_REVERSE_ON_POLICY)
+def test_reverse_kl_gradient_recipes_hold_at_real_vocabularies(recipe, vocab):
+    policy, log_ref, _ = logits_rows(vocab)
+    gradient = page.expected_gradient(recipe, policy, log_ref)
+    assert_close(gradient, reverse_kl_gradient_by_formula(policy, log_ref), **EXACT)
+
+
+@settings(max_examples=25)
+@given(st.integers(2, 200), st.integers(0, 2**32 - 1), st.floats(0.1, 4.0))
+def test_reverse_kl_gradient_recipes_hold_for_any_logits(vocab, seed, scale):
+    generator = torch.Generator().manual_seed(seed)
+    policy = scale * torch.randn(vocab, generator=generator, dtype=torch.float64)
+    log_ref = (
+        scale * torch.randn(vocab, generator=generator, dtype=torch.float64)
+    ).log_softmax(dim=-1)
+    target = reverse_kl_gradient_by_formula(policy, log_ref)
+    for recipe in TO_REVERSE_ON_POLICY:
+        gradient = page.expected_gradient(recipe, policy, log_ref)
+        assert_close(gradient, target, rtol=1e-7, atol=1e-10)
+    forward = page.kl_gradient(policy, log_ref, "forward")
+    k3 = page.expected_gradient("k3 in the loss (GRPO)", policy, log_ref)
+    assert_close(k3, forward, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("vocab", [5, 32_000])
+def test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy(
+    vocab,
+):
+    if vocab == 5:
+        policy, log_ref, log_old = (
+            page.small_logits,
+            page.small_reference,
+            page.small_old,
+        )
+    else:
+        policy, log_ref, log_old = logits_rows(vocab)
+    target = reverse_kl_gradient_by_formula(policy, log_ref)
+    for recipe in page.RECIPES:
+        gradient = page.expected_gradient(recipe, policy, log_ref, log_old)
+        error = (gradient - target).abs().max()
+        if recipe == "k3 × π_θ/sg(π_old)":
+            assert error < 1e-12
+        else:
+            assert error > 1e-3 * target.abs().max(), recipe
+
+
+def test_verl_k3_plus_has_k3_value_and_k2_gradient():
+    log_ref = page.small_reference
+    log_pi = page.small_logits.log_softmax(dim=-1).detach().requires_grad_()
+    _, k2, k3 = page.k_estimators(log_ref, log_pi)
+    value = page.k3_plus(log_ref, log_pi)
+    assert_close(value, k3)
+    (gradient,) = torch.autograd.grad(value.sum(), log_pi)
+    (k2_gradient,) = torch.autograd.grad(k2.sum(), log_pi)
+    assert_close(gradient, k2_gradient)
+
+
+# --- per token or per sequence ----------------------------------------------------
+
+
+def exact_sequence_kl_by_enumeration(first, second):
+    """KL between the two-token sequence distributions, by listing all sequences."""
+    total = torch.zeros((), dtype=torch.float64)
+    log_p1, log_r1 = first.log_softmax(dim=-1), page.ref_first.log_softmax(dim=-1)
+    log_p2, log_r2 = second.log_softmax(dim=-1), page.ref_second.log_softmax(dim=-1)
+    for a in range(page.VOCAB_TINY):
+        for b in range(page.VOCAB_TINY):
+            log_p = log_p1[a] + log_p2[a, b]
+            total = total + log_p.exp() * (log_p - log_r1[a] - log_r2[a, b])
+    return total
+
+
+def test_sequence_kl_is_the_expected_sum_of_per_position_kls():
+    log_pi = page.per_step_log_probs(page.first_logits, page.second_logits)
+    log_ref = page.per_step_log_probs(page.ref_first, page.ref_second)
+    full = F.kl_div(log_ref[1], log_pi[1], reduction="none", log_target=True)
+    first_kl = F.kl_div(
+        log_ref[0, :, 0], log_pi[0, :, 0], reduction="sum", log_target=True
+    )
+    chain = first_kl + (log_pi[0, :, 0].exp() * full.sum(dim=-1)).sum()
+    exact = exact_sequence_kl_by_enumeration(page.first_logits, page.second_logits)
+    assert_close(chain, exact, **EXACT)
+
+
+def test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient():
+    params = [
+        page.first_logits.clone().requires_grad_(),
+        page.second_logits.clone().requires_grad_(),
+    ]
+    exact = torch.autograd.grad(exact_sequence_kl_by_enumeration(*params), params)
+    exact = torch.cat([g.flatten() for g in exact])
+    gradients = page.sequence_gradients
+    assert_close(gradients["exact sequence KL"], exact, **EXACT)
+    assert_close(gradients["k1 in the reward, returns"], exact, **EXACT)
+
+
+def test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient():
+    gradients = page.sequence_gradients
+    exact = gradients["exact sequence KL"]
+    for name in ["k1 in the reward, own token", "k2 per token in the loss"]:
+        assert (gradients[name] - exact).abs().max() > 1e-2, name
+    # the two per-token forms agree: each position's KL, prefix held fixed
+    assert_close(
+        gradients["k1 in the reward, own token"],
+        gradients["k2 per token in the loss"],
+        **EXACT,
+    )
+
+
+# --- length normalisation ---------------------------------------------------------
+
+
+def test_aggregation_sets_the_kl_weight_per_token_as_the_page_says():
+    mask, beta, max_len = page.mask, page.beta, page.seq_len
+    lengths = mask.sum(dim=-1, keepdim=True).float()
+    expected = {
+        "seq-mean-token-mean": beta / (page.batch_size * lengths) * mask,
+        "token-mean": beta / mask.sum() * mask,
+        "seq-mean-token-sum-norm": beta / (page.batch_size * max_len) * mask,
+    }
+    for mode, weight in expected.items():
+        assert_close(page.kl_weight_per_token(mode, mask, beta, max_len), weight)
+
+
+def test_sequence_mean_gives_short_sequences_a_larger_beta_per_token():
+    weight = page.kl_weight_per_token("seq-mean-token-mean", page.mask, page.beta, 6)
+    assert weight[1, 0] > weight[0, 0]  # the second sequence is the shorter
+    assert page.lengths[1] < page.lengths[0]
+
+
+def test_unknown_aggregation_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match="seq-mean-token-mean"):
+        page.aggregate(torch.zeros(2, 3), torch.ones(2, 3), "mean", 3)
