@@ -3,18 +3,22 @@
 #
 # The Kullback–Leibler divergence $D_{\mathrm{KL}}(P\,\|\,Q)$ measures how much
 # probability mass $P$ puts where $Q$ does not expect it: the average extra log-loss
-# paid for modelling samples of $P$ with $Q$. In PyTorch three calls compute it and
-# agree to float32 precision: the definition written with `torch.xlogy`,
-# `F.kl_div(q.log(), p, reduction="sum")` (model first, in log space) and
-# `kl_divergence(Categorical(probs=p), Categorical(probs=q))`.
+# paid for modelling samples of $P$ with $Q$. In PyTorch, with a model's logits
+# `logits_q` and target probabilities `p` in rows,
+# `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")` computes its
+# mean over the rows: the model goes first, in log space. `kl_divergence` on two
+# `Categorical` distributions built with `logits=` agrees; built with `probs=`, it
+# does not once probabilities fall below float32's machine epsilon, as most of a
+# language model's vocabulary does.
 #
 # On this page you will:
 #
 # - write the definition for discrete and continuous distributions, with its two
 #   conventions for zeros;
+# - compute it with three calls, and know which one fails on a large vocabulary;
+# - see why a loss that computes the right value can still train to NaN;
 # - check its properties on concrete tensors: never negative, zero only when the
-#   distributions are equal, asymmetric, not a metric;
-# - see why minimising cross-entropy over $Q$ minimises $D_{\mathrm{KL}}(P\,\|\,Q)$.
+#   distributions are equal, asymmetric, not a metric.
 #
 # Every number below is printed by the code above it when the site is built.
 
@@ -54,9 +58,10 @@ def kl_by_definition(p, q):
 
 
 # %% [markdown]
-# `torch.xlogy(x, y)` computes $x \log y$ and returns 0 where $x = 0$, which is
-# exactly the first convention; where $p > 0$ and $q = 0$ it returns $-\infty$, so
-# the divergence comes out $+\infty$, the second. The formula as usually typed,
+# `torch.xlogy(x, y)` computes $x \log y$ and returns 0 where $x = 0$ (unless $y$
+# is NaN: a NaN from upstream stays NaN), which is exactly the first convention;
+# where $p > 0$ and $q = 0$ it returns $-\infty$, so the divergence comes out
+# $+\infty$, the second. The formula as usually typed,
 # `p * (p / q).log()`, evaluates $0 \cdot (-\infty)$ where $p = 0$ and returns NaN:
 
 # %%
@@ -112,12 +117,14 @@ kl_qp = kl_by_definition(q, p)
 # plt.show()
 
 # %% [markdown]
-# ## Three ways to compute it, one number
+# ## Three calls, and the one that breaks at scale
 #
 # `F.kl_div` takes the **model's log-probabilities first** and the target second,
-# the reverse of the order in $D_{\mathrm{KL}}(P\,\|\,Q)$; `"sum"` adds up the terms
-# (its default, `"mean"`, divides by the number of terms). `kl_divergence` takes
-# two distribution objects in the mathematical order.
+# the reverse of the order in $D_{\mathrm{KL}}(P\,\|\,Q)$; `reduction="sum"` adds
+# up the terms. `kl_divergence` takes two distribution objects in the mathematical
+# order. Here `q` is given as probabilities, so `q.log()` is its log; a model's
+# output is logits, and its log-probabilities come from `log_softmax`, never from
+# the log of a `softmax` ([numerical pitfalls](numerical_pitfalls.py)).
 
 # %%
 kl_with_functional = F.kl_div(q.log(), p, reduction="sum")  # input=log Q, target=P
@@ -129,13 +136,25 @@ kl_with_distributions = kl_divergence(Categorical(probs=p), Categorical(probs=q)
 # print(f"kl_divergence(P, Q):     {kl_with_distributions:.6f}")
 
 # %% [markdown]
+# The three agree here. They do not all agree on a language model's vocabulary:
+# `Categorical` built with `probs=` clamps every probability below
+# `torch.finfo(dtype).eps` up to it, and on 32,000 classes its value and gradient
+# are visibly wrong, while `F.kl_div` on `log_softmax` outputs and `Categorical`
+# built with `logits=` stay exact to rounding: the page
+# [KL at vocabulary scale](kl_at_scale.py) measures all three.
+
+# %% [markdown]
 # ### Values versus gradients
 #
 # `torch.xlogy` fixes the *value* of $0 \cdot \log 0$, not its gradient. Train a
 # model through the definition and let one of its probabilities underflow to 0
 # where $P$ is 0 too: the derivative of $p \log q$ with respect to $q$ is
 # $p / q = 0/0$, NaN, and it reaches every logit through the softmax. `F.kl_div`
-# on `log_softmax` outputs never divides by $q$ and stays finite.
+# on `log_softmax` outputs never divides by $q$: its gradient with respect to the
+# model's log-probabilities is $-P$, finite. With respect to the *target* it is
+# not: the target's term `xlogy(target, target)` has no derivative at 0, and a
+# trainable target with a zero gets NaN there (more on
+# [argument order](argument_order.py), where the target is a network's output).
 
 # %%
 p_zero = torch.tensor([0.6, 0.4, 0.0])
@@ -148,9 +167,16 @@ kl_functional_loss = F.kl_div(
 )
 (grad_functional,) = torch.autograd.grad(kl_functional_loss, model_logits_far)
 
+trainable_target = p_zero.clone().requires_grad_()  # P from a network, say
+kl_target_side = F.kl_div(
+    model_logits_far.detach().log_softmax(dim=-1), trainable_target, reduction="sum"
+)
+(grad_target,) = torch.autograd.grad(kl_target_side, trainable_target)
+
 # %% active="ipynb"
 # print(f"definition: {kl_definition_loss:.4f}, gradient {grad_definition}")
 # print(f"F.kl_div:   {kl_functional_loss:.4f}, gradient {grad_functional}")
+# print(f"F.kl_div, gradient with respect to the target: {grad_target}")
 
 # %% [markdown]
 # ## Properties, checked on tensors
@@ -243,41 +269,11 @@ js_ab_plus_js_bc = js_divergence(a, b).sqrt() + js_divergence(b, c).sqrt()
 # %% [markdown]
 # ## Cross-entropy is entropy plus KL
 #
-# The cross-entropy $H(P, Q) = -\sum_x P(x) \log Q(x)$ splits into the entropy of
-# the target and the divergence:
-#
-# $$H(P, Q) = H(P) + D_{\mathrm{KL}}(P\,\|\,Q), \qquad H(P) = -\sum_x P(x)\log P(x)$$
-#
-# `F.cross_entropy` accepts probabilities as its target and computes $H(P, Q)$ from
-# the model's logits.
-
-# %%
-entropy_p = -torch.xlogy(p, p).sum()  # H(P)
-cross_entropy_pq = F.cross_entropy(q.log(), p)  # H(P, Q); log Q serves as logits
-
-# %% active="ipynb"
-# print(f"H(P, Q)            = {cross_entropy_pq:.6f}")
-# print(f"H(P) + KL(P‖Q)     = {entropy_p + kl_pq:.6f}")
-
-# %% [markdown]
-# $H(P)$ does not depend on $Q$, so the two losses differ by a constant and have the
-# same gradient with respect to the model: minimising cross-entropy over $Q$ *is*
-# minimising $D_{\mathrm{KL}}(P\,\|\,Q)$, which is why classifiers trained with
-# cross-entropy fit the forward KL. The loss values differ (by $H(P)$); the
-# gradients do not.
-
-# %%
-model_logits = torch.zeros(3, requires_grad=True)  # Q = softmax(model_logits)
-
-cross_entropy_loss = F.cross_entropy(model_logits, p)
-kl_loss = F.kl_div(F.log_softmax(model_logits, dim=-1), p, reduction="sum")
-(grad_cross_entropy,) = torch.autograd.grad(cross_entropy_loss, model_logits)
-(grad_kl,) = torch.autograd.grad(kl_loss, model_logits)
-
-# %% active="ipynb"
-# print(f"losses:  cross-entropy {cross_entropy_loss:.4f}   KL {kl_loss:.4f}")
-# print("gradient of cross-entropy:", grad_cross_entropy)
-# print("gradient of KL:           ", grad_kl)
+# The cross-entropy $H(P, Q) = -\sum_x P(x) \log Q(x)$ is the entropy of the
+# target, $H(P)$, plus $D_{\mathrm{KL}}(P\,\|\,Q)$. $H(P)$ does not depend on $Q$,
+# so minimising one over $Q$ minimises the other, with the same gradient; but the
+# two losses do not share a default scale, which matters when you replace one by
+# the other: see [cross-entropy and KL](cross_entropy_kl.py).
 
 # %% [markdown]
 # ## The continuous case
@@ -322,9 +318,12 @@ kl_normal = kl_divergence(p_normal, q_normal)
 #
 # - $D_{\mathrm{KL}}(P\,\|\,Q) = \sum_x P(x) \log\frac{P(x)}{Q(x)}$: never negative,
 #   zero only when $P = Q$, different when the arguments are swapped, not a metric.
-# - Compute its value with `torch.xlogy` (or the library calls), not
+# - From a model's logits:
+#   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`, the model's
+#   log-probabilities first, the target second; or `kl_divergence` on `Categorical`
+#   built with `logits=`. Not with `probs=` on a large vocabulary: it clamps
+#   probabilities below `torch.finfo(dtype).eps`, and value and gradient go wrong.
+# - Compute a value from probabilities with `torch.xlogy`, not
 #   `p * (p / q).log()`, which returns NaN as soon as $P$ has a zero. Train through
-#   `F.kl_div` on log-probabilities, whose gradient stays finite.
-# - `F.kl_div(log_q, p)`: the model's log-probabilities first, the target second.
-# - Cross-entropy and KL differ by $H(P)$, a constant in the model: same gradients,
-#   different loss values.
+#   `F.kl_div` on `log_softmax` outputs: its gradient with respect to the model's
+#   log-probabilities stays finite; a trainable target with zeros gets NaN.

@@ -2,13 +2,21 @@
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
+from copyable import run_inline
 from torch.testing import assert_close
 
 from snippets import kl_definition as page
 
 FLOAT32 = {"rtol": 1e-6, "atol": 1e-7}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
+HEADLINE = 'F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")'
+
+QUOTED_IN_PROSE = {
+    "xlogy(target, target)": "the target's term in torch.kl_div's source, quoted",
+}
 
 
 def test_zero_probability_outcomes_contribute_nothing():
@@ -69,6 +77,66 @@ def test_kl_div_on_log_softmax_has_the_same_value_and_a_finite_gradient():
     assert page.grad_functional.isfinite().all()
 
 
+def test_kl_div_gradient_is_finite_for_log_probabilities_but_nan_for_a_zero_target():
+    # the page's example: the model's side finite, the trainable target NaN at its 0
+    assert page.grad_functional.isfinite().all()
+    assert page.grad_target[page.p_zero == 0].isnan().all()
+    assert page.grad_target[page.p_zero > 0].isfinite().all()
+
+
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_kl_div_gradients_at_vocabulary_size_finite_for_input_nan_for_zero_target(
+    vocab,
+):
+    generator = torch.Generator().manual_seed(vocab)
+    logits_q = (30 * torch.randn(2, vocab, generator=generator)).requires_grad_()
+    p = torch.zeros(2, vocab)
+    p[:, :3] = torch.tensor([0.5, 0.3, 0.2])  # a sparse target, zeros elsewhere
+    p.requires_grad_()
+    log_q = logits_q.log_softmax(dim=-1)
+    assert (log_q.exp() == 0).any()  # Q underflows where P is 0
+    loss = F.kl_div(log_q, p, reduction="batchmean")
+    grad_logits, grad_p = torch.autograd.grad(loss, (logits_q, p))
+    assert loss.isfinite()
+    assert grad_logits.isfinite().all()
+    assert grad_p[:, 3:].isnan().all() and grad_p[:, :3].isfinite().all()
+
+
+def test_xlogy_returns_zero_where_x_is_zero_unless_y_is_nan():
+    x = torch.tensor([0.0, 0.0, 0.0, 0.5])
+    y = torch.tensor([0.0, 2.0, torch.nan, 0.0])
+    result = run_inline("torch.xlogy(x, y)", x=x, y=y)
+    assert result[:2].eq(0).all()
+    assert result[2].isnan()  # 0 · log NaN is NaN, not 0
+    assert result[3] == -torch.inf
+
+
+def kl_rows_float64(logits_p, logits_q):
+    """The definition in float64, from the formula: the reference."""
+    log_p = logits_p.double().log_softmax(dim=-1)
+    log_q = logits_q.double().log_softmax(dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("vocab", [5, 32_000, 128_000])
+def test_headline_call_is_the_mean_kl_per_row(vocab, dtype):
+    generator = torch.Generator().manual_seed(vocab)
+    logits_p, logits_q = 4 * torch.randn(2, 3, vocab, generator=generator)
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    p = logits_p.softmax(dim=-1)
+    value = run_inline(HEADLINE, logits_q=logits_q, p=p)
+    expected = kl_rows_float64(logits_p, logits_q).mean().to(dtype)
+    # float32 rounding in a sum of V terms grows like √V · eps
+    float32_sum = {"rtol": 2 * 2.0**-23 * vocab**0.5, "atol": 1e-6}
+    tolerance = FLOAT64 if dtype == torch.float64 else float32_sum
+    assert_close(value, expected, **tolerance)
+
+
+def test_machine_epsilon_named_in_the_prose_is_float32s():
+    assert run_inline("torch.finfo(dtype).eps", dtype=torch.float32) == 2.0**-23
+
+
 def test_kl_is_asymmetric():
     assert abs(page.kl_pq - page.kl_qp) > 1e-3
 
@@ -92,20 +160,6 @@ def test_jensen_shannon_is_at_most_log_2_reached_by_disjoint_supports():
     assert (page.js_divergence(p, q) <= math.log(2) + 1e-6).all()
     disjoint_p, disjoint_q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert_close(page.js_divergence(disjoint_p, disjoint_q), torch.tensor(math.log(2)))
-
-
-def test_cross_entropy_is_entropy_plus_kl():
-    assert_close(page.cross_entropy_pq, page.entropy_p + page.kl_pq, **FLOAT32)
-
-
-def test_cross_entropy_and_kl_have_the_same_gradient():
-    assert_close(page.grad_cross_entropy, page.grad_kl, **FLOAT32)
-
-
-def test_cross_entropy_and_kl_losses_differ_by_the_entropy():
-    difference = page.cross_entropy_loss - page.kl_loss
-    assert_close(difference.detach(), page.entropy_p, **FLOAT32)
-    assert page.entropy_p > 0.5  # a visible gap, not rounding
 
 
 def test_gaussian_kl_closed_form_library_and_integral_agree():

@@ -1,0 +1,133 @@
+"""Claims of the page "KL at vocabulary scale", checked on its own snippet."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributions import Categorical, kl_divergence
+from torch.testing import assert_close
+
+from snippets import kl_at_scale as page
+
+RECOMMENDED = [page.kl_div_from_logits, page.categorical_from_logits]
+
+QUOTED_IN_PROSE = {
+    "logits - logits.logsumexp(dim=-1, keepdim=True)": (
+        "Categorical's normalisation, quoted from torch/distributions/categorical.py"
+    ),
+}
+
+
+def float32_sum_tolerance(vocab):
+    """Relative error of a float32 sum of `vocab` terms: grows like √vocab · eps."""
+    return 4 * 2.0**-23 * max(vocab, 16) ** 0.5
+
+
+def test_all_three_calls_agree_on_five_classes():
+    for kl_call in page.KL_CALLS:
+        value_error, gradient_error = page.errors[(5, kl_call.__name__)]
+        assert value_error < 1e-6 and gradient_error < 1e-6, kl_call.__name__
+
+
+def test_most_of_the_32k_vocabulary_lies_below_float32_eps():
+    assert page.eps == torch.finfo(torch.float32).eps
+    assert page.share_below_eps > 0.5
+
+
+def test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient():
+    value_error, gradient_error = page.errors[(32_000, "categorical_from_probs")]
+    assert value_error > 0.1  # "a double-digit percentage"
+    assert gradient_error > value_error and gradient_error > 0.5
+
+
+def test_probs_categorical_underestimates_below_eps_the_reviews_probe():
+    p, q = torch.tensor([0.9, 0.1]), torch.tensor([1 - 1e-9, 1e-9])
+    exact = 0.9 * math.log(0.9 / (1 - 1e-9)) + 0.1 * math.log(0.1 / 1e-9)
+    by_probs = kl_divergence(Categorical(probs=p), Categorical(probs=q))
+    by_logits = kl_divergence(Categorical(logits=p.log()), Categorical(logits=q.log()))
+    assert_close(by_logits, torch.tensor(exact), rtol=1e-5, atol=0)
+    assert by_probs < 0.8 * exact
+
+
+def test_probs_categorical_renormalises_an_unnormalised_target_silently():
+    p_unnormalised = torch.tensor([0.3, 0.1, 0.2])  # sums to 0.6
+    q = torch.tensor([0.2, 0.3, 0.5])
+    renormalised = p_unnormalised / p_unnormalised.sum()
+    by_probs = kl_divergence(Categorical(probs=p_unnormalised), Categorical(probs=q))
+    expected = (renormalised * (renormalised / q).log()).sum()
+    assert_close(by_probs, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("vocab", [5, 32_000, 128_000])
+@pytest.mark.parametrize("kl_call", RECOMMENDED, ids=lambda call: call.__name__)
+def test_recommended_calls_match_float64_definition_in_value_and_gradient(
+    kl_call, vocab, dtype
+):
+    generator = torch.Generator().manual_seed(vocab)
+    logits_p, logits_q = (4 * torch.randn(2, 3, vocab, generator=generator)).to(dtype)
+    value_error, gradient_error = page.errors_against_float64(
+        kl_call, logits_p, logits_q
+    )
+    limit = 1e-12 if dtype == torch.float64 else float32_sum_tolerance(vocab)
+    assert value_error < limit and gradient_error < limit
+
+
+@settings(max_examples=20)
+@given(
+    vocab=st.integers(min_value=2, max_value=50_000),
+    scale=st.floats(min_value=0.1, max_value=8.0),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_recommended_calls_agree_with_the_definition_over_sizes_and_scales(
+    vocab, scale, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    logits_p, logits_q = scale * torch.randn(2, 2, vocab, generator=generator)
+    reference = page.kl_float64(logits_p, logits_q)
+    for kl_call in RECOMMENDED:
+        value = kl_call(logits_p, logits_q).double()
+        limit = float32_sum_tolerance(vocab) * reference.abs() + 1e-6
+        assert ((value - reference).abs() <= limit).all(), kl_call.__name__
+
+
+def test_float32_exp_underflows_below_about_minus_103():
+    smallest_log = math.log(torch.finfo(torch.float32).smallest_normal * 2.0**-23)
+    assert -103.5 < smallest_log < -103
+    # exp rounds to the nearest float32: 0 from half the smallest one down
+    assert torch.tensor(smallest_log - 1).exp() == 0
+    assert torch.tensor(smallest_log).exp() > 0
+
+
+def test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not():
+    assert page.log_q_farther[1] < -103 < page.log_p_far[1]
+    assert page.kl_underflow_categorical == math.inf
+    # the true value: P's tiny mass times the gap of log-probabilities
+    p_far = math.exp(page.log_p_far[1].item())
+    gap = (page.log_p_far - page.log_q_farther)[1].item()
+    exact = (1 - p_far) * (page.log_p_far - page.log_q_farther)[0].item() + p_far * gap
+    assert_close(page.kl_underflow_functional.double(), torch.tensor(exact).double())
+
+
+def test_masked_logit_gives_infinity_in_both_recommended_calls():
+    logits_p = torch.tensor([[1.0, 0.0, -1.0]])
+    logits_q = torch.tensor([[1.0, 0.0, -torch.inf]])  # Q rules out class 2
+    for kl_call in RECOMMENDED:
+        assert kl_call(logits_p, logits_q).item() == math.inf, kl_call.__name__
+
+
+def test_recommended_calls_name_reduction_and_sum_per_row():
+    logits_p, logits_q = page.logits_small
+    expected = F.kl_div(
+        logits_q.log_softmax(dim=-1), logits_p.softmax(dim=-1), reduction="sum"
+    )
+    assert_close(page.kl_div_from_logits(logits_p, logits_q).sum(), expected)
+
+
+def test_machine_epsilon_named_in_the_prose():
+    assert run_inline("torch.finfo(dtype).eps", dtype=torch.float32) == 2.0**-23
+    assert run_inline("torch.finfo(dtype).eps", dtype=torch.float64) == 2.0**-52
