@@ -1,0 +1,123 @@
+# %% [markdown]
+# # KL on GPUs: bfloat16, row chunks and fused kernels
+#
+# What does a large-vocabulary KL cost in bfloat16, and what do fused GPU kernels
+# do that [the chunked KL](large_vocab.py) does not? Plain `F.kl_div` on bfloat16
+# logits computes in bfloat16 and loses accuracy that upcasting to float32 keeps;
+# fused kernels such as Liger-Kernel's tile the vocabulary inside each row and
+# compute the gradient in the forward pass, where the chunked KL splits rows and
+# recomputes in the backward pass.
+#
+# On this page you will measure the bfloat16 error against a float64 reference,
+# count the chunks a long sequence takes, and read how Liger-Kernel's kernels
+# differ. Everything printed here ran on a CPU; no GPU was used for this page.
+
+# %% [markdown]
+# ## What plain bfloat16 costs
+#
+# Logits often arrive in bfloat16. `F.kl_div` on them computes in bfloat16 too;
+# upcasting the logits to float32 first (what the chunked KL does inside) computes
+# in float32. Both are compared below with the KL of the same bfloat16 logits
+# computed in float64, on a few rows of a Llama 3 sized vocabulary.
+
+# %%
+import torch
+import torch.nn.functional as F
+
+SEED = 0
+VOCAB_SIZES = {"Llama 2": 32_000, "Llama 3": 128_256}
+
+
+def mean_kl(student_logits, teacher_logits):
+    """Mean over rows of KL(teacher ‖ student), in the logits' dtype."""
+    log_q = student_logits.log_softmax(dim=-1)
+    log_p = teacher_logits.log_softmax(dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+generator = torch.Generator().manual_seed(SEED)
+shape = (8, VOCAB_SIZES["Llama 3"])
+student = (3 * torch.randn(shape, generator=generator)).bfloat16()
+teacher = (3 * torch.randn(shape, generator=generator)).bfloat16()
+exact_kl = mean_kl(student.double(), teacher.double())
+bf16_results = {
+    "F.kl_div in bfloat16": mean_kl(student, teacher),
+    "F.kl_div in float32": mean_kl(student.float(), teacher.float()),
+}
+bf16_errors = {
+    name: ((value.double() - exact_kl).abs() / exact_kl).item()
+    for name, value in bf16_results.items()
+}
+
+# %% active="ipynb"
+# print(f"{'float64 reference':>20}: {exact_kl.item():.6f}")
+# for name, value in bf16_results.items():
+#     print(f"{name:>20}: {value.item():.6f} ({value.dtype}),"
+#           f" relative error {bf16_errors[name]:.1e}")
+
+# %% [markdown]
+# ## Row chunks
+#
+# The chunked KL takes as many rows per chunk as make about `CHUNK_VALUES` values.
+# A large vocabulary leaves few rows per chunk, so a long batch takes many Python
+# iterations per pass (printed below). On a GPU each iteration launches several
+# kernels, so pass a larger `chunk_size` there: the (chunk, vocabulary)
+# temporaries grow with it.
+
+# %%
+CHUNK_VALUES = 1 << 20  # the chunked KL's default: about a million values
+llama_3 = VOCAB_SIZES["Llama 3"]
+rows_per_chunk = max(1, CHUNK_VALUES // llama_3)
+n_tokens = 8 * 4096  # a batch of 8 sequences of 4096 tokens
+n_chunks = -(-n_tokens // rows_per_chunk)
+
+# %% active="ipynb"
+# megabytes = rows_per_chunk * llama_3 * 4 / 2**20
+# print(f"Llama 3 vocabulary: {rows_per_chunk} rows per chunk ({megabytes:.1f} MB"
+#       f" per float32 temporary), {n_chunks} chunks for {n_tokens} tokens")
+
+# %% [markdown]
+# ## How fused kernels differ
+#
+# [Liger-Kernel]'s Triton kernels for GPUs work differently. What follows is read
+# from its source (`src/liger_kernel/`, at commit `ead96b6`) and was not run here.
+#
+# - **They tile the vocabulary inside a row.** One Triton program per row walks
+#   the vocabulary in blocks of `BLOCK_SIZE` columns (`_kldiv_kernel_forward` in
+#   `ops/kl_div.py`, `_jsd_kernel` in `ops/jsd.py`). These two take
+#   log-probabilities, so the log-softmax is a separate PyTorch call before them;
+#   the cross-entropy kernel (`ops/cross_entropy.py`) is the one that keeps a
+#   running maximum and sum (an online log-sum-exp) while it tiles, and PR #1352
+#   (closed) proposed the same for the JSD.
+# - **The JSD kernels compute the gradient in the forward pass**: `_jsd_kernel`
+#   writes the gradient as it writes the loss, so nothing is recomputed and the
+#   backward pass only scales it. `LigerKLDIVLoss` (`ops/kl_div.py`), a drop-in
+#   for `nn.KLDivLoss` on log-probabilities, has a separate backward kernel.
+# - **`LigerFusedLinearJSD` never builds the logits** (`ops/fused_linear_jsd.py`):
+#   it takes the last hidden states and the output layer's weights, computes the
+#   logits of a chunk of rows with a matrix product, and returns the gradients of
+#   the hidden states and weights from the forward pass. Its `jsd_beta` of 0 and
+#   1 are special-cased as the forward and the reverse KL; `shift_labels` with
+#   `ignore_index` play the part of the chunked KL's `mask`, and `temperature`
+#   divides both logits. One (tokens, vocabulary) table remains: the unreduced
+#   loss, `torch.zeros((BT, V), dtype=torch.float32)` (line 61 of that file), as
+#   large as float32 logits; `LigerJSD` (`ops/jsd.py`) allocates the same. PR #1261
+#   (open) proposes a fused linear JSD with less memory.
+#
+# Between the two, Liger's `chunked_loss` losses (`LigerFusedLinearJSDLoss`, whose
+# `beta` of 0 and 1 call `F.kl_div` for the forward and reverse KL) chunk rows in
+# PyTorch as the chunked KL does, but take each chunk's loss and gradient with
+# `torch.func.grad_and_value` and compile that with `torch.compile`
+# (`chunked_loss/fused_linear_distillation.py`).
+#
+# [Liger-Kernel]: https://github.com/linkedin/Liger-Kernel
+#
+# ## What to remember
+#
+# - `F.kl_div` on bfloat16 log-probabilities computes in bfloat16: upcast the
+#   logits to float32 first (`student.float().log_softmax(dim=-1)`), or use the
+#   [chunked KL](large_vocab.py), which does.
+# - Chunking rows, as on the previous page, works on any device; fused kernels
+#   tile the vocabulary inside a row and write the gradient in the forward pass.
+# - Liger's fused linear JSD never builds the logits but still allocates a
+#   (tokens, vocabulary) float32 loss buffer.
