@@ -1,15 +1,16 @@
 """Claims of the page "Analytic KL with torch.distributions"."""
 
-import inspect
 import math
 
 import pytest
 import torch
-from torch.distributions import MixtureSameFamily, Normal, kl_divergence
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributions import Independent, Normal, kl_divergence
 from torch.testing import assert_close
 
 from snippets import analytic_kl as page
-from snippets import forward_reverse
 
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -36,21 +37,8 @@ def test_kl_divergence_takes_p_first():
 
 
 def test_unregistered_pair_raises_not_implemented():
-    message = page.kl_or_error(page.mixture, page.moment_matched)
-    assert message.startswith("NotImplementedError: No KL(p || q) is implemented")
-
-
-def test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected():
-    assert isinstance(page.kl_mixture_normal, torch.Tensor)
-    assert isinstance(page.kl_or_error(page.mixture, page.moment_matched), str)
-    assert type(page.mixture) is MixtureSameFamily
-
-
-def test_registered_mixture_kl_matches_the_other_page_at_the_forward_optimum():
-    log_sigma = torch.tensor(57.25, dtype=torch.float64).sqrt().log()
-    log_q = forward_reverse.log_q_on_grid(torch.tensor(2.5), log_sigma).view(1, -1)
-    fitted = forward_reverse.forward_kl(log_q)[0]
-    assert_close(page.kl_mixture_normal, fitted, rtol=1e-6, atol=0)
+    with pytest.raises(NotImplementedError, match="No KL"):
+        kl_divergence(Independent(Normal(0.0, torch.ones(3)), 1), Normal(0.0, 1.0))
 
 
 def test_support_mismatch_gives_infinity_and_the_nested_direction_log_2():
@@ -58,40 +46,74 @@ def test_support_mismatch_gives_infinity_and_the_nested_direction_log_2():
     assert_close(page.kl_narrow_wide.item(), math.log(2))
 
 
-def test_rsample_takes_no_generator():
-    assert "generator" not in inspect.signature(Normal.rsample).parameters
-
-
-def test_monte_carlo_is_unbiased():
-    torch.manual_seed(1)
-    estimates = torch.stack(
-        [page.monte_carlo_kl(page.p_normal, page.q_normal, 1000) for _ in range(200)]
-    )
-    standard_error = estimates.std() / math.sqrt(len(estimates))
-    assert abs(estimates.mean() - page.kl_exact) < 4 * standard_error
-
-
-def test_monte_carlo_error_falls_as_one_over_root_n():
-    errors = page.monte_carlo_errors()
-    scaled = errors * torch.tensor(page.SAMPLE_SIZES, dtype=errors.dtype).sqrt()
-    assert (errors.diff() < 0).all()
-    assert scaled.max() / scaled.min() < 1.5  # error × √n stays about constant
-
-
-def test_monte_carlo_gradient_matches_the_closed_form_gradient():
-    exact, estimated = page.gradients_of_mean()
-    assert_close(estimated, exact, rtol=0, atol=0.01)
-
-
 def test_vae_closed_form_matches_kl_divergence():
     assert_close(page.vae_kl_formula, page.vae_kl_library, **FLOAT64)
 
 
-def test_mixture_has_no_rsample_but_sample_gives_an_unbiased_estimate():
-    assert not page.mixture.has_rsample
+def test_independent_has_batch_and_event_shapes_and_one_kl_per_example():
+    assert page.posterior_vector.batch_shape == (page.batch_size,)
+    assert page.posterior_vector.event_shape == (page.latent_dim,)
+    assert page.kl_per_example.shape == (page.batch_size,)
+    assert_close(page.vae_kl_independent, page.vae_kl_formula, **FLOAT64)
+
+
+@settings(max_examples=20)
+@given(
+    batch=st.integers(1, 64),
+    latent=st.sampled_from([1, 16, 512]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_independent_kl_is_the_per_dimension_kl_summed_over_the_event(
+    batch, latent, dtype, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    mu = torch.randn(batch, latent, generator=generator, dtype=dtype)
+    logvar = torch.randn(batch, latent, generator=generator, dtype=dtype)
+    posterior = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    prior = Independent(Normal(torch.zeros_like(mu), 1.0), 1)
+    kl = kl_divergence(posterior, prior)
+    # reference: the closed form per dimension, in float64, summed over the event
+    mu64, logvar64 = mu.double(), logvar.double()
+    reference = (-0.5 * (1 + logvar64 - mu64**2 - logvar64.exp())).sum(dim=-1)
+    assert kl.shape == (batch,)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close(kl.double(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_independent_against_a_plain_normal_raises_not_implemented():
     with pytest.raises(NotImplementedError):
-        page.monte_carlo_kl(page.mixture, page.moment_matched, 10)
-    torch.manual_seed(0)
-    x = page.mixture.sample((200_000,))
-    estimate = (page.mixture.log_prob(x) - page.moment_matched.log_prob(x)).mean()
-    assert_close(estimate, page.kl_mixture_normal, rtol=0.02, atol=0)
+        kl_divergence(page.posterior_vector, page.prior)
+
+
+def test_normal_takes_the_standard_deviation_so_the_variance_gives_another_kl():
+    assert abs(page.variance_as_scale - page.vae_kl_formula) > 1
+    std = (0.5 * page.logvar).exp()
+    assert_close(Normal(page.mu, std).variance, page.logvar.exp(), **FLOAT64)
+
+
+def test_what_to_remember_vae_lines_run_as_written_and_agree():
+    names = {"mu": page.mu, "logvar": page.logvar}
+    per_example = run_inline(
+        "-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=-1)", **names
+    )
+    bound = run_inline(
+        "posterior = Independent(Normal(mu, (0.5 * logvar).exp()), 1)", **names
+    )
+    bound = run_inline(
+        "prior = Independent(Normal(torch.zeros_like(mu), 1.0), 1)", **bound
+    )
+    library = run_inline("kl_divergence(posterior, prior)", **bound)
+    assert_close(library, per_example, **FLOAT64)
+    assert_close(library.mean(), page.vae_kl_formula, **FLOAT64)
+
+
+def test_kl_divergence_p_q_in_the_prose_runs_as_written_p_first():
+    p, q = Normal(0.0, 1.0), Normal(1.0, 2.0)
+    # KL(N(0, 1)‖N(1, 2²)) = log 2 + (1 + 1) / (2 · 4) − ½
+    expected = math.log(2) + 2 / 8 - 0.5
+    assert_close(run_inline("kl_divergence(p, q)", p=p, q=q).item(), expected)
+    assert_close(
+        run_inline("torch.distributions.kl_divergence(p, q)", p=p, q=q),
+        kl_divergence(p, q),
+    )

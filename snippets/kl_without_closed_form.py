@@ -1,0 +1,234 @@
+# %% [markdown]
+# # KL without a closed form: quadrature, Monte Carlo and their gradients
+#
+# When `kl_divergence(p, q)` has no formula for a pair of distribution types it
+# raises `NotImplementedError`. You can then register a formula of your own with
+# `register_kl` (here, a quadrature for a one-dimensional Gaussian mixture), or
+# estimate $D_{\mathrm{KL}}(p\,\|\,q) = \mathbb{E}_{x \sim p}[\log p(x) - \log
+# q(x)]$ by Monte Carlo: unbiased, with an error falling as $1/\sqrt{n}$, and
+# differentiable either through `rsample` or, when $p$ has none, through the score
+# function.
+#
+# On this page you will:
+#
+# - see what happens for an unregistered pair, and register one that stays right
+#   wherever the mixture's components lie;
+# - estimate the KL by Monte Carlo and watch its error fall as $1/\sqrt{n}$;
+# - take its gradient with `rsample`, and without it.
+#
+# The closed forms themselves are on [analytic KL](analytic_kl.py).
+
+# %% [markdown]
+# ## Unregistered pairs, and registering your own
+#
+# There is no closed form for the KL between a Gaussian mixture and a Gaussian,
+# and none is registered: `kl_divergence` looks the pair of *types* up in its
+# registry and raises. The Gaussian here is the moment-matched one, with the
+# mixture's mean and variance (printed below): it is where the forward-KL fit of
+# [forward vs reverse KL](forward_reverse.py) settles for this very mixture.
+
+# %%
+import torch
+from torch.distributions import (
+    Categorical,
+    MixtureSameFamily,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
+
+SEED = 0
+DTYPE = torch.float64
+
+weights = Categorical(probs=torch.tensor([0.5, 0.5], dtype=DTYPE))
+components = Normal(torch.tensor([-5.0, 10.0], dtype=DTYPE), torch.ones(2, dtype=DTYPE))
+mixture = MixtureSameFamily(weights, components)  # ½ N(−5, 1) + ½ N(10, 1)
+moment_matched = Normal(mixture.mean, mixture.variance.sqrt())
+
+
+def kl_or_error(p, q):
+    """kl_divergence(p, q), or the message of the error it raises."""
+    try:
+        return kl_divergence(p, q)
+    except NotImplementedError as error:
+        return f"NotImplementedError: {error}"
+
+
+# %% active="ipynb"
+# print(f"moment-matched Gaussian: mean {moment_matched.mean:.4f},"
+#       f" variance {moment_matched.variance:.4f}")
+# print(kl_or_error(mixture, moment_matched))
+
+# %% [markdown]
+# `register_kl` adds a function for a pair of types. Registering it
+# for `MixtureSameFamily` itself would change `kl_divergence` for every mixture in
+# the program; a subclass keeps the change to the distributions you create with it.
+#
+# The function below integrates $p\,(\log p - \log q)$ numerically. The integrand
+# carries the factor $p$, so the grid must cover $p$'s mass, wherever it lies: a
+# grid centred on $q$ silently returns about 0 for a mixture far from $q$. Here
+# the grid is dense within 12 standard deviations of *every component*, and its
+# assumptions are checked rather than left to a docstring.
+
+
+# %%
+class GaussianMixture1d(MixtureSameFamily):
+    """A one-dimensional Gaussian mixture, whose KL to a Normal we register."""
+
+
+def check_scalar_mixture_and_normal(p, q):
+    """Raise a ValueError unless p has Normal components and neither p nor q has
+    batch dimensions: the quadrature below assumes both."""
+    if not isinstance(p.component_distribution, Normal):
+        raise ValueError(
+            "GaussianMixture1d's KL needs Normal components, got "
+            f"{type(p.component_distribution).__name__}; estimate it by Monte Carlo"
+        )
+    if p.batch_shape or q.batch_shape:
+        raise ValueError(
+            f"batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)}: the "
+            "quadrature takes one mixture and one Normal; loop over the batch"
+        )
+
+
+@register_kl(GaussianMixture1d, Normal)
+def _kl_gaussian_mixture_normal(p, q, n_points=2_001):
+    check_scalar_mixture_and_normal(p, q)
+    # p's mass lies within 12σ of some component: sample each such window densely
+    # (detached: the nodes only place the grid, the integrand carries the gradient)
+    loc = p.component_distribution.loc.detach()
+    scale = p.component_distribution.scale.detach()
+    u = torch.linspace(-12, 12, n_points, dtype=loc.dtype)
+    x, _ = (loc[:, None] + scale[:, None] * u).flatten().sort()
+    # KL(p‖q) = ∫ p (log p − log q) dx; between windows p is below e^−72 of its peak
+    log_p, log_q = p.log_prob(x), q.log_prob(x)
+    return torch.trapezoid(log_p.exp() * (log_p - log_q), x)
+
+
+registered_mixture = GaussianMixture1d(weights, components)
+kl_mixture_normal = kl_divergence(registered_mixture, moment_matched)
+
+# %% active="ipynb"
+# print(f"KL(mixture‖moment-matched Gaussian) = {kl_mixture_normal:.4f}")
+# print("a plain MixtureSameFamily still raises:", kl_or_error(mixture, moment_matched))
+
+# %% [markdown]
+# ## Monte Carlo
+#
+# For any pair whose densities you can evaluate and $p$ you can sample, the
+# average of $\log p(x) - \log q(x)$ over $n$ samples $x \sim p$ is unbiased. It
+# is the estimator called $k_1$ on [KL estimators](rl_estimators.py), which also
+# measures $k_3$, often of lower variance. The standard error falls as
+# $1/\sqrt{n}$ provided $\log p(x) - \log q(x)$ has a finite variance; that page
+# shows a pair where $k_3$'s does not. Drawn with `rsample` (the
+# reparameterisation $x = \mu + \sigma \varepsilon$), the samples carry gradients.
+# `rsample` takes no generator: seed the global one for repeatable draws.
+
+
+# %%
+def monte_carlo_kl(p, q, n_samples):
+    """k1: unbiased, differentiable estimate of KL(p‖q) from n samples of p."""
+    x = p.rsample((n_samples,))
+    return (p.log_prob(x) - q.log_prob(x)).mean(dim=0)
+
+
+p_normal = Normal(torch.tensor(0.0, dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE))
+q_normal = Normal(torch.tensor(1.0, dtype=DTYPE), torch.tensor(2.0, dtype=DTYPE))
+kl_exact = kl_divergence(p_normal, q_normal)
+SAMPLE_SIZES = [10, 100, 1_000, 10_000]
+N_REPEATS = 200  # independent estimates per sample size, to measure the error
+
+
+def monte_carlo_errors():
+    """RMS error of N_REPEATS independent estimates at each sample size."""
+    torch.manual_seed(SEED)
+    errors = []
+    for n in SAMPLE_SIZES:
+        x = p_normal.rsample((n, N_REPEATS))
+        estimates = (p_normal.log_prob(x) - q_normal.log_prob(x)).mean(dim=0)
+        errors.append((estimates - kl_exact).pow(2).mean().sqrt())
+    return torch.stack(errors)
+
+
+# %% active="ipynb"
+# import math
+#
+# rms_errors = monte_carlo_errors()
+# for n, error in zip(SAMPLE_SIZES, rms_errors):
+#     print(f"n = {n:>6}: RMS error {error:.5f},  × √n = {error * math.sqrt(n):.3f}")
+
+# %% active="ipynb" alt="RMS error of the Monte Carlo KL against the number of samples"
+# import matplotlib.pyplot as plt
+#
+# fig, ax = plt.subplots(figsize=(5, 3))
+# ax.loglog(SAMPLE_SIZES, rms_errors, "o-", label="RMS error of the estimate")
+# reference = rms_errors[0] * math.sqrt(SAMPLE_SIZES[0])
+# ax.loglog(SAMPLE_SIZES, [reference / math.sqrt(n) for n in SAMPLE_SIZES], "--",
+#           label="∝ 1/√n")
+# ax.set(xlabel="samples n", ylabel="error (nats)")
+# ax.legend()
+# plt.show()
+
+# %% [markdown]
+# ## Gradients, with rsample and without
+#
+# With `rsample` the gradient flows through the samples: with respect to $p$'s
+# mean it matches the gradient of the closed form, in expectation.
+#
+# The mixture has no `rsample` (`has_rsample` is false): `sample` still gives an
+# unbiased value of the KL, but no gradient. The score function gives one: since
+# $\mathbb{E}_p[\nabla_\theta \log p_\theta] = 0$,
+# $\nabla_\theta D_{\mathrm{KL}}(p_\theta\,\|\,q) = \mathbb{E}_{x \sim
+# p_\theta}\big[(\log p_\theta(x) - \log q(x))\,\nabla_\theta \log
+# p_\theta(x)\big]$, the gradient of a surrogate whose log-ratio is detached. It
+# is unbiased and usually noisier than `rsample`. Below it is checked against the
+# gradient of the registered quadrature, with respect to the components' means.
+
+
+# %%
+def gradients_of_mean(n_samples=100_000):
+    """d KL / d mu of p, from the closed form and from a Monte Carlo estimate."""
+    torch.manual_seed(SEED)
+    mu = torch.tensor(0.0, dtype=DTYPE, requires_grad=True)
+    p = Normal(mu, torch.tensor(1.0, dtype=DTYPE))
+    (exact,) = torch.autograd.grad(kl_divergence(p, q_normal), mu)
+    (estimated,) = torch.autograd.grad(monte_carlo_kl(p, q_normal, n_samples), mu)
+    return exact, estimated
+
+
+def score_function_gradient(p, q, parameter, n_samples):
+    """d KL(p‖q) / d parameter without rsample: E_p[(log p − log q) ∇ log p]."""
+    x = p.sample((n_samples,))  # no gradient flows through x
+    log_p, log_q = p.log_prob(x), q.log_prob(x)
+    surrogate = (log_p * (log_p - log_q).detach()).mean()
+    (gradient,) = torch.autograd.grad(surrogate, parameter)
+    return gradient
+
+
+def mixture_gradients(n_samples=100_000):
+    """d KL(mixture‖moment-matched) / d component means: quadrature, score function."""
+    torch.manual_seed(SEED)
+    means = components.loc.clone().requires_grad_()
+    p = GaussianMixture1d(weights, Normal(means, components.scale))
+    (quadrature,) = torch.autograd.grad(kl_divergence(p, moment_matched), means)
+    return quadrature, score_function_gradient(p, moment_matched, means, n_samples)
+
+
+# %% active="ipynb"
+# exact_gradient, estimated_gradient = gradients_of_mean()
+# print(f"Normal, dKL/dmu: closed form {exact_gradient:.4f},"
+#       f" rsample {estimated_gradient:.4f}")
+# quadrature_gradient, score_gradient = mixture_gradients()
+# print(f"mixture, dKL/d(means): quadrature {quadrature_gradient.numpy().round(4)},"
+#       f" score function {score_gradient.numpy().round(4)}")
+
+# %% [markdown]
+# ## What to remember
+#
+# - An unregistered pair raises `NotImplementedError`; register a formula with
+#   `register_kl`, on a subclass if it should not change every mixture.
+# - A numerical KL(p‖q) must cover $p$'s mass, wherever it lies, and check the
+#   assumptions it makes.
+# - Monte Carlo ($k_1$): unbiased, error $\propto 1/\sqrt{n}$ when its variance is
+#   finite; differentiable through `rsample`, or through the score function
+#   `(log_p * (log_p - log_q).detach()).mean()` when there is no `rsample`.

@@ -1,0 +1,240 @@
+"""Claims of the page "KL without a closed form: quadrature, Monte Carlo and their
+gradients"."""
+
+import inspect
+import math
+
+import jupytext
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributions import (
+    Categorical,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+)
+from torch.testing import assert_close
+
+from snippets import forward_reverse
+from snippets import kl_without_closed_form as page
+
+DTYPE = torch.float64
+
+
+def mixture_of(weights, locs, scales):
+    """A GaussianMixture1d in float64, the page's registered subclass."""
+    return page.GaussianMixture1d(
+        Categorical(probs=torch.tensor(weights, dtype=DTYPE)),
+        Normal(torch.tensor(locs, dtype=DTYPE), torch.tensor(scales, dtype=DTYPE)),
+    )
+
+
+def monte_carlo_reference(p, q, n_samples=200_000, seed=0):
+    """k1 from n samples of p, and its standard error: the independent check."""
+    torch.manual_seed(seed)
+    x = p.sample((n_samples,))
+    k1 = p.log_prob(x) - q.log_prob(x)
+    return k1.mean(), k1.std() / math.sqrt(n_samples)
+
+
+def test_unregistered_pair_raises_not_implemented():
+    message = page.kl_or_error(page.mixture, page.moment_matched)
+    assert message.startswith("NotImplementedError: No KL(p || q) is implemented")
+
+
+def test_moment_matched_gaussian_has_the_mixtures_mean_and_variance():
+    w, m, s = (0.5, 0.5), (-5.0, 10.0), (1.0, 1.0)
+    mean = sum(wi * mi for wi, mi in zip(w, m, strict=True))
+    second_moment = sum(
+        wi * (si**2 + mi**2) for wi, mi, si in zip(w, m, s, strict=True)
+    )
+    variance = second_moment - mean**2
+    assert_close(page.moment_matched.mean.item(), mean, rtol=1e-12, atol=0)
+    assert_close(page.moment_matched.variance.item(), variance, rtol=1e-12, atol=0)
+
+
+def test_the_moment_matched_parameters_are_printed_not_typed_in_the_prose():
+    cells = jupytext.read(inspect.getfile(page)).cells
+    markdown = "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    assert "57.25" not in markdown and "2.5," not in markdown
+
+
+def test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected():
+    assert isinstance(page.kl_mixture_normal, torch.Tensor)
+    assert isinstance(page.kl_or_error(page.mixture, page.moment_matched), str)
+    assert type(page.mixture) is MixtureSameFamily
+
+
+def test_registered_mixture_kl_matches_the_other_page_at_the_forward_optimum():
+    log_sigma = page.moment_matched.scale.log()
+    log_q = forward_reverse.log_q_on_grid(page.moment_matched.loc, log_sigma)
+    fitted = forward_reverse.forward_kl(log_q.view(1, -1))[0]
+    assert_close(page.kl_mixture_normal, fitted, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "weights, locs, scales, q_loc, q_scale",
+    [
+        ((0.5, 0.5), (-50.0, 50.0), (1.0, 1.0), 0.0, 1.0),  # review: −1e-147 before
+        ((0.5, 0.5), (30.0, 40.0), (0.5, 0.5), 0.0, 2.0),  # review: 27.43 before
+    ],
+)
+def test_registered_kl_is_right_for_a_mixture_far_from_q(
+    weights, locs, scales, q_loc, q_scale
+):
+    p = mixture_of(weights, locs, scales)
+    q = Normal(torch.tensor(q_loc, dtype=DTYPE), torch.tensor(q_scale, dtype=DTYPE))
+    estimate, standard_error = monte_carlo_reference(p, q)
+    assert abs(kl_divergence(p, q) - estimate) < 5 * standard_error
+
+
+@settings(max_examples=25)
+@given(
+    n_components=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([1.0, 30.0, 300.0]),
+    q_loc=st.floats(-50, 50),
+    q_scale=st.floats(0.5, 50),
+)
+def test_registered_kl_matches_monte_carlo_wherever_the_components_lie(
+    n_components, seed, spread, q_loc, q_scale
+):
+    generator = torch.Generator().manual_seed(seed)
+    locs = spread * torch.randn(n_components, generator=generator, dtype=DTYPE)
+    scales = torch.empty(n_components, dtype=DTYPE).uniform_(
+        0.05, 5, generator=generator
+    )
+    weights = torch.rand(n_components, generator=generator, dtype=DTYPE) + 0.1
+    p = mixture_of(weights.tolist(), locs.tolist(), scales.tolist())
+    q = Normal(torch.tensor(q_loc, dtype=DTYPE), torch.tensor(q_scale, dtype=DTYPE))
+    estimate, standard_error = monte_carlo_reference(p, q, 50_000, seed)
+    error = (kl_divergence(p, q) - estimate).abs()
+    assert error < 5 * standard_error + 1e-9 * estimate.abs()
+
+
+@settings(max_examples=30)
+@given(
+    loc=st.floats(-100, 100),
+    scale=st.floats(0.01, 100),
+    q_loc=st.floats(-100, 100),
+    q_scale=st.floats(0.01, 100),
+)
+def test_registered_kl_of_one_component_is_the_normal_closed_form(
+    loc, scale, q_loc, q_scale
+):
+    p = mixture_of((1.0,), (loc,), (scale,))
+    q = Normal(torch.tensor(q_loc, dtype=DTYPE), torch.tensor(q_scale, dtype=DTYPE))
+    closed_form = kl_divergence(Normal(p.mean, p.stddev), q)
+    assert_close(kl_divergence(p, q), closed_form, rtol=1e-8, atol=1e-10)
+
+
+def test_registered_kl_refuses_batches_and_other_components_with_a_value_error():
+    batched = page.GaussianMixture1d(
+        Categorical(probs=torch.ones(3, 2) / 2), Normal(torch.zeros(3, 2), 1.0)
+    )
+    with pytest.raises(ValueError, match="loop over the batch"):
+        kl_divergence(batched, Normal(0.0, 1.0))
+    two_dimensional = page.GaussianMixture1d(
+        Categorical(probs=torch.ones(2) / 2),
+        MultivariateNormal(torch.zeros(2, 1), torch.eye(1).expand(2, 1, 1)),
+    )
+    with pytest.raises(ValueError, match="Normal components"):
+        kl_divergence(two_dimensional, Normal(0.0, 1.0))
+
+
+def test_rsample_takes_no_generator():
+    assert "generator" not in inspect.signature(Normal.rsample).parameters
+
+
+def test_monte_carlo_estimator_is_k1_the_mean_log_ratio():
+    torch.manual_seed(3)
+    estimate = page.monte_carlo_kl(page.p_normal, page.q_normal, 1000)
+    torch.manual_seed(3)
+    x = page.p_normal.sample((1000,))
+    k1 = page.p_normal.log_prob(x) - page.q_normal.log_prob(x)
+    assert_close(estimate, k1.mean(), rtol=1e-12, atol=0)
+
+
+def test_monte_carlo_is_unbiased():
+    torch.manual_seed(1)
+    estimates = torch.stack(
+        [page.monte_carlo_kl(page.p_normal, page.q_normal, 1000) for _ in range(200)]
+    )
+    standard_error = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - page.kl_exact) < 4 * standard_error
+
+
+def k1_standard_deviation_by_quadrature(p, q):
+    """Std of log p − log q under p, integrated in float64 (no sampling)."""
+    x = torch.linspace(-40, 40, 400_001, dtype=DTYPE)
+    density, k1 = p.log_prob(x).exp(), p.log_prob(x) - q.log_prob(x)
+    mean = torch.trapezoid(density * k1, x)
+    return torch.trapezoid(density * (k1 - mean) ** 2, x).sqrt()
+
+
+def test_monte_carlo_error_falls_as_one_over_root_n_times_the_std_of_k1():
+    errors = page.monte_carlo_errors()
+    scaled = errors * torch.tensor(page.SAMPLE_SIZES, dtype=errors.dtype).sqrt()
+    assert (errors.diff() < 0).all()
+    std = k1_standard_deviation_by_quadrature(page.p_normal, page.q_normal)
+    # log p − log q = log 2 + 1/8 − x/4 − 3x²/8 under N(0, 1): variance 22/64
+    assert_close(std.item(), math.sqrt(22 / 64), rtol=1e-8, atol=0)
+    # RMS of 200 estimates: within about 3 · √(2/200) = 30 % of the std
+    assert_close(scaled, torch.full_like(scaled, std.item()), rtol=0.2, atol=0)
+
+
+def test_monte_carlo_gradient_matches_the_closed_form_gradient():
+    exact, estimated = page.gradients_of_mean()
+    assert_close(estimated, exact, rtol=0, atol=0.01)
+
+
+def test_mixture_has_no_rsample_but_sample_gives_an_unbiased_estimate():
+    assert not page.mixture.has_rsample
+    with pytest.raises(NotImplementedError):
+        page.monte_carlo_kl(page.mixture, page.moment_matched, 10)
+    estimate, standard_error = monte_carlo_reference(page.mixture, page.moment_matched)
+    assert abs(estimate - page.kl_mixture_normal) < 5 * standard_error
+
+
+def dense_grid_kl(means):
+    """KL(mixture‖moment-matched) on one fixed, dense grid: the reference."""
+    x = torch.linspace(-40, 60, 1_000_001, dtype=DTYPE)
+    p = MixtureSameFamily(page.weights, Normal(means, page.components.scale))
+    log_p, log_q = p.log_prob(x), page.moment_matched.log_prob(x)
+    return torch.trapezoid(log_p.exp() * (log_p - log_q), x)
+
+
+def test_quadrature_gradient_matches_finite_differences_on_a_dense_grid():
+    quadrature, _ = page.mixture_gradients(n_samples=10)
+    step = 1e-4
+    for i in range(2):
+        shift = torch.zeros(2, dtype=DTYPE)
+        shift[i] = step
+        loc = page.components.loc
+        finite_difference = (
+            dense_grid_kl(loc + shift) - dense_grid_kl(loc - shift)
+        ) / (2 * step)
+        assert_close(quadrature[i], finite_difference, rtol=1e-6, atol=0)
+
+
+def test_score_function_gradient_is_unbiased_for_the_mixture():
+    quadrature, _ = page.mixture_gradients(n_samples=10)
+    torch.manual_seed(7)
+    means = page.components.loc.clone().requires_grad_()
+    p = page.GaussianMixture1d(page.weights, Normal(means, page.components.scale))
+    estimates = torch.stack(
+        [
+            page.score_function_gradient(p, page.moment_matched, means, 20_000)
+            for _ in range(30)
+        ]
+    )
+    standard_error = estimates.std(dim=0) / math.sqrt(len(estimates))
+    assert ((estimates.mean(dim=0) - quadrature).abs() < 4 * standard_error).all()
+
+
+def test_page_score_function_estimate_is_near_the_quadrature_gradient():
+    quadrature, score = page.mixture_gradients()
+    assert_close(score, quadrature, rtol=0, atol=0.01)
