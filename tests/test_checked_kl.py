@@ -453,3 +453,8 @@ def test_a_valid_call_synchronises_the_gpu_once():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sum("synchroniz" in str(w.message) for w in caught) == 1
+
+
+def test_under_torch_compile_the_one_sync_is_one_graph_break():
+    explanation = torch._dynamo.explain(checked_kl)(log_p, log_q)
+    assert explanation.graph_break_count == 1
