@@ -1,19 +1,28 @@
 # %% [markdown]
 # # Numerical pitfalls: inf, NaN and negative KL
 #
-# Most broken KL losses are not wrong formulas but floating point: a probability
-# that rounds to 0 and is then logged, a $0 \cdot (-\infty)$, a NaN that
-# `torch.where` lets through the backward pass, or an input that was never a
-# distribution. The cure is the same each time: stay in log space, mask before the
-# log rather than after, and check what `F.kl_div` never checks.
+# A KL loss can have the right formula and still come out inf, NaN or negative,
+# because of floating point: a probability that rounds to 0 and is then logged, a
+# $0 \cdot (-\infty)$, a NaN that `torch.where` lets through the backward pass, or
+# an input that was never a distribution. The cure is the same each time: stay in
+# log space, mask before the log rather than after, and check what `F.kl_div`
+# never checks.
 #
 # On this page you will see each failure on a small tensor, next to its fix:
 #
-# - underflow: densities far in a tail, mixtures, `log(softmax)`;
+# - underflow: densities far in a tail, mixtures, the log of a `softmax`;
 # - zeros: $0 \cdot \log 0$, and masked logits that turn into NaN;
 # - NaN gradients through `torch.where`, and with respect to the target;
-# - inputs that are not distributions, shapes that broadcast, rounding below 0;
-# - half precision over a large vocabulary.
+# - inputs that are not distributions, shapes that broadcast, rounding below 0.
+#
+# If you came with a symptom:
+#
+# - an infinite KL: [underflow](#exponentiate-then-log-underflow);
+# - NaN in the loss: [zeros and masked logits](#zeros-and-masked-logits);
+# - NaN only in the gradients: [NaN gradients](#nan-gradients);
+# - a negative or implausible KL: [nothing is validated](#nothing-is-validated);
+# - NaN, $-\infty$ or rounded values in float16 or bfloat16: the
+#   [half precision](half_precision.py) page.
 
 # %% [markdown]
 # ## Exponentiate, then log: underflow
@@ -22,7 +31,8 @@
 # the tails $q(x) \propto e^{-2x^2}$ drops below the smallest float32 (about
 # $10^{-45}$) while $p(x)$ is still positive: the density rounds to 0, its log is
 # $-\infty$ and the divergence comes out infinite. Asking the distribution for
-# `log_prob` never leaves log space and gives the closed-form value.
+# `log_prob` never leaves log space; its sum over the grid matches the closed form
+# to 4 decimals (the last two printed lines).
 
 # %%
 import math
@@ -79,8 +89,9 @@ log_mixture_library = mixture.log_prob(points)
 # print("MixtureSameFamily.log_prob: ", log_mixture_library)
 
 # %% [markdown]
-# The same happens with logits: `softmax` rounds a class 200 nats below the best one
-# to exactly 0, and `log` of it is $-\infty$; `log_softmax` computes
+# The same happens with logits: in float32, the default dtype, `softmax` rounds a
+# class 200 nats below the best one to exactly 0 (float64 would still represent it),
+# and `log` of it is $-\infty$; `log_softmax` computes
 # $z - \operatorname{logsumexp}(z)$ and keeps the finite value. Feed `F.kl_div`
 # from `log_softmax` on both sides, with `log_target=True`.
 
@@ -129,24 +140,10 @@ kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
 # print(f"mask with {MASK_VALUE:g} instead:        {kl_fixed_before:.6f}")
 
 # %% [markdown]
-# The finite value has to survive `log_softmax`, which subtracts the largest logit
-# first. `torch.finfo(dtype).min`, a common choice, does in float32 and bfloat16 but
-# overflows to $-\infty$ in float16 as soon as a logit is positive, and the NaN is
-# back. A moderate constant such as $-10^4$ works in all three.
-
-
-# %%
-def kl_with_masked_logits(mask_value, dtype):
-    """F.kl_div after masking class 2 of some logits with mask_value, in dtype."""
-    logits = torch.tensor([30.0, 1.0, 0.5], dtype=dtype).masked_fill(mask, mask_value)
-    return F.kl_div(logits.log_softmax(dim=-1), p_masked.to(dtype), reduction="sum")
-
-
-# %% active="ipynb"
-# for dtype in [torch.float32, torch.bfloat16, torch.float16]:
-#     with_min = kl_with_masked_logits(torch.finfo(dtype).min, dtype)
-#     with_constant = kl_with_masked_logits(MASK_VALUE, dtype)
-#     print(f"{dtype}:  finfo.min {with_min:.4f},  {MASK_VALUE:g} {with_constant:.4f}")
+# The finite value has to survive `log_softmax`. $-10^4$ does in float32, bfloat16
+# and float16; `torch.finfo(dtype).min`, a common choice, does in float32 and
+# bfloat16 but overflows to $-\infty$ in float16 once the log-sum-exp of the logits
+# reaches 16. The [half precision](half_precision.py) page shows it.
 
 # %% [markdown]
 # ### Masked classes on both sides
@@ -177,7 +174,7 @@ kl_both_clamped = F.kl_div(
 #
 # ### torch.where does not stop NaN in the backward pass
 #
-# A hand-written KL often guards the log with `torch.where(p > 0, ..., 0)`. The
+# A hand-written KL often guards the log with `torch.where`, on $p > 0$. The
 # forward value is right, but autograd differentiates *both* branches and
 # multiplies the unused one by 0: where $p = 0$ that is $0 \cdot \infty$ = NaN, and
 # it spreads to every logit through the softmax ([pytorch#52248]). The fix is to
@@ -224,7 +221,13 @@ kl_sanitised = torch.where(
 # pass the target as log-probabilities with `log_target=True`, where the term is
 # $e^{\log P}(\log P - \log Q)$ and the gradient stays finite.
 #
+# Before PyTorch 1.13 ([PR #80334], which made `kl_div` a composite function) the
+# kernel computed the term only where the target was positive, so this gradient
+# was 0, not NaN, and a target of log-probabilities passed as probabilities gave a
+# silent 0 where it now gives NaN.
+#
 # [pytorch#89558]: https://github.com/pytorch/pytorch/issues/89558
+# [PR #80334]: https://github.com/pytorch/pytorch/pull/80334
 
 # %%
 target_logits, p_trainable = target_with_an_underflowed_class()
@@ -250,11 +253,12 @@ kl_xlogy = (torch.xlogy(p_trainable, p_trainable) - p_trainable * log_q_fixed).s
 # %% [markdown]
 # ## Nothing is validated
 #
-# `F.kl_div` trusts its inputs completely. A target that does not sum to 1 gives a
-# negative "divergence"; shapes that differ are broadcast without a word; and two
-# identical distributions can come out a hair below zero from rounding
-# ([pytorch#80488]; below is the code of that report, whose last digits depend on
-# the platform).
+# `F.kl_div` trusts its inputs completely. A target scaled to sum to $c$ gives
+# $c\,\mathrm{KL} + c \log c$ instead of the KL: a wrong number, negative when the
+# target sums to less than 1 (for some $c$), too large when it sums to more; shapes that
+# differ are broadcast without a word; and two identical distributions can come out a
+# hair below zero from rounding ([pytorch#80488]; below is the code of that report,
+# whose last digits depend on the platform).
 #
 # [pytorch#80488]: https://github.com/pytorch/pytorch/issues/80488
 
@@ -264,7 +268,10 @@ log_q_rows = torch.randn(4, 5, generator=generator).log_softmax(dim=-1)
 p_rows = torch.randn(4, 5, generator=generator).softmax(dim=-1)
 
 kl_rows = F.kl_div(log_q_rows, p_rows, reduction="batchmean")
-kl_unnormalised = F.kl_div(log_q_rows, 0.3 * p_rows, reduction="batchmean")
+target_sums = [0.3, 3.0]  # what the target rows sum to, instead of 1
+kl_unnormalised = [
+    F.kl_div(log_q_rows, c * p_rows, reduction="batchmean") for c in target_sums
+]
 
 # an extra singleton dimension: (4, 1, 5) against (4, 5) broadcasts to (4, 4, 5)
 terms_broadcast = F.kl_div(log_q_rows.unsqueeze(1), p_rows, reduction="none")
@@ -277,86 +284,32 @@ terms_identical = F.kl_div(
 
 # %% active="ipynb"
 # print(f"KL(P‖Q), mean over rows:            {kl_rows:.4f}")
-# print(f"target scaled to sum to 0.3:        {kl_unnormalised:.4f}")
+# for c, kl in zip(target_sums, kl_unnormalised):
+#     print(f"target scaled to sum to {c}:        {kl:.4f}")
 # print(f"input (4, 1, 5) vs target (4, 5):   {kl_broadcast:.4f}"
 #       f"   terms of shape {tuple(terms_broadcast.shape)}")
 # print("identical distributions, 'none':\n", terms_identical)
 
 # %% [markdown]
-# The [checked KL](checked_kl.py) refuses the first two, and given the same
-# log-probabilities twice it returns exactly 0: the negative term above comes from
-# comparing `log_softmax(a)` with `log(softmax(a))`, two roundings of the same
-# number. Where a divergence must not be negative (before a square root, say),
-# `.clamp_min(0)` removes what is left of such rounding.
-
-# %% [markdown]
-# ## Half precision over a large vocabulary
-#
-# float16 cannot represent anything below about $6 \cdot 10^{-8}$. Over a
-# vocabulary of 128,000 tokens, with logits spread like the ones below (standard
-# deviation 4), most probabilities are smaller than that, so a `softmax` in float16
-# rounds them to exactly 0, and `log` of them to $-\infty$; a few such zeros are
-# enough for a NaN.
-# `log_softmax` in float16 stays finite but rounds every log-probability to
-# float16's few digits. Compute log-probabilities in float32: cast the logits up
-# before `log_softmax`.
-#
-# `torch.autocast` does not do that for you everywhere. It runs `kl_div` itself in
-# float32 (on CPU as measured below; the [AMP documentation] lists `kl_div` and
-# `log_softmax` among CUDA's float32 ops), but on CPU `log_softmax` stays in half
-# precision, and a float32 `kl_div` of rounded log-probabilities keeps their error.
-#
-# [AMP documentation]: https://pytorch.org/docs/stable/amp.html#autocast-op-reference
-
-# %%
-vocab_size = 128_000
-generator = torch.Generator().manual_seed(SEED)
-teacher_logits, student_logits = 4 * torch.randn(2, 4, vocab_size, generator=generator)
-teacher_half, student_half = teacher_logits.half(), student_logits.half()
-
-p_half, q_half = teacher_half.softmax(dim=-1), student_half.softmax(dim=-1)
-kl_half_softmax = F.kl_div(q_half.log(), p_half, reduction="batchmean")
-kl_half_log_softmax = F.kl_div(
-    student_half.log_softmax(dim=-1),
-    teacher_half.log_softmax(dim=-1),
-    reduction="batchmean",
-    log_target=True,
-)
-kl_upcast = F.kl_div(
-    student_half.float().log_softmax(dim=-1),
-    teacher_half.float().log_softmax(dim=-1),
-    reduction="batchmean",
-    log_target=True,
-)
-
-
-def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
-    """KL of a half-precision forward pass under CPU autocast, and log Q's dtype."""
-    with torch.autocast("cpu", dtype=dtype):
-        log_q = student_logits.to(dtype).log_softmax(dim=-1)
-        log_p = teacher_logits.to(dtype).log_softmax(dim=-1)
-        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    return kl, log_q.dtype
-
-
-# %% active="ipynb"
-# print(f"probabilities that float16 rounds to 0: {(q_half == 0).float().mean():.1%}")
-# print(f"float16 softmax, then log:     {kl_half_softmax}")
-# print(f"float16 log_softmax:           {kl_half_log_softmax}")
-# print(f"float16 logits, float32 log_softmax: {kl_upcast:.4f}")
-# kl_autocast, log_q_dtype = kl_under_autocast(student_half, teacher_half, torch.half)
-# print(f"autocast(float16) on CPU:      {kl_autocast:.4f}")
-# print(f"  kl_div ran in {kl_autocast.dtype}, log_softmax in {log_q_dtype}")
+# The [checked KL](checked_kl.py) refuses the unnormalised and broadcast inputs, and
+# given the same log-probabilities twice it returns exactly 0: the negative term above
+# comes from comparing `F.log_softmax(same_logits, 1)` with the log that `F.kl_div`
+# takes of `F.softmax(same_logits, 1)`, two roundings of the same number. Where a
+# divergence must not be negative (before a square root, say), `.clamp_min(0)`
+# removes what is left of such rounding.
 
 # %% [markdown]
 # ## What to remember
 #
 # - Stay in log space: `log_prob`, `log_softmax`, `torch.logsumexp`,
-#   `log_target=True`. Never `softmax(...).log()` or `log(sum(exp(...)))`.
-# - Mask logits with `torch.finfo(dtype).min`, or replace masked log-probabilities
-#   after `log_softmax`; $-\infty$ meeting a zero target is NaN.
+#   `log_target=True`. Never `logits.softmax(dim=-1).log()`: use
+#   `logits.log_softmax(dim=-1)`.
+# - Mask logits with a finite `MASK_VALUE = -1e4`, not $-\infty$ (NaN where it
+#   meets a zero target) and not `torch.finfo(dtype).min` (NaN in float16); or
+#   replace masked log-probabilities after `log_softmax`.
 # - `torch.where` and `torch.xlogy` fix values, not gradients: sanitise what goes
 #   into the log, or keep the trainable side in log space.
-# - `F.kl_div` checks nothing: normalise, match shapes, expect $-10^{-8}$.
-# - Compute log-probabilities in float32, even when the model runs in half
-#   precision, and even under CPU autocast: cast the logits up yourself.
+# - `F.kl_div` checks nothing: normalise the target, match shapes, and expect
+#   rounding a hair below 0 (`.clamp_min(0)` where it matters).
+# - In float16 or bfloat16, compute log-probabilities in float32
+#   ([half precision](half_precision.py)).

@@ -1,0 +1,196 @@
+# %% [markdown]
+# # Half precision: float16, bfloat16 and the KL
+#
+# float16 and bfloat16 both fit in 16 bits and fail differently. float16 keeps 11
+# significant bits but a narrow range: over a large vocabulary `softmax` rounds
+# most probabilities to 0, a mask of `torch.finfo(torch.float16).min` overflows to
+# $-\infty$ once the log-sum-exp of the logits reaches 16, and on CPU a float16
+# `log_softmax` over more than 65,504 near-equal logits is $-\infty$ everywhere.
+# bfloat16 has float32's range, so none of that happens, but it keeps 8
+# significant bits: a KL comes out rounded. The fix is the same for both: mask with
+# a moderate constant and compute log-probabilities in float32.
+#
+# If you came with a symptom:
+#
+# - NaN with a `finfo.min` mask, in float16: [a mask value that survives
+#   log_softmax](#a-mask-value-that-survives-log_softmax);
+# - every log-probability $-\infty$, float16 on CPU: [a sum that
+#   overflows](#a-sum-that-overflows);
+# - inf or NaN after a float16 `softmax`, or a bfloat16 KL that looks rounded:
+#   [a large vocabulary](#a-large-vocabulary);
+# - a KL under `torch.autocast`: [autocast](#autocast).
+
+# %% [markdown]
+# ## Two 16-bit formats
+#
+# The range and precision of each, from `torch.finfo`: `max` is the largest value,
+# `tiny` the smallest normal one, `eps` the spacing just above 1.
+
+# %%
+import torch
+import torch.nn.functional as F
+
+SEED = 0
+HALF_TYPES = [torch.float16, torch.bfloat16]
+
+# %% active="ipynb"
+# for dtype in [torch.float32, *HALF_TYPES]:
+#     info = torch.finfo(dtype)
+#     print(f"{str(dtype):15} max {info.max:.3g}  tiny {info.tiny:.3g}"
+#           f"  eps {info.eps:.3g}")
+
+# %% [markdown]
+# ## A mask value that survives log_softmax
+#
+# `log_softmax` returns $z - \operatorname{logsumexp}(z)$. For a class masked with
+# $m$, that is $m - \operatorname{logsumexp}(z)$, rounded to the logits' type. With
+# $m$ = `torch.finfo(torch.float16).min` $= -65504$, the next float16 below is
+# $-\infty$ (the spacing there is 32), so the result rounds to $-\infty$ as soon as
+# the log-sum-exp reaches 16, half that spacing; $-\infty$ then meets the target's
+# 0 and the KL is NaN. With one dominant logit the log-sum-exp is about the largest
+# logit; over a vocabulary of $V$ similar logits it is up to $\log V$ larger, so it
+# can reach 16 with every logit well below 16. In float32 and bfloat16 the spacing
+# near `finfo.min` is about $10^{31}$: no logit gets there.
+#
+# A moderate constant such as $-10^4$ stays finite in all three types and its
+# `exp` is exactly 0, as long as the real logits stay far above it.
+
+
+# %%
+def kl_with_masked_logits(logits, target, mask, mask_value):
+    """F.kl_div after masking the classes where mask is True with mask_value, in
+    the logits' dtype; the target must be 0 on the masked classes."""
+    log_q = logits.masked_fill(mask, mask_value).log_softmax(dim=-1)
+    return F.kl_div(log_q, target.to(logits.dtype), reduction="sum")
+
+
+MASK_VALUE = -1e4  # finite in every float type; exp() of it is 0
+target = torch.tensor([0.6, 0.4, 0.0])  # the target never uses class 2
+mask = torch.tensor([False, False, True])  # and the model must not either
+largest_logits = [15.0, 15.9921875, 16.0, 30.0]  # 15.99... is float16's last < 16
+
+# %% active="ipynb"
+# for largest in largest_logits:
+#     logits = torch.tensor([largest, 0.0, 0.5], dtype=torch.float16)
+#     fp16_min = torch.finfo(torch.float16).min
+#     with_min = kl_with_masked_logits(logits, target, mask, fp16_min)
+#     with_constant = kl_with_masked_logits(logits, target, mask, MASK_VALUE)
+#     print(f"float16, largest logit {largest:<10g} finfo.min {with_min:8.4f},"
+#           f"  {MASK_VALUE:g} {with_constant:.4f}")
+# for dtype in [torch.float32, torch.bfloat16]:
+#     logits = torch.tensor([30.0, 0.0, 0.5], dtype=dtype)
+#     with_min = kl_with_masked_logits(logits, target, mask, torch.finfo(dtype).min)
+#     with_constant = kl_with_masked_logits(logits, target, mask, MASK_VALUE)
+#     print(f"{dtype}, largest logit 30:  finfo.min {with_min:.4f},"
+#           f"  {MASK_VALUE:g} {with_constant:.4f}")
+
+# %% [markdown]
+# ## A sum that overflows
+#
+# On CPU, a float16 `log_softmax` over the last dimension keeps
+# $\sum_j e^{z_j - \max z}$ in float16 (`serial_vec_log_softmax_lastdim_range` in
+# `aten/src/ATen/native/cpu/LogSoftmaxKernelImpl.h` stores it in the input's type).
+# Each term is at most 1, so the sum overflows to $\infty$ only when the row has
+# more than 65,504 near-equal logits: an untrained model's output over a 128k
+# vocabulary, say. Then every log-probability is $-\infty$, whatever the mask.
+# Casting the logits to float32 first avoids it. (Before PyTorch 2.1,
+# PR #103315, float16 `log_softmax` on CPU raised "not implemented for 'Half'".
+# On CUDA, [pytorch#158310] reports finite float16 results where the CPU gives
+# $-\infty$; that was not run here.)
+#
+# [pytorch#158310]: https://github.com/pytorch/pytorch/issues/158310
+
+# %%
+flat_logits = torch.zeros(128_000, dtype=torch.float16)  # all classes alike
+
+# %% active="ipynb"
+# print("float16 log_softmax:", flat_logits.log_softmax(dim=-1)[:3])
+# print("float32 log_softmax:", flat_logits.float().log_softmax(dim=-1)[:3])
+
+# %% [markdown]
+# ## A large vocabulary
+#
+# float16 cannot represent anything below about $6 \cdot 10^{-8}$. Over a
+# vocabulary of 128,000 tokens, with logits spread like the ones below (standard
+# deviation 4), most probabilities are smaller than that, so a `softmax` in float16
+# rounds them to exactly 0, and `log` of them to $-\infty$; a few such zeros are
+# enough for a NaN. `log_softmax` in float16 stays finite but rounds every
+# log-probability to float16's digits. bfloat16 reaches down to float32's `tiny`,
+# so its `softmax` keeps every probability here and the KL stays finite, but with
+# 8 significant bits the KL itself is rounded: compare its printed value with the
+# float32 one. Compute log-probabilities in float32: cast the logits up before
+# `log_softmax`.
+
+# %%
+vocab_size = 128_000
+generator = torch.Generator().manual_seed(SEED)
+teacher_logits, student_logits = 4 * torch.randn(2, 4, vocab_size, generator=generator)
+
+
+def kl_of_softmax_then_log(student_logits, teacher_logits, dtype):
+    """The naive KL: probabilities in dtype, then their log."""
+    p = teacher_logits.to(dtype).softmax(dim=-1)
+    q = student_logits.to(dtype).softmax(dim=-1)
+    return F.kl_div(q.log(), p, reduction="batchmean")
+
+
+def kl_of_log_softmax(student_logits, teacher_logits, dtype):
+    """Log-probabilities in dtype, both sides in log space."""
+    return F.kl_div(
+        student_logits.to(dtype).log_softmax(dim=-1),
+        teacher_logits.to(dtype).log_softmax(dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+kl_upcast = kl_of_log_softmax(student_logits, teacher_logits, torch.float32)
+student_half, teacher_half = student_logits.half(), teacher_logits.half()
+kl_half_upcast = kl_of_log_softmax(student_half, teacher_half, torch.float32)
+
+# %% active="ipynb"
+# for dtype in HALF_TYPES:
+#     q = student_logits.to(dtype).softmax(dim=-1)
+#     naive = kl_of_softmax_then_log(student_logits, teacher_logits, dtype)
+#     in_log_space = kl_of_log_softmax(student_logits, teacher_logits, dtype)
+#     print(f"{dtype}: probabilities rounded to 0: {(q == 0).float().mean():.1%};"
+#           f" softmax then log {naive}; log_softmax {in_log_space}")
+# print(f"float32 log_softmax: {kl_upcast:.4f}")
+
+# %% [markdown]
+# ## Autocast
+#
+# `torch.autocast` does not do that for you everywhere. On CPU, as measured below,
+# it runs `kl_div` in float32 but leaves `log_softmax` in half precision, and a
+# float32 `kl_div` of rounded log-probabilities keeps their error. On CUDA,
+# `aten/src/ATen/autocast_mode.cpp` puts `kl_div` on the float32 list and
+# `log_softmax` on the list that runs in float32 unless a `dtype` is given; that is
+# read from the source and was not run here (no GPU).
+
+
+# %%
+def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
+    """KL of a half-precision forward pass under CPU autocast, and log Q's dtype."""
+    with torch.autocast("cpu", dtype=dtype):
+        log_q = student_logits.to(dtype).log_softmax(dim=-1)
+        log_p = teacher_logits.to(dtype).log_softmax(dim=-1)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl, log_q.dtype
+
+
+# %% active="ipynb"
+# kl_autocast, log_q_dtype = kl_under_autocast(student_half, teacher_half, torch.half)
+# print(f"float16 logits, autocast(float16) on CPU: {kl_autocast:.4f}")
+# print(f"float16 logits, cast to float32 first:    {kl_half_upcast:.4f}")
+# print(f"  kl_div ran in {kl_autocast.dtype}, log_softmax in {log_q_dtype}")
+
+# %% [markdown]
+# ## What to remember
+#
+# - Mask logits with a moderate constant such as `MASK_VALUE = -1e4`, not
+#   `torch.finfo(torch.float16).min`, which turns into NaN once the log-sum-exp of
+#   the logits reaches 16.
+# - Compute log-probabilities in float32: `logits.float().log_softmax(dim=-1)`,
+#   whatever the model's dtype and even under CPU autocast.
+# - float16 fails by range (zeros, $-\infty$, NaN); bfloat16 by precision (a KL
+#   rounded to 8 significant bits). A NaN in bfloat16 has another cause.

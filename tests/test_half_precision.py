@@ -1,0 +1,240 @@
+"""Claims of the page "Half precision", checked on its own snippet."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from snippets import half_precision as page
+
+FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+ALL_TYPES = [torch.float32, torch.bfloat16, torch.float16]
+FP16_MIN = torch.finfo(torch.float16).min
+
+
+def masked_kl(logits, mask_value):
+    return page.kl_with_masked_logits(logits, page.target, page.mask, mask_value)
+
+
+def test_bfloat16_has_float32_range_and_8_significant_bits():
+    bf16, fp32 = torch.finfo(torch.bfloat16), torch.finfo(torch.float32)
+    assert bf16.tiny == fp32.tiny
+    assert_close(bf16.max, fp32.max, rtol=1e-2, atol=0)
+    assert bf16.eps == 2.0**-7  # 8 significant bits
+    assert torch.finfo(torch.float16).eps == 2.0**-10  # 11 significant bits
+
+
+def test_float16_spacing_at_its_minimum_is_32_and_half_of_it_overflows():
+    assert torch.tensor(FP16_MIN - 15.99, dtype=torch.float32).half() == FP16_MIN
+    assert torch.tensor(FP16_MIN - 16.0, dtype=torch.float32).half() == -math.inf
+
+
+def test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches_16():
+    for largest in page.largest_logits:
+        logits = torch.tensor([largest, 0.0, 0.5], dtype=torch.float16)
+        assert masked_kl(logits, FP16_MIN).isnan() == (largest >= 16)
+    sixteen = torch.tensor(16.0, dtype=torch.float16)
+    just_below = sixteen.nextafter(torch.zeros_like(sixteen))
+    assert page.largest_logits[1] == just_below.item()
+
+
+@pytest.mark.parametrize("vocab", [3, 100, 32_000])
+def test_finfo_min_overflows_once_the_logsumexp_reaches_16(vocab):
+    """With many similar logits the largest can stay well below 16."""
+    for level in [-2.0, 0.0, 2.0, 5.0, 8.0, 12.0, 16.0]:
+        logits = torch.full((vocab,), level, dtype=torch.float16)
+        logits[0] = FP16_MIN
+        lse = torch.logsumexp(logits[1:].double(), dim=0).item()
+        masked = logits.log_softmax(dim=-1)[0]
+        if lse < 15.95:
+            assert masked.isfinite()
+        elif lse > 16.05:
+            assert masked == -math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finfo_min_survives_in_float32_and_bfloat16(dtype):
+    logits = torch.tensor([30.0, 0.0, 0.5], dtype=dtype)
+    assert masked_kl(logits, torch.finfo(dtype).min).isfinite()
+    assert_close(masked_kl(logits, torch.finfo(dtype).min), masked_kl(logits, -1e4))
+
+
+def reference_kl(logits, target, mask):
+    """KL over the unmasked classes, from the definition in float64."""
+    log_q = logits.double().masked_fill(mask, -math.inf).log_softmax(dim=-1)
+    target = target.double()
+    terms = torch.where(target > 0, target * (target.log() - log_q), 0.0)
+    return terms.sum(dim=-1)
+
+
+def padded_attention_batch(vocab, scale, shift, dtype, seed=0):
+    """(batch, tokens, vocab) logits, a padding mask over tokens and a class mask
+    (forbidden tokens); the target is 0 on masked classes."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(2, 3, vocab, generator=generator) + shift
+    class_mask = torch.rand(vocab, generator=generator) < 0.25
+    class_mask[0] = False
+    target = (
+        torch.randn(2, 3, vocab, generator=generator)
+        .masked_fill(class_mask, -math.inf)
+        .softmax(dim=-1)
+    )
+    padding_mask = torch.tensor([[True, True, True], [True, True, False]])
+    return logits.to(dtype), target, class_mask, padding_mask
+
+
+def recommended_kl(logits, target, class_mask, padding_mask, upcast):
+    if upcast:
+        logits = run_inline("logits.float().log_softmax(dim=-1)", logits=logits)
+    log_q = logits.masked_fill(class_mask, page.MASK_VALUE).log_softmax(dim=-1)
+    terms = F.kl_div(log_q, target.to(log_q.dtype), reduction="none").sum(dim=-1)
+    return terms[padding_mask]
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@settings(max_examples=25)
+@given(
+    scale=st.floats(0.05, 20.0),
+    shift=st.floats(-50.0, 50.0),
+    dtype=st.sampled_from(ALL_TYPES),
+    vocab=st.sampled_from([5, 1000]),
+)
+def test_mask_value_gives_the_kl_over_unmasked_classes_in_every_type(
+    scale, shift, dtype, vocab
+):
+    logits, target, class_mask, padding_mask = padded_attention_batch(
+        vocab, scale, shift, dtype
+    )
+    expected = reference_kl(logits, target, class_mask)[padding_mask]
+    got = recommended_kl(logits, target, class_mask, padding_mask, upcast=False)
+    assert got.isfinite().all()
+    bound = TOLERANCE[dtype] * (1 + expected.abs()) + 4 * torch.finfo(dtype).eps
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES, ids=str)
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_mask_value_with_float32_log_softmax_at_llm_vocabularies(vocab, dtype):
+    for scale in [0.02, 1.0, 4.0]:  # an untrained head, then trained ones
+        logits, target, class_mask, padding_mask = padded_attention_batch(
+            vocab, scale, 0.0, dtype
+        )
+        expected = reference_kl(logits, target, class_mask)[padding_mask]
+        got = recommended_kl(logits, target, class_mask, padding_mask, upcast=True)
+        assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_value_in_float16_itself_survives_at_32k():
+    logits, target, class_mask, padding_mask = padded_attention_batch(
+        32_000, 0.02, 0.0, torch.float16
+    )
+    got = recommended_kl(logits, target, class_mask, padding_mask, upcast=False)
+    assert got.isfinite().all()
+
+
+def test_float16_cpu_log_softmax_is_minus_infinity_over_65504_equal_logits():
+    assert (page.flat_logits.log_softmax(dim=-1) == -math.inf).all()
+    assert torch.zeros(65_504, dtype=torch.float16).log_softmax(dim=-1).isfinite().all()
+    assert page.flat_logits.float().log_softmax(dim=-1).isfinite().all()
+    assert page.flat_logits.bfloat16().log_softmax(dim=-1).isfinite().all()
+
+
+@pytest.mark.cuda
+def test_float16_cuda_log_softmax_is_finite_over_128k_equal_logits():
+    flat = page.flat_logits.cuda()
+    assert flat.log_softmax(dim=-1).isfinite().all()
+
+
+def test_float16_cannot_represent_values_below_about_6e_8():
+    assert torch.tensor(2.0**-24).half() > 0  # 5.96e-8, the smallest float16
+    assert torch.tensor(2.9e-8).half() == 0
+
+
+def test_teacher_logits_have_standard_deviation_about_4():
+    assert_close(page.teacher_logits.std(), torch.tensor(4.0), rtol=0.01, atol=0)
+
+
+def test_most_probabilities_of_a_large_vocabulary_are_below_float16_range():
+    p = page.teacher_logits.softmax(dim=-1)
+    assert (p < 6e-8).float().mean() > 0.5
+
+
+def test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none():
+    q16 = page.student_logits.half().softmax(dim=-1)
+    q_bf16 = page.student_logits.bfloat16().softmax(dim=-1)
+    assert (q16 == 0).float().mean() > 0.5
+    assert (q_bf16 == 0).sum() == 0
+
+
+def test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does():
+    args = (page.student_logits, page.teacher_logits)
+    assert not page.kl_of_softmax_then_log(*args, torch.float16).isfinite()
+    assert page.kl_of_softmax_then_log(*args, torch.bfloat16).isfinite()
+
+
+def float64_kl():
+    return page.kl_of_log_softmax(
+        page.student_logits, page.teacher_logits, torch.float64
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_log_softmax_is_finite_but_rounded(dtype):
+    kl = page.kl_of_log_softmax(page.student_logits, page.teacher_logits, dtype)
+    assert kl.dtype == dtype and kl.isfinite()
+    exponent = math.floor(math.log2(kl.item()))
+    spacing = torch.finfo(dtype).eps * 2.0**exponent
+    assert kl.item() % spacing == 0  # a multiple of the type's spacing there
+    assert abs(kl.double() - float64_kl()) > abs(page.kl_upcast.double() - float64_kl())
+
+
+def test_upcast_log_softmax_matches_float64():
+    assert_close(page.kl_upcast.double(), float64_kl(), rtol=1e-4, atol=0)
+
+
+def test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32():
+    for dtype in [torch.float16, torch.bfloat16]:
+        kl, log_q_dtype = page.kl_under_autocast(
+            page.student_half, page.teacher_half, dtype
+        )
+        assert kl.dtype == torch.float32
+        assert log_q_dtype == dtype
+
+
+def test_autocast_keeps_the_error_of_half_precision_log_softmax():
+    kl, _ = page.kl_under_autocast(page.student_half, page.teacher_half, torch.half)
+    half_log_probs = F.kl_div(
+        page.student_half.log_softmax(dim=-1).float(),
+        page.teacher_half.log_softmax(dim=-1).float(),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert_close(kl, half_log_probs, **FLOAT32)
+    assert not torch.isclose(kl, page.kl_half_upcast, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_runs_kl_div_and_log_softmax_in_float32():
+    student, teacher = page.student_half.cuda(), page.teacher_half.cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        log_q = student.log_softmax(dim=-1)
+        kl = F.kl_div(
+            log_q, teacher.log_softmax(dim=-1), reduction="batchmean", log_target=True
+        )
+    assert log_q.dtype == torch.float32
+    assert kl.dtype == torch.float32
+
+
+def test_summary_calls_run_as_written():
+    assert run_inline("MASK_VALUE = -1e4")["MASK_VALUE"] == page.MASK_VALUE
+    mask_value = run_inline("torch.finfo(torch.float16).min")
+    logits = torch.tensor([16.0, 0.0, 0.5], dtype=torch.float16)
+    assert masked_kl(logits, mask_value).isnan()
+    assert not masked_kl(logits, page.MASK_VALUE).isnan()
