@@ -1,19 +1,26 @@
 # %% [markdown]
 # # Argument order: which KL does F.kl_div compute?
 #
-# `F.kl_div(input, target)` computes $D_{\mathrm{KL}}(P\,\|\,Q)$ with $P$ in
-# `target` and $\log Q$ in `input`: the **model goes first, as log-probabilities**,
-# the target second, as probabilities. So `F.kl_div(log_q, p)` is
-# $D_{\mathrm{KL}}(P\,\|\,Q)$, the reverse of the order in the formula. Swapping
-# the arguments silently computes the other divergence; passing probabilities where
+# `F.kl_div(input, target, reduction="sum")` computes $D_{\mathrm{KL}}(P\,\|\,Q)$
+# with $P$ in `target` and $\log Q$ in `input`: the **model goes first, as
+# log-probabilities**, the target second, as probabilities. So
+# `F.kl_div(log_q, p, reduction="sum")` is $D_{\mathrm{KL}}(P\,\|\,Q)$, the reverse
+# of the order in the formula. Swapping the roles of $P$ and $Q$ (the log moving
+# with them to the new first argument) silently computes the other divergence; a
+# literal swap of the two tensors gives NaN; passing probabilities where
 # log-probabilities belong returns numbers that are simply wrong, never positive.
+# And `F.kl_div` differentiates with respect to its target too: a target that
+# comes out of a network (a teacher) is trained by the loss unless you detach it.
 #
 # On this page you will:
 #
-# - read what `F.kl_div` computes, from its source in PyTorch 2.13;
-# - see what swapping the arguments and forgetting a `log` give, with numbers;
+# - read what `F.kl_div` computes, from its source in PyTorch 2.13 (and what it
+#   computed before 1.13);
+# - see what swapping the distributions, swapping the tensors and forgetting a
+#   `log` give, with numbers;
 # - use `log_target=True` to keep both sides in log space, and `nn.KLDivLoss`,
-#   the same computation as a module.
+#   the same computation as a module;
+# - keep the gradient out of a teacher with `.detach()` or `torch.no_grad()`.
 
 # %% [markdown]
 # ## What the source says
@@ -33,7 +40,17 @@
 # a bug ([pytorch#57459]) and resolved as documentation: [PR #67443] added the note
 # that the docs carry today.
 #
+# Before torch 1.13, the first release with [PR #80334], the ATen kernel
+# (`aten/src/ATen/native/Loss.cpp`) computed
+# `where(target > 0, target * (log(target) - input), 0)`: every element whose
+# target is not positive gave a silent 0 instead of NaN ([pytorch#69230]), and
+# the reporter of [pytorch#89558] found the gradient with respect to a zero
+# target to be 0 on 1.12, where it is NaN now. On an older torch the failures
+# below look different: zeros instead of NaN.
+#
 # [PR #80334]: https://github.com/pytorch/pytorch/pull/80334
+# [pytorch#69230]: https://github.com/pytorch/pytorch/issues/69230
+# [pytorch#89558]: https://github.com/pytorch/pytorch/issues/89558
 # [pytorch#57459]: https://github.com/pytorch/pytorch/issues/57459
 # [PR #67443]: https://github.com/pytorch/pytorch/pull/67443
 
@@ -65,24 +82,31 @@ kl_qp = kl_per_row(q, p)
 # ## The model first, in log space
 #
 # Four pairs of distributions over five classes, one per row. `reduction="none"`
-# keeps every term; summing each row gives one divergence per pair.
+# keeps every term; summing each row gives one divergence per pair. The second
+# call swaps the roles: $Q$ becomes the target and $\log P$ goes first. The third
+# swaps the two tensors as they stand, so the log-probabilities of $Q$ arrive as
+# the target.
 
 # %%
 kl_div_model_first = F.kl_div(log_q, p, reduction="none").sum(dim=-1)
 kl_div_target_first = F.kl_div(log_p, q, reduction="none").sum(dim=-1)
+kl_div_tensors_swapped = F.kl_div(p, log_q, reduction="none").sum(dim=-1)
 
 # %% active="ipynb"
 # print("KL(P‖Q) by definition:      ", kl_pq)
 # print("F.kl_div(log_q, p):         ", kl_div_model_first)
 # print("KL(Q‖P) by definition:      ", kl_qp)
 # print("F.kl_div(log_p, q) swapped: ", kl_div_target_first)
+# print("F.kl_div(p, log_q):         ", kl_div_tensors_swapped)
 
 # %% [markdown]
-# `F.kl_div(log_q, p)` matches $D_{\mathrm{KL}}(P\,\|\,Q)$ row by row, and the
-# swapped call matches $D_{\mathrm{KL}}(Q\,\|\,P)$, a different number in every row.
-# Nothing warns you: both are valid divergences, just not the same one. Which one
-# you want is a modelling decision (the forward KL covers all of $P$'s mass, the
-# reverse KL locks onto a mode); the argument order is how you state it.
+# `F.kl_div(log_q, p, reduction="none")` matches $D_{\mathrm{KL}}(P\,\|\,Q)$ row by
+# row, and the call with the roles swapped matches $D_{\mathrm{KL}}(Q\,\|\,P)$, a
+# different number in every row. Nothing warns you: both are valid divergences,
+# just not the same one. Which one you want is a modelling decision (the forward
+# KL covers all of $P$'s mass, the reverse KL locks onto a mode); the argument
+# order is how you state it. The literal swap is NaN: its target, $\log Q$, is
+# negative, and a negative "probability" has no log.
 
 # %% [markdown]
 # ## Probabilities where log-probabilities belong
@@ -91,7 +115,7 @@ kl_div_target_first = F.kl_div(log_p, q, reduction="none").sum(dim=-1)
 # term becomes $P\,(\log P - Q)$: not a divergence at all, and never positive,
 # since $\log P \le 0$ and $Q \ge 0$; each row sums to $-H(P) - \sum_x P(x) Q(x)$.
 # Give the target as log-probabilities without saying so and it is read as
-# probabilities: $\log$ of a negative number, NaN.
+# probabilities: $\log$ of a negative number, NaN (a silent 0 before torch 1.13).
 
 # %%
 probabilities_as_input = F.kl_div(q, p, reduction="none").sum(dim=-1)
@@ -106,8 +130,9 @@ log_target_unannounced = F.kl_div(log_q, log_p, reduction="none").sum(dim=-1)
 # A target that does not sum to 1 is just as silent. This is the report in
 # [pytorch#60928], run as posted: the model's output goes through `.log()` as it
 # should, but the target's three entries add up to about 0.3, so the "divergence"
-# comes out negative. `nn.KLDivLoss()` uses the default `reduction="mean"`, which
-# also warns (silenced here, shown on [reductions](reductions.py)).
+# comes out negative. The report used the module's default reduction, written out
+# below as `reduction="mean"`, which also warns (silenced here, shown on
+# [reductions](reductions.py)).
 #
 # [pytorch#60928]: https://github.com/pytorch/pytorch/issues/60928
 
@@ -117,15 +142,15 @@ target = torch.tensor([[0.1541, 0.0511, 0.0947]])
 
 
 def issue_60928_loss():
-    """The loss exactly as reported: default reduction, unnormalised target."""
+    """The loss as reported: the default reduction, an unnormalised target."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the "mean" warning, shown on reductions
-        return nn.KLDivLoss()(output.log(), target)
+        return nn.KLDivLoss(reduction="mean")(output.log(), target)
 
 
 # %% active="ipynb"
 # print(f"target sums to {target.sum():.4f}")
-# print(f"nn.KLDivLoss()(output.log(), target) = {issue_60928_loss():.4f}")
+# print(f"loss as reported = {issue_60928_loss():.4f}")
 
 # %% [markdown]
 # ## Both sides in log space: log_target=True
@@ -155,7 +180,7 @@ kl_log_target = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(di
 # ## nn.KLDivLoss is the same computation
 #
 # The module stores `reduction` and `log_target` and calls `F.kl_div` in its
-# `forward`, with the same order: `loss_fn(input, target)`, model first.
+# `forward`, with the same order: `loss_fn(log_q, log_p)`, model first.
 
 # %%
 loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=True)
@@ -168,14 +193,67 @@ kl_functional = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 # print(f"mean KL(P‖Q):  {kl_pq.mean():.6f}")
 
 # %% [markdown]
+# ## The target gets a gradient too: detach the teacher
+#
+# `F.kl_div` is differentiable in both arguments. When the target comes from a
+# network, as in distillation, self-distillation or R-Drop, the loss trains that
+# network as well unless you cut the graph: `.detach()` on the target, or compute
+# it under `torch.no_grad()`. Nothing warns you; the teacher just drifts towards
+# the student. A student and a teacher, each one linear layer over eight
+# features and five classes:
+
+# %%
+torch.manual_seed(SEED)  # the layers' initial weights
+student, teacher = nn.Linear(8, 5), nn.Linear(8, 5)
+features = torch.randn(4, 8, generator=generator)
+
+
+def teacher_gradient_norm(detach_teacher):
+    """Norm of the teacher's weight gradient after one distillation backward."""
+    teacher.zero_grad(set_to_none=True)
+    log_q = student(features).log_softmax(dim=-1)
+    p = teacher(features).softmax(dim=-1)
+    if detach_teacher:
+        p = p.detach()
+    F.kl_div(log_q, p, reduction="batchmean").backward()
+    weight_grad = teacher.weight.grad
+    return 0.0 if weight_grad is None else weight_grad.norm().item()
+
+
+def teacher_gradient_norm_no_grad():
+    """The same, with the teacher run under torch.no_grad()."""
+    teacher.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        p = teacher(features).softmax(dim=-1)
+    log_q = student(features).log_softmax(dim=-1)
+    F.kl_div(log_q, p, reduction="batchmean").backward()
+    weight_grad = teacher.weight.grad
+    return 0.0 if weight_grad is None else weight_grad.norm().item()
+
+
+# %% active="ipynb"
+# print(f"teacher gradient, target not detached: {teacher_gradient_norm(False):.4f}")
+# print(f"teacher gradient, target detached:     {teacher_gradient_norm(True):.4f}")
+# print(f"teacher gradient, under no_grad:       {teacher_gradient_norm_no_grad():.4f}")
+
+# %% [markdown]
+# An optimizer over both networks' parameters (or a shared backbone, as in
+# self-distillation) would step the teacher with that gradient. The same holds with
+# `log_target=True`.
+#
 # ## What to remember
 #
-# - `F.kl_div(log_q, p)` = $D_{\mathrm{KL}}(P\,\|\,Q)$: the model's
-#   log-probabilities first, the target second. Swap them and you get
-#   $D_{\mathrm{KL}}(Q\,\|\,P)$ without a warning.
+# - `F.kl_div(log_q, p, reduction="sum")` = $D_{\mathrm{KL}}(P\,\|\,Q)$: the
+#   model's log-probabilities first, the target second. Swap the roles,
+#   `F.kl_div(log_p, q, reduction="sum")`, and you get $D_{\mathrm{KL}}(Q\,\|\,P)$
+#   without a warning; swap the two tensors as they stand and you get NaN.
 # - The input must be log-probabilities (`log_softmax`, not `softmax`); the target
 #   probabilities that sum to 1, or log-probabilities with `log_target=True`.
 #   Neither shapes nor values are checked: wrong inputs give wrong numbers, and
 #   probabilities passed as the input give numbers that are never positive.
+#   Before torch 1.13 a log-probability target gave a silent 0, not NaN.
 # - Prefer `log_target=True` with `log_softmax` outputs on both sides.
-# - `nn.KLDivLoss()(input, target)` is `F.kl_div(input, target)`.
+# - `nn.KLDivLoss(reduction="batchmean")(log_q, p)` is
+#   `F.kl_div(log_q, p, reduction="batchmean")`.
+# - Detach a target that comes out of a network (`.detach()` or
+#   `torch.no_grad()`): `F.kl_div` sends it a gradient otherwise.

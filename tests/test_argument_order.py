@@ -6,11 +6,43 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import argument_order as page
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+
+QUOTED_IN_PROSE = {
+    "xlogy(target, target) - target * input": "torch.kl_div's source, quoted",
+    "exp(target) * (target - input)": "torch.kl_div's source (log_target), quoted",
+    "xlogy(target, target)": "the target's term in torch.kl_div's source, quoted",
+    "where(target > 0, target * (log(target) - input), 0)": (
+        "ATen's Loss.cpp before torch 1.13, quoted; see test_pre_1_13_formula_*"
+    ),
+}
+
+
+def vocabulary_logits(vocab, dtype=torch.float32, rows=3):
+    """Target and model log-probabilities over a vocabulary, and their float64."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits_p, logits_q = 4 * torch.randn(2, rows, vocab, generator=generator)
+    log_p = logits_p.to(dtype).log_softmax(dim=-1)
+    log_q = logits_q.to(dtype).log_softmax(dim=-1)
+    return log_p, log_q
+
+
+def kl_float64(log_p, log_q):
+    """KL(P‖Q) of each row in float64, from the formula."""
+    log_p, log_q = log_p.double(), log_q.double()
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def float32_sum(vocab):
+    """Tolerance of a float32 sum of `vocab` terms: grows like √vocab · eps."""
+    return {"rtol": 4 * 2.0**-23 * vocab**0.5, "atol": 1e-6}
 
 
 def test_source_formula_default_form():
@@ -100,3 +132,97 @@ def test_log_target_with_minus_infinity_in_log_p_gives_nan():
 def test_kldivloss_module_is_the_functional_call():
     assert_close(page.kl_module, page.kl_functional, rtol=0, atol=0)
     assert_close(page.kl_module, page.kl_pq.mean(), **FLOAT32)
+
+
+@pytest.mark.parametrize("vocab", [5, 32_000, 128_000])
+def test_prose_calls_model_first_and_roles_swapped_at_vocabulary_size(vocab):
+    log_p, log_q = vocabulary_logits(vocab)
+    p, q = log_p.exp(), log_q.exp()
+    forward, reverse = kl_float64(log_p, log_q), kl_float64(log_q, log_p)
+    tolerance = float32_sum(vocab)
+    model_first = run_inline('F.kl_div(log_q, p, reduction="sum")', log_q=log_q, p=p)
+    as_named = run_inline(
+        'F.kl_div(input, target, reduction="sum")', input=log_q, target=p
+    )
+    assert_close(model_first.double(), forward.sum(), **tolerance)
+    assert_close(as_named.double(), forward.sum(), **tolerance)
+    value = run_inline('F.kl_div(log_p, q, reduction="sum")', log_p=log_p, q=q)
+    assert_close(value.double(), reverse.sum(), **tolerance)
+    assert ((forward - reverse).abs() > 1e-3).all()
+
+
+@settings(max_examples=25)
+@given(
+    vocab=st.integers(min_value=2, max_value=40_000),
+    scale=st.floats(min_value=0.1, max_value=8.0),
+)
+def test_model_first_is_forward_kl_and_log_target_agrees(vocab, scale):
+    generator = torch.Generator().manual_seed(vocab)
+    log_p, log_q = (scale * torch.randn(2, 2, vocab, generator=generator)).log_softmax(
+        dim=-1
+    )
+    expected = kl_float64(log_p, log_q)
+    tolerance = float32_sum(vocab)
+    model_first = F.kl_div(log_q, log_p.exp(), reduction="none").sum(dim=-1)
+    log_target = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+    assert_close(model_first.double(), expected, **tolerance)
+    assert_close(log_target.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("vocab", [5, 32_000])
+def test_literal_swap_of_the_tensors_gives_nan(vocab):
+    assert page.kl_div_tensors_swapped.isnan().all()
+    log_p, log_q = vocabulary_logits(vocab)
+    assert F.kl_div(log_p.exp(), log_q, reduction="sum").isnan()
+
+
+def test_pre_1_13_formula_gave_a_silent_zero_where_now_nan():
+    def kl_div_before_1_13(input, target):  # the quoted ATen formula
+        terms = target * (target.log() - input)
+        return torch.where(target > 0, terms, torch.zeros_like(terms))
+
+    assert (kl_div_before_1_13(page.log_q, page.log_p) == 0).all()
+    assert page.log_target_unannounced.isnan().all()
+
+
+def test_gradient_with_respect_to_a_zero_target_is_nan_since_1_13():
+    target = torch.tensor([0.7, 0.3, 0.0], requires_grad=True)
+    log_q = torch.tensor([0.5, 0.3, 0.2]).log()
+    (grad,) = torch.autograd.grad(F.kl_div(log_q, target, reduction="sum"), target)
+    assert grad[2].isnan() and grad[:2].isfinite().all()
+
+
+def test_the_issue_used_the_modules_default_reduction_mean():
+    assert nn.KLDivLoss().reduction == "mean"
+
+
+def test_prose_module_call_is_the_functional_call():
+    log_q, p = page.log_q, page.p
+    module = run_inline(
+        'nn.KLDivLoss(reduction="batchmean")(log_q, p)', log_q=log_q, p=p
+    )
+    assert_close(module, F.kl_div(log_q, p, reduction="batchmean"), rtol=0, atol=0)
+
+
+def test_teacher_gets_a_gradient_unless_detached_or_under_no_grad():
+    assert page.teacher_gradient_norm(detach_teacher=False) > 1e-3
+    assert page.teacher_gradient_norm(detach_teacher=True) == 0.0
+    assert page.teacher_gradient_norm_no_grad() == 0.0
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_kl_div_sends_a_gradient_to_a_target_that_requires_it(vocab, log_target):
+    generator = torch.Generator().manual_seed(vocab)
+    teacher_logits, student_logits = torch.randn(2, 2, vocab, generator=generator)
+    teacher_logits.requires_grad_()
+    log_q = student_logits.log_softmax(dim=-1)
+    log_p = teacher_logits.log_softmax(dim=-1)
+    target = log_p if log_target else log_p.exp()
+    loss = F.kl_div(log_q, target, reduction="batchmean", log_target=log_target)
+    (grad,) = torch.autograd.grad(loss, teacher_logits)
+    assert grad.isfinite().all() and grad.norm() > 0
+    detached = F.kl_div(
+        log_q, target.detach(), reduction="batchmean", log_target=log_target
+    )
+    assert not detached.requires_grad  # no path left to the teacher
