@@ -2,6 +2,7 @@
 
 import math
 
+import jupytext
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +166,9 @@ def test_jensen_shannon_is_at_most_log_2_reached_by_disjoint_supports():
 def test_gaussian_kl_closed_form_library_and_integral_agree():
     assert_close(page.kl_normal, page.kl_closed_form, **FLOAT64)
     assert_close(page.kl_numerical, page.kl_closed_form, **FLOAT64)
+
+
+def test_headline_computes_from_logits_with_log_softmax_not_a_log_of_softmax():
+    intro = jupytext.read(page.__file__).cells[0].source
+    assert " ".join(HEADLINE.split()) in " ".join(intro.split())
+    assert "q.log()" not in intro  # the log of a softmax underflows to -inf
