@@ -6,14 +6,28 @@
 # $T^2 \cdot D_{\mathrm{KL}}\big(\mathrm{softmax}(z_t / T)\,\|\,\mathrm{softmax}(z_s /
 # T)\big)$, averaged over the batch ([Hinton et al., 2015], who write it as the
 # cross-entropy against the soft targets: the same gradient, since the two differ
-# by the teacher's entropy, a constant). In PyTorch that is
-# `F.kl_div(log_softmax(z_s / T), log_softmax(z_t / T), reduction="batchmean",
-# log_target=True) * T**2`: student first, in log space. The factor $T^2$ is not
-# decoration: without it the gradient shrinks as $1/T^2$, so every change of $T$
-# would silently rescale the distillation term against the others.
+# by the teacher's entropy, a constant). In PyTorch, with student logits `z_s`,
+# teacher logits `z_t` and temperature `T`:
+#
+# ```python
+# loss = F.kl_div(
+#     F.log_softmax(z_s / T, dim=-1),
+#     F.log_softmax(z_t / T, dim=-1),
+#     reduction="batchmean",
+#     log_target=True,
+# ) * T**2
+# ```
+#
+# Student first, in log space, each normalised over the classes with `dim=-1`:
+# without a `dim`, `log_softmax` picks dim 0 for 3-d input, the batch, with only
+# a deprecation warning. The factor $T^2$ is not decoration: without it the
+# gradient shrinks as $1/T^2$ once $T$ is large, so every change of $T$ would
+# silently rescale the distillation term.
 #
 # On this page you will write the loss two equivalent ways, combine it with the
-# usual cross-entropy on labels, and measure the gradient with and without $T^2$.
+# cross-entropy on labels, measure its gradient against temperature, average it
+# over the real tokens of a padded language-model batch, and see which choices
+# distilling a language model adds.
 #
 # [Hinton et al., 2015]: https://arxiv.org/abs/1503.02531
 
@@ -23,7 +37,13 @@
 # `"batchmean"` divides by the batch size: one KL per example, averaged, as long as
 # the logits are (batch, classes). The teacher can be given as probabilities or,
 # better, as log-probabilities with `log_target=True`; it is a fixed target, so its
-# logits are detached.
+# logits are detached (compute them under `torch.no_grad()` in training). The
+# loss is computed in at least float32, whatever the logits' dtype.
+#
+# Hinton et al. (§2) combine it with the cross-entropy on the hard labels, at
+# temperature 1, and found the best results "by using a considerably lower weight
+# on the second objective function", the hard labels; the weight itself is a
+# hyperparameter (`HARD_LABEL_WEIGHT` below).
 
 # %%
 import torch
@@ -38,9 +58,16 @@ labels = torch.randint(n_classes, (batch_size,), generator=generator)
 
 
 def distillation_loss(student_logits, teacher_logits, temperature, scale=True):
-    """T² · KL(teacher_T ‖ student_T), averaged over the batch."""
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)  # student
-    log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)  # teacher
+    """T² · KL(teacher_T ‖ student_T), averaged over the rows (the first dim)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: both models need one tokenizer; "
+            "cut padded vocabulary columns with [..., :vocab_size]"
+        )
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits / temperature, dim=-1, dtype=dtype)
+    log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=-1, dtype=dtype)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return kl * temperature**2 if scale else kl
 
@@ -56,10 +83,9 @@ with_probabilities = (
     * temperature**2
 )
 
-# the usual combination with the hard labels, at temperature 1
-alpha = 0.5
-total_loss = alpha * with_log_target + (1 - alpha) * F.cross_entropy(
-    student_logits, labels
+HARD_LABEL_WEIGHT = 0.1  # lower than the soft targets' weight, as Hinton et al. advise
+total_loss = (1 - HARD_LABEL_WEIGHT) * with_log_target + HARD_LABEL_WEIGHT * (
+    F.cross_entropy(student_logits, labels)
 )
 
 # %% active="ipynb"
@@ -71,48 +97,200 @@ total_loss = alpha * with_log_target + (1 - alpha) * F.cross_entropy(
 # ## Why T²
 #
 # The gradient of $D_{\mathrm{KL}}(p_T\,\|\,q_T)$ with respect to a student logit is
-# $\frac{1}{T}\,(q_{T,i} - p_{T,i})$, and for large $T$ the softened distributions
-# differ by an amount of order $1/T$: the gradient falls as $1/T^2$. Multiplying by
-# $T^2$ keeps its size within a factor of two whatever the temperature, and
-# constant once $T$ is large.
+# $\frac{1}{T}\,(q_{T,i} - p_{T,i})$. For large $T$ the softened distributions
+# differ by about $(d_i - \bar d)/(N T)$, with $d = z_s - z_t$ over $N$ classes, so
+# the gradient falls as $1/T^2$ and the $T^2$-scaled one tends to a constant,
+# $(d_i - \bar d)/N$ per example (Hinton et al., eq. 4; divided by the batch size
+# here, for `"batchmean"`). That limit is all $T^2$ promises. How far the scaled
+# gradient is from it at small $T$ depends on the logits; below $T = 1$ it falls
+# towards 0. Below, the page's random pair and a student near its teacher
+# (teacher logits of standard deviation 5, the student's off by noise of standard
+# deviation 1), each with its limit.
 
 # %%
-TEMPERATURES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+TEMPERATURES = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+near_teacher_logits = 5 * torch.randn(batch_size, n_classes, generator=generator)
+near_student_logits = near_teacher_logits + torch.randn(
+    batch_size, n_classes, generator=generator
+)
 
 
-def student_gradient_norm(temperature, scale):
-    """The norm of the distillation loss's gradient with respect to the student."""
+def student_gradient(student_logits, teacher_logits, temperature, scale=True):
+    """The distillation loss's gradient with respect to the student's logits."""
     logits = student_logits.clone().requires_grad_()
     loss = distillation_loss(logits, teacher_logits, temperature, scale=scale)
     (gradient,) = torch.autograd.grad(loss, logits)
-    return gradient.norm().item()
+    return gradient
 
 
-gradient_norms = {
-    scale: [student_gradient_norm(t, scale) for t in TEMPERATURES]
-    for scale in (False, True)
+def large_temperature_limit(student_logits, teacher_logits):
+    """lim T² ∂KL_T/∂z_s = (d − mean d) / (N · rows), d = z_s − z_t (Hinton eq. 4)."""
+    d = student_logits - teacher_logits
+    rows, n = d.shape[0], d.shape[-1]
+    return (d - d.mean(dim=-1, keepdim=True)) / (n * rows)
+
+
+PAIRS = {
+    "random pair": (student_logits, teacher_logits),
+    "near teacher": (near_student_logits, near_teacher_logits),
+}
+plain_norms = [
+    student_gradient(*PAIRS["random pair"], t, scale=False).norm().item()
+    for t in TEMPERATURES
+]
+scaled_norms = {
+    name: [student_gradient(*pair, t).norm().item() for t in TEMPERATURES]
+    for name, pair in PAIRS.items()
+}
+limit_norms = {
+    name: large_temperature_limit(*pair).norm().item() for name, pair in PAIRS.items()
 }
 
 # %% active="ipynb"
-# for t, plain, scaled in zip(TEMPERATURES, *gradient_norms.values()):
-#     print(f"T = {t:>4}: gradient norm {plain:.2e} without T², {scaled:.4f} with T²")
+# print("T      | random pair: without T², with T² | near teacher: with T²")
+# for i, t in enumerate(TEMPERATURES):
+#     print(f"{t:>6} | {plain_norms[i]:.2e}, {scaled_norms['random pair'][i]:.4f}"
+#           f"               | {scaled_norms['near teacher'][i]:.4f}")
+# print(f"limit  |            {limit_norms['random pair']:.4f}"
+#       f"               | {limit_norms['near teacher']:.4f}")
 
 # %% active="ipynb" alt="Gradient norm against temperature, with and without T²"
 # import matplotlib.pyplot as plt
 #
 # fig, ax = plt.subplots(figsize=(5, 3))
-# ax.loglog(TEMPERATURES, gradient_norms[False], "o-", label="KL")
-# ax.loglog(TEMPERATURES, gradient_norms[True], "o-", label="T² · KL")
+# ax.loglog(TEMPERATURES, plain_norms, "o-", label="KL, random pair")
+# for i, name in enumerate(PAIRS):
+#     ax.loglog(TEMPERATURES, scaled_norms[name], "o-", color=f"C{i + 1}",
+#               label=f"T² · KL, {name}")
+#     ax.axhline(limit_norms[name], color=f"C{i + 1}", ls="--", lw=1)
 # ax.set(xlabel="temperature T", ylabel="gradient norm")
-# ax.legend()
+# ax.legend(fontsize=8)
 # plt.show()
+
+# %% [markdown]
+# ## Language models: average over the real tokens
+#
+# For (batch, tokens, vocabulary) logits, `"batchmean"` divides by the batch only,
+# and flattening to (batch · tokens, vocabulary) averages over every position,
+# prompt and padding included. Distil only the response tokens: select them with
+# a boolean mask, which gives a (real tokens, vocabulary) table whose `"batchmean"`
+# is the mean over real tokens (see [reductions](reductions.py)). Selecting,
+# rather than multiplying by the mask, also keeps garbage at padded positions out.
+
+# %%
+VOCAB_SIZE = 32_000  # a Llama-2-sized vocabulary
+lm_batch, lm_tokens = 2, 16
+lm_student = torch.randn(lm_batch, lm_tokens, VOCAB_SIZE, generator=generator)
+lm_teacher = 2 * torch.randn(lm_batch, lm_tokens, VOCAB_SIZE, generator=generator)
+prompt_lengths = torch.tensor([[4], [3]])
+sequence_lengths = torch.tensor([[16], [8]])  # the second sequence is padded
+position = torch.arange(lm_tokens)
+response_mask = (position >= prompt_lengths) & (position < sequence_lengths)
+
+
+def masked_distillation_loss(student_logits, teacher_logits, mask, temperature):
+    """T² · KL(teacher_T ‖ student_T), averaged over the positions where mask holds."""
+    return distillation_loss(student_logits[mask], teacher_logits[mask], temperature)
+
+
+lm_loss = masked_distillation_loss(lm_student, lm_teacher, response_mask, 1.0)
+lm_loss_flattened = distillation_loss(
+    lm_student.flatten(0, 1), lm_teacher.flatten(0, 1), 1.0
+)
+kl_per_position = F.kl_div(
+    F.log_softmax(lm_student, dim=-1),
+    F.log_softmax(lm_teacher, dim=-1),
+    reduction="none",
+    log_target=True,
+).sum(dim=-1)
+lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.numel()
+
+# %% active="ipynb"
+# print(f"real tokens: {int(response_mask.sum())} of {response_mask.numel()}")
+# print(f"mean over the real tokens:               {lm_loss:.4f}")
+# print(f"flattened, prompt and padding included:  {lm_loss_flattened:.4f}")
+# print(f"masked sum / all positions:              {lm_loss_wrong_count:.4f}")
+
+# %% [markdown]
+# The flattened mean is near the right one here only because these random logits
+# are alike at every position; in a real batch, prompt and padding positions
+# behave differently, and the value depends on whatever the models output there.
+# Zeroing the masked terms but dividing by every position shrinks the loss by
+# the fraction of real tokens.
+
+# %% [markdown]
+# ## Distilling a language model
+#
+# - **Direction.** This page minimises the forward KL, teacher first:
+#   mass-covering, the student spreads over everything the teacher allows (see
+#   [forward vs reverse KL](forward_reverse.py)). MiniLLM ([Gu et al., 2023])
+#   minimises the reverse KL, student first, which is mode-seeking: swap the
+#   arguments, the gradient then flows through `kl_div`'s target (below). GKD
+#   ([Agarwal et al., 2024]) adds a generalised Jensen-Shannon divergence and
+#   on-policy samples from the student; in TRL's `GKDTrainer` and Liger-Kernel's
+#   JSD loss, `beta` 0 is the forward KL and 1 the reverse KL (read from
+#   `trl/trainer/gkd_trainer.py` and `src/liger_kernel/ops/jsd.py`).
+# - **Temperature.** Language models are distilled at $T$ of 1 to 2 (TRL's GKD
+#   loss runs at 1, its `temperature` being the sampling one; the DistilBERT
+#   script's default is 2), where $T^2$ changes the weight by 4 at most.
+# - **Top-k teacher logits.** Stored offline, a teacher is often only its $k$
+#   largest logits per token. Renormalised over those $k$, they give the KL to a
+#   teacher that is zero elsewhere: close to the full KL when the $k$ hold most of
+#   the teacher's mass (printed below), not equal to it.
+# - **One vocabulary.** Teacher and student must share the tokenizer: the loss
+#   compares logit $i$ with logit $i$. Models pad their embedding table, so cut
+#   both logits to the tokenizer's size, `logits[..., :vocab_size]`, before the
+#   softmax; `distillation_loss` raises a `ValueError` when the shapes differ.
+#
+# [Gu et al., 2023]: https://arxiv.org/abs/2306.08543
+# [Agarwal et al., 2024]: https://arxiv.org/abs/2306.13649
+
+
+# %%
+def reverse_distillation_loss(student_logits, teacher_logits):
+    """KL(student ‖ teacher) at T = 1, averaged over rows: the student is the target."""
+    log_q = F.log_softmax(student_logits, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach(), dim=-1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+
+
+def top_k_teacher(teacher_logits, k, temperature=1.0):
+    """The teacher's k largest log-probabilities, renormalised, and their token ids."""
+    top_logits, token_ids = teacher_logits.topk(k, dim=-1)
+    return F.log_softmax(top_logits / temperature, dim=-1), token_ids
+
+
+def top_k_distillation_loss(student_logits, log_p_top, token_ids, temperature=1.0):
+    """T² · KL(renormalised top-k teacher ‖ student), averaged over rows."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, token_ids)
+    kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(dim=-1)
+    return kl.mean() * temperature**2
+
+
+TOP_K = 64
+peaked_teacher = 4 * lm_teacher[response_mask]  # a confident teacher, real tokens
+lm_student_tokens = lm_student[response_mask]
+log_p_top, top_ids = top_k_teacher(peaked_teacher, TOP_K)
+top_k_mass = F.softmax(peaked_teacher, dim=-1).gather(-1, top_ids).sum(dim=-1)
+top_k_loss = top_k_distillation_loss(lm_student_tokens, log_p_top, top_ids)
+full_loss = distillation_loss(lm_student_tokens, peaked_teacher, 1.0)
+reverse_loss = reverse_distillation_loss(lm_student_tokens, peaked_teacher)
+
+# %% active="ipynb"
+# print(f"teacher mass in its top {TOP_K}: {top_k_mass.mean():.4f} on average")
+# print(f"forward KL, top-{TOP_K} teacher: {top_k_loss:.4f}, full teacher:"
+#       f" {full_loss:.4f}; reverse KL: {reverse_loss:.4f}")
 
 # %% [markdown]
 # ## What to remember
 #
-# - Student first, in log space, `"batchmean"` on (batch, classes) logits; the
-#   teacher detached, as log-probabilities with `log_target=True`.
-# - Multiply the KL by $T^2$, so that the distillation term keeps its weight
-#   against the cross-entropy when you change $T$.
-# - For (batch, tokens, vocabulary) logits, flatten to (batch · tokens, vocabulary)
-#   first, or divide by the token count: see [reductions](reductions.py).
+# - Student first, in log space, with `dim=-1`: `"batchmean"` on (rows, classes)
+#   logits; the teacher detached, as log-probabilities with `log_target=True`.
+# - Multiply the KL by $T^2$: its gradient then tends to a constant as $T$ grows,
+#   so the distillation term keeps its weight against the cross-entropy; weight
+#   the hard labels lower than the soft targets.
+# - For (batch, tokens, vocabulary) logits, select the real tokens,
+#   `student_logits[mask]`, and average over them.
+# - For language models choose the direction (forward, reverse, JSD), keep $T$
+#   near 1, renormalise top-k targets, and share one vocabulary.

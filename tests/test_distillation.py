@@ -1,12 +1,26 @@
 """Claims of the page "Knowledge distillation: temperature and the T² factor"."""
 
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import distillation as page
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def kl_rows_float64(student_logits, teacher_logits, temperature=1.0):
+    """Σ p (log p − log q) per row, from the definition in float64: the reference."""
+    log_p = (teacher_logits.double() / temperature).log_softmax(dim=-1)
+    log_q = (student_logits.double() / temperature).log_softmax(dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 def test_teacher_as_probabilities_or_log_probabilities_gives_the_same_loss():
@@ -15,10 +29,32 @@ def test_teacher_as_probabilities_or_log_probabilities_gives_the_same_loss():
 
 def test_loss_is_t_squared_times_the_mean_kl_per_example():
     t = page.temperature
-    p = F.softmax(page.teacher_logits / t, dim=-1)
-    q = F.softmax(page.student_logits / t, dim=-1)
-    kl_per_example = (p * (p.log() - q.log())).sum(dim=-1)
-    assert_close(page.with_log_target, t**2 * kl_per_example.mean(), **FLOAT32)
+    reference = t**2 * kl_rows_float64(page.student_logits, page.teacher_logits, t)
+    assert_close(page.with_log_target.double(), reference.mean(), **FLOAT32)
+
+
+def test_prose_formula_runs_as_written_and_is_the_page_loss():
+    names = {"z_s": page.student_logits, "z_t": page.teacher_logits, "T": 4.0}
+    bound = run_inline(
+        """loss = F.kl_div(
+    F.log_softmax(z_s / T, dim=-1),
+    F.log_softmax(z_t / T, dim=-1),
+    reduction="batchmean",
+    log_target=True,
+) * T**2""",
+        **names,
+    )
+    assert_close(bound["loss"], page.with_log_target, **FLOAT32)
+
+
+def test_log_softmax_without_dim_normalises_over_the_batch_for_3d_input():
+    logits = page.lm_student[:, :3, :50]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        implicit = F.log_softmax(logits)  # the pitfall the prose names
+    assert any("Implicit dimension" in str(w.message) for w in caught)
+    assert_close(implicit, F.log_softmax(logits, dim=0))
+    assert not torch.allclose(implicit, F.log_softmax(logits, dim=-1))
 
 
 def test_teacher_gets_no_gradient():
@@ -27,29 +63,73 @@ def test_teacher_gets_no_gradient():
     page.distillation_loss(student, teacher, 2.0).backward()
     assert teacher.grad is None
     assert student.grad is not None
+    assert isinstance(run_inline("torch.no_grad()"), torch.no_grad)
 
 
-def test_combined_loss_mixes_distillation_and_cross_entropy():
+def test_hard_label_weight_is_lower_than_the_soft_target_weight():
+    assert page.HARD_LABEL_WEIGHT < 1 - page.HARD_LABEL_WEIGHT
     cross_entropy = F.cross_entropy(page.student_logits, page.labels)
-    expected = page.alpha * page.with_log_target + (1 - page.alpha) * cross_entropy
+    w = page.HARD_LABEL_WEIGHT
+    expected = (1 - w) * page.with_log_target + w * cross_entropy
     assert_close(page.total_loss, expected, **FLOAT32)
 
 
 def test_without_t_squared_the_gradient_shrinks_as_one_over_t_squared():
-    plain = torch.tensor(page.gradient_norms[False])
+    plain = torch.tensor(page.plain_norms)
     t = torch.tensor(page.TEMPERATURES)
     scaled_back = plain * t**2
     # for large T the product settles: 1/T² is the rate
     assert_close(scaled_back[-1], scaled_back[-2], rtol=0.02, atol=0)
     assert (plain.diff() < 0).all()
-
-
-def test_with_t_squared_the_gradient_norm_stays_within_a_factor_of_two():
-    scaled = torch.tensor(page.gradient_norms[True])
-    assert scaled.max() / scaled.min() < 2
-    assert_close(scaled[-1], scaled[-2], rtol=0.02, atol=0)  # constant for large T
-    plain = torch.tensor(page.gradient_norms[False])
     assert plain.max() / plain.min() > 1000
+
+
+@pytest.mark.parametrize("name", ["random pair", "near teacher"])
+def test_t_squared_scaled_gradient_tends_to_hintons_limit_on_the_page(name):
+    student, teacher = page.PAIRS[name]
+    gradient = page.student_gradient(student, teacher, page.TEMPERATURES[-1])
+    limit = page.large_temperature_limit(student, teacher)
+    assert (gradient - limit).norm() < 0.1 * limit.norm()
+    assert_close(page.scaled_norms[name][-1], page.limit_norms[name], rtol=0.02, atol=0)
+
+
+@settings(max_examples=20)
+@given(
+    logit_std=st.sampled_from([0.1, 1.0, 5.0, 10.0]),
+    near=st.booleans(),
+    n_classes=st.sampled_from([10, 100, 32_000]),
+    seed=st.integers(0, 2**16),
+)
+def test_t_squared_scaled_gradient_tends_to_a_constant_as_t_grows(
+    logit_std, near, n_classes, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (3, n_classes)
+    teacher = logit_std * torch.randn(shape, generator=generator, dtype=torch.float64)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    student = teacher + noise if near else logit_std * noise
+    limit = page.large_temperature_limit(student, teacher)
+    errors = []
+    for t in (100.0, 1000.0, 10_000.0):
+        t = t * max(logit_std, 1.0)
+        gradient = page.student_gradient(student, teacher, t)
+        errors.append(((gradient - limit).norm() / limit.norm()).item())
+    assert errors[-1] < 1e-3
+    assert errors[0] > errors[1] > errors[2]  # it settles, at rate 1/T
+
+
+def test_the_scaled_gradient_is_not_within_a_factor_of_two_for_a_near_student():
+    norms = dict(zip(page.TEMPERATURES, page.scaled_norms["near teacher"], strict=True))
+    above_one = [norm for t, norm in norms.items() if t >= 1]
+    assert max(above_one) / min(above_one) > 2
+
+
+@pytest.mark.parametrize("name", ["random pair", "near teacher"])
+def test_below_t_1_the_scaled_gradient_falls_towards_zero(name):
+    norms = dict(zip(page.TEMPERATURES, page.scaled_norms[name], strict=True))
+    assert norms[0.25] < norms[0.5] < norms[1.0]
+    tiny = page.student_gradient(*page.PAIRS[name], 0.01).norm().item()
+    assert tiny < 0.2 * norms[1.0]
 
 
 def test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl():
@@ -58,8 +138,110 @@ def test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl():
     student = page.student_logits.clone().requires_grad_()
     cross_entropy = F.cross_entropy(student / t, soft_targets) * t**2
     (from_cross_entropy,) = torch.autograd.grad(cross_entropy, student)
-    student = page.student_logits.clone().requires_grad_()
-    kl = page.distillation_loss(student, page.teacher_logits, t)
-    (from_kl,) = torch.autograd.grad(kl, student)
+    from_kl = page.student_gradient(page.student_logits, page.teacher_logits, t)
     assert_close(from_cross_entropy, from_kl, **FLOAT32)
-    assert cross_entropy > kl  # they differ by the teacher's entropy (times T²)
+    assert cross_entropy > page.with_log_target  # by the teacher's entropy (× T²)
+
+
+def padded_batch(vocab_size, dtype, seed=0):
+    """(2, 6, V) student and teacher logits and a mask of 7 real response tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 6, vocab_size, generator=generator).to(dtype)
+    teacher = (3 * torch.randn(2, 6, vocab_size, generator=generator)).to(dtype)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("vocab_size", [32_000, 128_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_loss_is_the_mean_over_real_tokens(vocab_size, dtype):
+    student, teacher, mask = padded_batch(vocab_size, dtype)
+    loss = page.masked_distillation_loss(student, teacher, mask, 2.0)
+    assert loss.dtype == torch.float32  # computed in float32 from half inputs
+    reference = 4.0 * kl_rows_float64(student[mask], teacher[mask], 2.0).mean()
+    assert_close(loss.double(), reference, rtol=1e-4, atol=0)
+
+
+def test_page_masked_loss_is_the_mean_over_its_real_tokens():
+    real = page.response_mask
+    reference = kl_rows_float64(page.lm_student[real], page.lm_teacher[real]).mean()
+    assert page.lm_student.shape[-1] == page.VOCAB_SIZE
+    assert_close(page.lm_loss.double(), reference, rtol=1e-5, atol=0)
+    everything = kl_rows_float64(page.lm_student, page.lm_teacher).mean()
+    assert_close(page.lm_loss_flattened.double(), everything, rtol=1e-5, atol=0)
+
+
+def test_masked_loss_ignores_prompt_and_padding_positions():
+    student, teacher, mask = padded_batch(32_000, torch.float32)
+    garbage = torch.where(mask[..., None], student, 50.0)
+    student_grad = garbage.clone().requires_grad_()
+    loss = page.masked_distillation_loss(student_grad, teacher, mask, 1.0)
+    loss.backward()
+    assert_close(loss, page.masked_distillation_loss(student, teacher, mask, 1.0))
+    assert (student_grad.grad[~mask] == 0).all()
+    flattened = page.distillation_loss(garbage.flatten(0, 1), teacher.flatten(0, 1), 1)
+    plain = page.distillation_loss(student.flatten(0, 1), teacher.flatten(0, 1), 1)
+    assert (flattened - plain).abs() > 0.1  # the flattened mean depends on them
+
+
+def test_masked_sum_over_all_positions_shrinks_by_the_real_token_fraction():
+    fraction = page.response_mask.float().mean()
+    assert_close(page.lm_loss_wrong_count, page.lm_loss * fraction, **FLOAT32)
+    assert fraction < 1
+
+
+def test_mismatched_vocabularies_raise_a_value_error_and_cutting_the_padding_fixes_it():
+    student, teacher, mask = padded_batch(32_000, torch.float32)
+    padded_student = torch.cat([student, torch.randn(2, 6, 64)], dim=-1)
+    with pytest.raises(ValueError, match="one tokenizer"):
+        page.masked_distillation_loss(padded_student, teacher, mask, 1.0)
+    vocab_size = teacher.shape[-1]
+    bound = run_inline(
+        "logits[..., :vocab_size]", logits=padded_student, vocab_size=vocab_size
+    )
+    fixed = page.masked_distillation_loss(bound, teacher, mask, 1.0)
+    assert_close(fixed, page.masked_distillation_loss(student, teacher, mask, 1.0))
+
+
+def test_reverse_loss_is_kl_student_teacher_and_trains_the_student():
+    student = page.lm_student_tokens.double().requires_grad_()
+    teacher = page.peaked_teacher.double()
+    reverse = page.reverse_distillation_loss(student, teacher)
+    reference = kl_rows_float64(teacher, student).mean()  # KL(q‖p): student first
+    assert_close(reverse, reference, **FLOAT64)
+    (gradient,) = torch.autograd.grad(reverse, student)
+    assert gradient.abs().sum() > 0
+    assert abs(page.reverse_loss - page.full_loss) > 1  # another direction
+
+
+@pytest.mark.parametrize("vocab_size, k", [(32_000, 64), (128_000, 20)])
+def test_top_k_loss_is_the_kl_to_the_renormalised_teacher(vocab_size, k):
+    student, teacher, mask = padded_batch(vocab_size, torch.float64)
+    student, teacher = student[mask], teacher[mask]
+    log_p_top, ids = page.top_k_teacher(teacher, k, temperature=2.0)
+    loss = page.top_k_distillation_loss(student, log_p_top, ids, temperature=2.0)
+    # reference: the renormalised teacher as a dense distribution, zero elsewhere
+    p = torch.zeros_like(teacher).scatter(-1, ids, log_p_top.exp())
+    log_q = (student / 2.0).log_softmax(dim=-1)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
+    assert_close(loss, 4.0 * kl.mean(), **FLOAT64)
+
+
+def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss():
+    student, teacher = page.lm_student_tokens[:3], page.peaked_teacher[:3]
+    log_p_top, ids = page.top_k_teacher(teacher, teacher.shape[-1])
+    loss = page.top_k_distillation_loss(student, log_p_top, ids)
+    assert_close(loss, page.distillation_loss(student, teacher, 1.0), **FLOAT32)
+
+
+def test_top_k_loss_is_close_to_the_full_loss_when_the_kept_mass_is_near_one():
+    assert page.top_k_mass.mean() > 0.99 and page.top_k_mass.min() > 0.98
+    assert_close(page.top_k_loss, page.full_loss, rtol=0.01, atol=0)
+    student, teacher, mask = padded_batch(128_000, torch.float32)
+    teacher = 4 * teacher[mask]  # as confident as the page's teacher
+    log_p_top, ids = page.top_k_teacher(teacher, page.TOP_K)
+    kept = F.softmax(teacher, dim=-1).gather(-1, ids).sum(dim=-1)
+    assert kept.mean() > 0.99
+    loss = page.top_k_distillation_loss(student[mask], log_p_top, ids)
+    full = page.distillation_loss(student[mask], teacher, 1.0)
+    assert_close(loss, full, rtol=0.01, atol=0)
