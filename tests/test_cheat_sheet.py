@@ -28,6 +28,7 @@ ROW = re.compile(
 NAN_WITH_ZEROS = "NaN if P has zeros"
 ESTIMATES = "estimated per sample of Q"  # rows whose mean over samples is the value
 PER_TOKEN = {"mean KL(P‖Q) over real tokens"}
+GRADIENT_OF = {"a loss whose gradient is KL(Q‖P)'s, per sample of Q"}
 TEMPERATURE = 3.0
 
 
@@ -126,7 +127,7 @@ def evaluate(call, tensors):
 
 @pytest.mark.parametrize(
     "computes, call, remember",
-    [row for row in cheat_sheet_rows() if row[0] not in PER_TOKEN],
+    [row for row in cheat_sheet_rows() if row[0] not in PER_TOKEN | GRADIENT_OF],
 )
 @pytest.mark.parametrize("with_zeros", [False, True], ids=["P>0", "P with zeros"])
 @pytest.mark.parametrize("scale", SCALES)
@@ -158,19 +159,40 @@ def test_xlogy_gradient_is_nan_where_p_is_zero_and_where_p_and_q_are_zero():
     assert q.grad.isnan().tolist() == [True, False, False]
 
 
-def test_per_token_row_is_the_mean_over_real_tokens_of_a_padded_batch():
+@pytest.mark.parametrize(
+    "call", [call for what, call, _ in cheat_sheet_rows() if what in PER_TOKEN]
+)
+def test_per_token_rows_are_the_mean_over_real_tokens_of_a_padded_batch(call):
     # (batch, tokens, vocabulary) with padding at the end of the second sequence
     generator = torch.Generator().manual_seed(1)
     logits_p, logits_q = 3 * torch.randn(2, 2, 5, 32_000, generator=generator)
+    logits_q[1, 3:] = torch.nan  # whatever a padded position holds is left out
     log_p, log_q = logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1)
-    log_q[1, 3:] = torch.nan  # whatever a padded position holds is left out
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    call = next(
-        call for computes, call, _ in cheat_sheet_rows() if computes in PER_TOKEN
-    )
-    result = evaluate(call, {"log_q": log_q, "log_p": log_p, "mask": mask})
-    expected = kl_from_logits(logits_p, logits_q)[mask].mean()
+    tensors = {"log_q": log_q, "log_p": log_p, "mask": mask}
+    result = evaluate(call, tensors | {"logits_q": logits_q, "logits_p": logits_p})
+    expected = kl_from_logits(logits_p[mask], logits_q[mask]).mean()
     assert_close(result.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [5, 32_000])
+@pytest.mark.parametrize(
+    "call", [call for what, call, _ in cheat_sheet_rows() if what in GRADIENT_OF]
+)
+def test_gradient_rows_have_the_reverse_kl_gradient_in_expectation(call, classes):
+    # E_{x~Q}[∇ loss(x)], Q's outcomes weighted exactly, is ∇ KL(Q‖P)
+    generator = torch.Generator().manual_seed(6)
+    logits_p, logits_q = 2 * torch.randn(
+        2, 3, classes, dtype=torch.float64, generator=generator
+    )
+    logits_q.requires_grad_()
+    log_p, log_q = logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1)
+    loss = evaluate(call, {"log_q_x": log_q, "log_p_x": log_p})
+    expected_loss = (log_q.exp().detach() * loss).sum()
+    (gradient,) = torch.autograd.grad(expected_loss, logits_q, retain_graph=True)
+    kl_qp = (log_q.exp() * (log_q - log_p)).sum()
+    (expected,) = torch.autograd.grad(kl_qp, logits_q)
+    assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_batchmean_on_a_batch_of_sequences_is_tokens_times_the_per_token_kl():
