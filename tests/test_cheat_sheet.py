@@ -19,6 +19,7 @@ from snippets.large_vocab import chunked_kl
 
 QUOTED_IN_PROSE = {
     "finfo(dtype).eps": "a quantity named in words",
+    "finfo(dtype).min": "a quantity named in words (half_precision tests it)",
     "input.size(0)": "what batchmean divides by, as the source writes it",
 }
 HOME = Path(__file__).resolve().parents[1] / "docs" / "index.md"
