@@ -3,19 +3,27 @@
 #
 # Fit a single Gaussian $Q$ to a target $P$ with two well separated peaks and the
 # direction of the KL decides what you get. The **forward** KL
-# $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: $Q$ stretches over both peaks and
-# matches $P$'s mean and variance exactly. The **reverse** KL
-# $D_{\mathrm{KL}}(Q\,\|\,P)$ is *mode-seeking*: $Q$ settles on one peak, which one
-# depending on where it starts, at a divergence just under $\log 2$. Squared error and
-# cosine similarity between the densities do something else again, measured below.
+# $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: from every start, $Q$ stretches
+# over both peaks and matches $P$'s mean and variance exactly. The **reverse** KL
+# $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: its global minimum sits on
+# one peak, at a divergence just under $\log 2$, and fits started narrow reach the
+# peak on their side. That is not a guarantee: the reverse KL has a third local
+# minimum, a wide Gaussian between the peaks, and fits started wide near the middle
+# end there. The reverse KL is the direction variational inference minimises
+# (maximising the ELBO minimises $D_{\mathrm{KL}}(Q\,\|\,P)$), which is why VI is
+# said to seek modes; Bishop's *Pattern Recognition and Machine Learning*, section
+# 10.1.2 and Fig. 10.3, draws the same two fits.
 #
 # On this page you will:
 #
 # - build the target as a proper mixture, on a grid wide enough for every fit;
-# - fit $Q = \mathcal{N}(\mu, \sigma^2)$ with four losses, to convergence, and
+# - fit $Q = \mathcal{N}(\mu, \sigma^2)$ with both directions, to convergence, and
 #   watch the fits as animations made when this page was built;
-# - check the fits against the analytic answers and see the loss landscapes;
-# - see what went wrong in the blog set-up this experiment usually comes from.
+# - find all three minima of the reverse KL and which starts reach which;
+# - see what goes wrong in a common set-up of this experiment.
+#
+# Squared error and cosine similarity between the densities, fitted the same way,
+# have [their own page](mse_cosine.py).
 
 # %% [markdown]
 # ## The target: two peaks, total mass 1
@@ -24,8 +32,8 @@
 # its density integrates to 1. On a grid of spacing $\Delta x$ each cell holds
 # probability $p(x)\,\Delta x$, so the grid's log-probabilities are
 # $\log p(x) + \log \Delta x$; `MixtureSameFamily.log_prob` computes $\log p(x)$
-# with `logsumexp`, in log space. The grid spans $[-60, 65]$, more than five
-# standard deviations of the widest $Q$ fitted below on each side.
+# with `logsumexp`, in log space. How far the grid reaches, in standard deviations
+# of the widest $Q$ on this page, is printed once the fits have run.
 
 # %%
 import math
@@ -37,8 +45,8 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 DTYPE = torch.float64
-dx = 0.1
-x = torch.arange(-60.0, 65.0 + dx / 2, dx, dtype=DTYPE)
+X_MIN, X_MAX, dx = -60.0, 65.0, 0.1
+x = torch.arange(X_MIN, X_MAX + dx / 2, dx, dtype=DTYPE)
 
 target = MixtureSameFamily(
     Categorical(probs=torch.tensor([0.5, 0.5], dtype=DTYPE)),
@@ -54,22 +62,21 @@ grid_mean = (p * x).sum()
 grid_variance = (p * (x - grid_mean) ** 2).sum()
 
 # %% active="ipynb"
+# print(f"grid: {len(x)} points from {X_MIN:g} to {X_MAX:g}, spacing {dx}")
 # print(f"P on the grid: mass {grid_mass:.6f}, mean {grid_mean:.4f},"
 #       f" variance {grid_variance:.4f}")
 
 # %% [markdown]
-# ## Q, its parameters, four losses
+# ## Q, its parameters, two losses
 #
 # $Q = \mathcal{N}(\mu, \sigma^2)$ with $\sigma = e^{s}$: the optimiser moves
 # $(\mu, s)$, so $\sigma$ is positive by construction, whatever the step. Every fit
-# below runs from several starting points, all at once, one row each. The losses
-# compare $Q$ with $P$ on the grid:
-#
-# - forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$: `F.kl_div(log_q, log_p, log_target=True)`,
-#   the model first;
-# - reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$: the same call with the arguments swapped;
-# - the mean squared error between the two densities;
-# - one minus the cosine similarity between the two densities.
+# runs from several starting points, all at once, one row each. For one row of
+# grid log-probabilities, the forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$ is
+# `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`, the model first; the
+# reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is the same call with the arguments
+# swapped. The functions below take many rows at once, so they keep the terms
+# (`reduction="none"`) and sum each row.
 
 
 # %%
@@ -83,40 +90,30 @@ def log_q_on_grid(mu, log_sigma):
     return log_density + math.log(dx)
 
 
-def forward_kl(log_q):  # KL(P‖Q)
+def forward_kl(log_q):  # KL(P‖Q) of each row
     terms = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
     return terms.sum(dim=-1)
 
 
-def reverse_kl(log_q):  # KL(Q‖P): target and input swapped
+def reverse_kl(log_q):  # KL(Q‖P) of each row: target and input swapped
     terms = F.kl_div(log_p.expand_as(log_q), log_q, reduction="none", log_target=True)
     return terms.sum(dim=-1)
 
 
-def density_mse(log_q):  # mean over the grid of (q(x) − p(x))²
-    return ((log_q.exp() - p) / dx).pow(2).mean(dim=-1)
-
-
-def cosine_distance(log_q):  # 1 − cos(q, p), the densities seen as vectors
-    return 1 - F.cosine_similarity(log_q.exp(), p.expand_as(log_q), dim=-1)
-
-
-LOSSES = {
-    "forward KL": forward_kl,
-    "reverse KL": reverse_kl,
-    "MSE": density_mse,
-    "cosine": cosine_distance,
-}
+LOSSES = {"forward KL": forward_kl, "reverse KL": reverse_kl}
 STARTS = [(-2.0, 2.0), (6.0, 2.0), (0.0, 5.0)]  # (mu, sigma) of each fit's start
+STEPS, LR = 1200, 0.1
 
 
-def fit_gaussians(losses, starts, steps=1200, lr=0.1):
+def fit_gaussians(losses, starts, steps=STEPS, lr=LR):
     """Adam on (mu, log sigma) from each (mu, sigma) in ``starts``, for each loss
     in ``losses`` (a dict of name: function), all fits at once.
 
     Returns {name: tensor of shape (steps + 1, len(starts), 3)}: mu, sigma and the
     loss of every fit at every step, the start included.
     """
+    if any(sigma <= 0 for _, sigma in starts):
+        raise ValueError(f"every start needs sigma > 0, got {starts}")
     n_starts = len(starts)
     rows = torch.tensor(starts, dtype=DTYPE).repeat(len(losses), 1)  # one per fit
     mu = rows[:, :1].clone().requires_grad_()
@@ -141,11 +138,17 @@ def largest_recent_move(trajectory, last_steps=100):
 
 
 # %% [markdown]
-# Every loss is minimised from the three starts in `STARTS`, all twelve fits in one
-# loop: 1200 Adam steps at learning rate 0.1.
+# Both losses are minimised from the three starts in `STARTS`, for `STEPS` Adam
+# steps at learning rate `LR` (printed). To check convergence later, the same run
+# goes on for `LONG_STEPS`; the page's fits are its first `STEPS` steps.
+
+# %%
+LONG_STEPS = 2 * STEPS
 
 # %% active="ipynb"
-# fits = fit_gaussians(LOSSES, STARTS)
+# long_fits = fit_gaussians(LOSSES, STARTS, steps=LONG_STEPS)
+# fits = {name: trajectory[: STEPS + 1] for name, trajectory in long_fits.items()}
+# print(f"{len(LOSSES) * len(STARTS)} fits, {STEPS} Adam steps at learning rate {LR}")
 
 # %% [markdown]
 # ## Forward KL: moment matching
@@ -173,11 +176,23 @@ sigma_star = math.sqrt(0.5 * (1 + 25) + 0.5 * (1 + 100) - mu_star**2)
 
 # %% [markdown]
 # The animation shows the fit from the first start, $(\mu, \sigma) = (-2, 2)$:
-# $Q$ first widens, overshooting $\sigma^*$, then drifts to the right and narrows
-# until its mean sits between the peaks.
+# $Q$ widens fast, overshooting $\sigma^*$, while its mean drifts right; then it
+# narrows, its mean still drifting, until it sits between the peaks.
 
 
 # %%
+def frame_steps(steps, n_frames):
+    """Steps drawn: more frames early, where the fits move fast (step ∝ index²)."""
+    return [round(steps * (i / (n_frames - 1)) ** 2) for i in range(n_frames)]
+
+
+def density_top(trajectory, steps):
+    """A y-limit above P and above every Q drawn: a Gaussian peaks at 1/(σ√2π)."""
+    narrowest = trajectory[steps, :, 1].min().item()
+    tallest = max((p / dx).max().item(), 1 / (narrowest * math.sqrt(2 * math.pi)))
+    return 1.05 * tallest
+
+
 def animate_fits(trajectory, path, caption, n_frames=100, fps=20):
     """Write an MP4 of the fits in ``trajectory`` (steps + 1, fits, 3) over P,
     and its first frame as a PNG poster beside it."""
@@ -186,16 +201,15 @@ def animate_fits(trajectory, path, caption, n_frames=100, fps=20):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    steps = trajectory.shape[0] - 1
-    # more frames early, where the fits move fast: step ∝ (frame index)²
-    frame_steps = [round(steps * (i / (n_frames - 1)) ** 2) for i in range(n_frames)]
+    steps = frame_steps(trajectory.shape[0] - 1, n_frames)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100, facecolor="white")
     grid = x.numpy()  # matplotlib draws NumPy arrays much faster than tensors
     ax.fill_between(grid, (p / dx).numpy(), color="0.8", label="P")
     lines = [ax.plot(grid, 0 * grid, lw=2, animated=True)[0] for _ in trajectory[0]]
     label = ax.text(0.99, 0.97, "", transform=ax.transAxes, ha="right", va="top")
     label.set_animated(True)
-    ax.set(xlim=(-25, 30), ylim=(0, 0.45), xlabel="x", ylabel="density", title=caption)
+    top = density_top(trajectory, steps)
+    ax.set(xlim=(-25, 30), ylim=(0, top), xlabel="x", ylabel="density", title=caption)
     ax.legend(loc="upper left")
     fig.canvas.draw()  # draw the still parts once; each frame redraws only Q
     background = fig.canvas.copy_from_bbox(fig.bbox)
@@ -210,7 +224,7 @@ def animate_fits(trajectory, path, caption, n_frames=100, fps=20):
         + ["-movflags", "+faststart"],  # same bytes every build; streams early
     )
     writer.send(None)
-    for index, step in enumerate(frame_steps):
+    for index, step in enumerate(steps):
         fig.canvas.restore_region(background)
         for line, (mu, sigma, _) in zip(lines, trajectory[step], strict=True):
             line.set_ydata(Normal(mu, sigma).log_prob(x).exp().numpy())
@@ -243,15 +257,14 @@ def video_player(path):
 # video_player("forward_kl.mp4")
 
 # %% [markdown]
-# ## Reverse KL: one peak, at log 2
+# ## Reverse KL from narrow starts: one peak, at log 2
 #
 # The reverse KL averages $\log \frac{q}{p}$ under $Q$, so it punishes $Q$ for any
 # mass where $P$ has little, and does not care what $Q$ leaves out. Settled on one
 # component, $q = \mathcal{N}(-5, 1)$ say, and with the peaks this far apart, $p$
 # is $\tfrac12 q$ wherever $q$ has mass, plus a sliver of the other peak's tail,
 # so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$.
-# Which peak wins depends on the start: from $(-2, 2)$ and from $(0, 5)$ the left
-# one, from $(6, 2)$ the right.
+# From the three starts of `STARTS` the fits end on a peak, as printed below.
 
 # %% active="ipynb"
 # print(f"log 2 = {math.log(2):.6f}")
@@ -265,99 +278,113 @@ def video_player(path):
 # video_player("reverse_kl.mp4")
 
 # %% [markdown]
-# ## What MSE and cosine similarity do
+# ## Reverse KL from wide starts: a third minimum
 #
-# Neither is a divergence between distributions; both compare the densities as
-# curves. The table gives every fit's end point, measured; the animation follows
-# the MSE and cosine fits from the start $(-2, 2)$.
+# Start wider and nearer the middle and the reverse KL ends elsewhere: on a wide
+# Gaussian centred between the peaks, covering both, at a divergence far above
+# $\log 2$. The table fits the reverse KL from a grid of starts, narrow to wider
+# than $\sigma^*$, and says which minimum each one reached.
+
+# %%
+GRID_MUS = [-2.0, 1.0, 2.0, 3.0, 4.0, 6.0]
+GRID_SIGMAS = [1.0, 4.0, 8.0]
+GRID_STARTS = [(mu, sigma) for sigma in GRID_SIGMAS for mu in GRID_MUS]
+
+
+def minimum_reached(mu, sigma):
+    """Which of the reverse KL's three minima a fit ended at."""
+    if sigma > 3:
+        return "covers both"
+    return "left peak" if mu < mu_star else "right peak"
+
+
+# %% active="ipynb"
+# grid_fits = fit_gaussians({"reverse KL": reverse_kl}, GRID_STARTS)["reverse KL"]
 
 # %% active="ipynb" tags=["hide-input"]
 # from IPython.display import Markdown
 #
 # rows = [
-#     f"| {name} | ({mu0:g}, {sigma0:g}) | {mu:.3f} | {sigma:.3f} | {value:.4g} |"
-#     f" {largest_recent_move(fits[name][:, [i]]):.1e} |"
-#     for name in LOSSES
-#     for i, ((mu0, sigma0), (mu, sigma, value)) in enumerate(
-#         zip(STARTS, fits[name][-1])
-#     )
+#     f"| ({mu0:g}, {sigma0:g}) | {mu:.4f} | {sigma:.4f} | {kl:.4f} |"
+#     f" {minimum_reached(mu, sigma)} |"
+#     for (mu0, sigma0), (mu, sigma, kl) in zip(GRID_STARTS, grid_fits[-1])
 # ]
 # Markdown(
-#     "| loss | start (μ, σ) | final μ | final σ | final loss |"
-#     " largest move, last 100 steps |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+#     "| start (μ, σ) | final μ | final σ | KL(Q‖P) | minimum reached |\n"
+#     "|---|---|---|---|---|\n" + "\n".join(rows)
 # )
 
 # %% [markdown]
-# From these three starts MSE lands on one Gaussian centred between the peaks,
-# wider than the forward-KL fit. Cosine similarity has more than one optimum: from
-# $(-2, 2)$ it settles on the left peak like the reverse KL, from the other two
-# starts on a wide Gaussian centred between the peaks, wider still than MSE's.
-#
-# MSE has more than one optimum too, and the centred one is not its best: started
-# on a peak, it stays there, a little wider than the peak, at a lower loss. This
-# optimum is flat enough that Adam at learning rate 0.1 keeps jittering around it;
-# half that settles.
+# Narrow starts go to the peak on their side of the middle. Wide starts near the
+# middle stop on the covering Gaussian, a true minimum: both eigenvalues of the
+# Hessian of the reverse KL in $(\mu, \log\sigma)$ there are positive (printed
+# below). Along $\mu$, the middle $\mu = 2.5$ is a ridge for narrow $Q$ and a valley
+# floor for wide $Q$; the curvature changes sign at the $\sigma$ printed below. For
+# unit-variance peaks a distance $d$ apart it is close to $d/\sqrt{2\pi}$: the
+# curvature along $\mu$ at the middle is $1 - d^2\,\mathbb{E}_Q[r(1-r)]$, with $r$
+# the left peak's share of $p(x)$, and $\mathbb{E}_Q[r(1-r)] \approx
+# q(\mu)/d = 1/(d\,\sigma\sqrt{2\pi})$ when $Q$ is much wider than the $1/d$ over
+# which $r$ switches.
+
 
 # %%
-PEAK_STARTS = [(-5.0, 2.0), (10.0, 2.0)]
-PEAK_LR = 0.05
+def reverse_kl_hessian(mu, sigma):
+    """Hessian of KL(Q‖P) in (mu, log sigma), by autograd."""
+
+    def kl_at(theta):
+        return reverse_kl(log_q_on_grid(theta[0].view(1, 1), theta[1].view(1, 1)))[0]
+
+    theta = torch.tensor([mu, math.log(sigma)], dtype=DTYPE)
+    return torch.autograd.functional.hessian(kl_at, theta)
+
+
+def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
+    """The sigma where d²KL(Q‖P)/dmu² at mu = mu* changes sign, by bisection."""
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if reverse_kl_hessian(mu_star, middle)[0, 0] < 0:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
 
 # %% active="ipynb"
-# on_a_peak = fit_gaussians({"MSE": density_mse}, PEAK_STARTS, lr=PEAK_LR)["MSE"]
-# print(f"centred fit: MSE = {fits['MSE'][-1, 0, 2]:.4e}")
-# for i, ((mu0, sigma0), (mu, sigma, mse)) in enumerate(
-#     zip(PEAK_STARTS, on_a_peak[-1])
-# ):
-#     move = largest_recent_move(on_a_peak[:, [i]])
-#     print(f"from ({mu0:+.0f}, {sigma0:.0f}): mu = {mu:.3f}, sigma = {sigma:.3f},"
-#           f" MSE = {mse:.4e}, last 100 steps moved {move:.0e}")
-
-# %% active="ipynb"
-# mse_and_cosine = torch.stack([fits["MSE"][:, 0], fits["cosine"][:, 0]], dim=1)
-# animate_fits(mse_and_cosine, "mse_cosine.mp4", "MSE (blue) and cosine (orange)")
-# video_player("mse_cosine.mp4")
+# covering = grid_fits[-1, GRID_STARTS.index((2.0, 4.0))]
+# eigenvalues = torch.linalg.eigvalsh(reverse_kl_hessian(*covering[:2].tolist()))
+# print(f"covering minimum: mu = {covering[0]:.4f}, sigma = {covering[1]:.4f},"
+#       f" KL(Q‖P) = {covering[2]:.4f}")
+# print("Hessian eigenvalues there:", [f"{v:.3g}" for v in eigenvalues.tolist()])
+# print(f"mu = 2.5 turns from ridge to valley at sigma = {ridge_to_valley_sigma():.3f};"
+#       f" d/√(2π) = {15 / math.sqrt(2 * math.pi):.3f}")
 
 # %% [markdown]
 # ## Did every fit converge?
 #
-# A fit has converged when its loss stops falling and its parameters stop moving.
-# The curves show each fit's loss minus its final value, on a log scale: every one
-# falls to the floor of float64 rounding or flattens well before the last step,
-# and the table above shows how far the parameters still moved in the last 100
-# steps.
+# The curves show each fit's distance, in $(\mu, \sigma)$, to where the same run
+# ends after `LONG_STEPS` steps, on a log scale; the printed line gives the largest
+# distance left at step `STEPS`.
 
-# %% active="ipynb" alt="Loss minus final loss against step for each fit"
+# %% active="ipynb" alt="Distance to the long run's end point against step"
 # import matplotlib.pyplot as plt
 #
-# fig, axes = plt.subplots(1, 4, figsize=(7.2, 2.4), sharey=True)
-# for ax, (name, trajectory) in zip(axes, fits.items()):
-#     losses = trajectory[:, :, 2]
-#     ax.semilogy((losses - losses[-1]).clamp_min(1e-16))
+# fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.4), sharey=True)
+# for ax, (name, trajectory) in zip(axes, long_fits.items()):
+#     distance = (trajectory[:, :, :2] - trajectory[-1, :, :2]).norm(dim=-1)
+#     ax.semilogy(distance[: STEPS + 1].clamp_min(1e-16))
 #     ax.set(title=name, xlabel="step")
-# axes[0].set_ylabel("loss − final loss")
-# plt.show()
-
-# %% [markdown]
-# ## The four fits side by side
-
-# %% active="ipynb" alt="P and the fitted Q of each loss, from each start"
-# fig, axes = plt.subplots(1, 4, figsize=(7.2, 2.4), sharey=True)
-# for ax, (name, trajectory) in zip(axes, fits.items()):
-#     ax.fill_between(x, p / dx, color="0.8")
-#     for (mu0, sigma0), (mu, sigma, _) in zip(STARTS, trajectory[-1]):
-#         density = Normal(mu, sigma).log_prob(x).exp()
-#         ax.plot(x, density, label=f"from ({mu0:g}, {sigma0:g})")
-#     ax.set(title=name, xlim=(-25, 30), xlabel="x")
-# axes[0].legend(loc="upper right", fontsize=7)
+#     print(f"{name}: largest distance at step {STEPS}: {distance[STEPS].max():.1e}")
+# axes[0].set_ylabel("distance to the end")
 # plt.show()
 
 # %% [markdown]
 # ## The landscapes behind it
 #
 # Both KL directions over a grid of $(\mu, \sigma)$, darker where lower, with the
-# three fits' paths. The forward KL has a single basin at the moment-matching
-# point; the reverse KL has two, one per peak, separated by a ridge near
-# $\mu = 2.5$: a start's side of the ridge decides its peak.
+# paths of the fits from `STARTS`; the white crosses mark the minima. The forward
+# KL has a single basin, at the moment-matching point. The reverse KL has three:
+# one per peak, and the covering one at $\mu = 2.5$ above the $\sigma$ where the
+# ridge between the peaks turns into a valley.
 
 
 # %%
@@ -371,57 +398,64 @@ def loss_landscape(loss, mus, sigmas):
 # %% active="ipynb" alt="Forward and reverse KL over mu and sigma, with fit paths"
 # mus = torch.linspace(-12, 17, 88, dtype=DTYPE)
 # sigmas = torch.logspace(math.log10(0.5), math.log10(15), 60, dtype=DTYPE)
+# minima = {
+#     "forward KL": [(mu_star, sigma_star)],
+#     "reverse KL": [(-5.0, 1.0), (10.0, 1.0), tuple(covering[:2].tolist())],
+# }
 # fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8), sharey=True)
-# for ax, name in zip(axes, ["forward KL", "reverse KL"]):
+# for ax, name in zip(axes, LOSSES):
 #     landscape = loss_landscape(LOSSES[name], mus, sigmas)
 #     ax.contourf(mus, sigmas, landscape.log(), levels=30, cmap="viridis")
 #     for i in range(len(STARTS)):
 #         ax.plot(fits[name][:, i, 0], fits[name][:, i, 1], color="white", lw=1)
-#         ax.plot(*fits[name][-1, i, :2], "o", color="white")
+#     ax.plot(*zip(*minima[name]), "x", color="white", ms=8, mew=2)
 #     ax.set(title=f"log {name}", xlabel="μ", yscale="log")
 # axes[0].set_ylabel("σ")
 # plt.show()
 
 # %% [markdown]
-# ## Aside: the original set-up
+# ## Aside: a common set-up, and what it gets wrong
 #
-# This experiment usually comes from a blog post whose set-up differs from the one
-# above in four ways, each of which changes what it shows:
+# This experiment is often run with a set-up that differs from the one above in
+# four ways, each of which changes what it shows:
 #
-# - $P$ was the **sum** of the two densities, a function of total mass 2, not a
+# - $P$ is the **sum** of the two densities, a function of total mass 2, not a
 #   distribution;
-# - **densities were used as probabilities**: on a grid, values of $p(x)$ with no
+# - **densities are used as probabilities**: on a grid, values of $p(x)$ with no
 #   $\Delta x$, which sum to $2/\Delta x$ here;
-# - `F.kl_div` ran with its **default `"mean"`** reduction, which divides by the
-#   number $N$ of grid points; with the two choices above, the printed loss was
+# - `F.kl_div` runs with its **default `"mean"`** reduction, which divides by the
+#   number $N$ of grid points; with the two choices above, the printed loss is
 #   $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, not the KL;
-# - **10,000 Adam steps at learning rate $10^{-3}$**, optimising $\sigma$ itself,
-#   stop long before $\sigma$ has converged.
+# - a fixed, short run of Adam at a small learning rate (`BLOG_STEPS` and
+#   `BLOG_LR`, printed below), optimising $\sigma$ itself, stops long before
+#   $\sigma$ has converged.
 #
 # The minimiser itself is unchanged (scaling $P$ does not move it), so the set-up
 # looks right while printing wrong numbers and stopping short. Rerun here with
 # those four choices, on this page's grid and from $(\mu, \sigma) = (0, 1)$:
 
-
 # %%
+BLOG_STEPS, BLOG_LR, BLOG_EVERY = 10_000, 1e-3, 1000
+
+
 def sum_of_densities(grid):
-    """The blog's target: two densities added, total mass 2."""
+    """The common set-up's target: two densities added, total mass 2."""
     return (
         Normal(-5.0, 1.0).log_prob(grid).exp() + Normal(10.0, 1.0).log_prob(grid).exp()
     )
 
 
 def original_setup_loss(mu, sigma, grid, target):
-    """The blog's loss: log densities, no log Δx, and the default "mean"."""
+    """Its loss: log densities, no log Δx, and the default "mean"."""
     log_q_density = -0.5 * ((grid - mu) / sigma) ** 2 - sigma.log() - LOG_SQRT_2PI
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "mean" warns; that is the point here
         return F.kl_div(log_q_density, target, reduction="mean")
 
 
-def original_setup_fit(steps=10_000, lr=1e-3):
-    """The blog's four choices, in float32 like the post. Returns sigma after every
-    1000 steps, the loss it prints at the end, and the final mu and sigma."""
+def original_setup_fit(steps=BLOG_STEPS, lr=BLOG_LR):
+    """The four choices, in float32. Returns sigma after every ``BLOG_EVERY``
+    steps, the loss it prints at the end, and the final mu and sigma."""
     x32 = x.float()
     target = sum_of_densities(x32)
     mu = torch.tensor(0.0, requires_grad=True)
@@ -433,7 +467,7 @@ def original_setup_fit(steps=10_000, lr=1e-3):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 1000 == 999:
+        if step % BLOG_EVERY == BLOG_EVERY - 1:
             sigmas.append(sigma.item())
     with torch.no_grad():
         printed_loss = original_setup_loss(mu, sigma, x32, target)
@@ -446,24 +480,53 @@ def original_setup_fit(steps=10_000, lr=1e-3):
 # log_q_end = log_q_on_grid(mu_end.double(), sigma_end.double().log()).view(1, -1)
 # true_kl = forward_kl(log_q_end)
 # print(f"mass of P: {(p_blog * dx).sum():.4f}; as 'probabilities': {p_blog.sum():.1f}")
-# print(f"printed loss after 10,000 steps: {printed_loss:.4f}")
-# print(f"KL(P‖Q) of the Q it reached:      {true_kl.item():.4f}")
-# print("sigma every 1000 steps:", [round(s, 2) for s in sigma_history.tolist()])
+# print(f"{BLOG_STEPS} Adam steps at learning rate {BLOG_LR:g}")
+# print(f"printed loss at the end:     {printed_loss:.4f}")
+# print(f"KL(P‖Q) of the Q it reached: {true_kl.item():.4f}")
+# print(f"sigma every {BLOG_EVERY} steps:", sigma_history.round(decimals=2).tolist())
 # print(f"sigma* = {sigma_star:.4f}")
 
 # %% [markdown]
-# After 10,000 steps $\sigma$ is still climbing by a similar amount every thousand
-# steps, well short of $\sigma^*$, and the printed loss is a fraction of the true
-# divergence of the $Q$ it reached.
+# At the end $\sigma$ is still climbing by a similar amount at every print, well
+# short of $\sigma^*$, and the printed loss is a fraction of the true divergence of
+# the $Q$ it reached.
+
+# %% [markdown]
+# ## The fits side by side
 #
+# $P$ with the forward fit, the reverse fits on each peak and the covering
+# minimum; the last line prints how many standard deviations of the widest $Q$
+# drawn on this page (starts and overshoots included) the grid holds on each side.
+
+# %% active="ipynb" alt="P with the forward fit and the three reverse-KL minima"
+# ends = {
+#     "forward KL": fits["forward KL"][-1, 0],
+#     "reverse KL, left": fits["reverse KL"][-1, 0],
+#     "reverse KL, right": fits["reverse KL"][-1, 1],
+#     "reverse KL, covering": covering,
+# }
+# fig, ax = plt.subplots(figsize=(7.2, 2.8))
+# ax.fill_between(x, p / dx, color="0.8", label="P")
+# for name, (mu, sigma, _) in ends.items():
+#     ax.plot(x, Normal(mu, sigma).log_prob(x).exp(), label=name)
+# ax.set(xlim=(-25, 30), xlabel="x", ylabel="density")
+# ax.legend(fontsize=7)
+# plt.show()
+# widest = max(t[:, :, 1].max() for t in [*long_fits.values(), grid_fits])
+# reach = min(mu_star - X_MIN, X_MAX - mu_star) / widest
+# print(f"widest Q: sigma = {widest:.2f}; the grid holds {reach:.2f} of them each side")
+
+# %% [markdown]
 # ## What to remember
 #
-# - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$ =
-#   `F.kl_div(log_q, log_p, log_target=True)`, covers
-#   every mode of $P$; over Gaussians it matches $P$'s mean and variance.
-# - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, locks onto one mode; which one depends
-#   on the start.
+# - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$, of one distribution given as grid
+#   log-probabilities is `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`;
+#   it covers every mode of $P$, and over Gaussians matches $P$'s mean and variance.
+# - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, the direction of variational
+#   inference, has its global minimum on one mode, and narrow starts lock onto the
+#   mode on their side; but it has other local minima, here one covering both
+#   modes, which wide central starts reach. "Mode-seeking" is not a guarantee.
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
 #   spacing, and a mixture's weights make its mass 1.
-# - Optimise $\log \sigma$, run to convergence, and check it: a flat loss curve and
-#   parameters that stop moving.
+# - Optimise $\log \sigma$, run to convergence, and check it: the distance to where
+#   a longer run ends, and parameters that stop moving.
