@@ -224,15 +224,18 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 # - **Direction.** This page minimises the forward KL, teacher first:
 #   mass-covering, the student spreads over everything the teacher allows (see
 #   [forward vs reverse KL](forward_reverse.py)). MiniLLM ([Gu et al., 2023])
-#   minimises the reverse KL, student first, which is mode-seeking: swap the
-#   arguments, the gradient then flows through `kl_div`'s target (below). GKD
-#   ([Agarwal et al., 2024]) adds a generalised Jensen-Shannon divergence and
-#   on-policy samples from the student; in TRL's `GKDTrainer` and Liger-Kernel's
-#   JSD loss, `beta` 0 is the forward KL and 1 the reverse KL (read from
-#   `trl/trainer/gkd_trainer.py` and `src/liger_kernel/ops/jsd.py`).
+#   minimises the reverse KL, student first, which is mode-seeking, over
+#   sequences the student samples, with a policy gradient; per token, the reverse
+#   KL is the call with its arguments swapped, the gradient flowing through
+#   `kl_div`'s target (below). GKD ([Agarwal et al., 2024]) uses a generalised
+#   Jensen-Shannon divergence and on-policy samples from the student. In TRL's
+#   `GKDTrainer` and Liger-Kernel's JSD loss, `beta` 0 is the forward KL and 1
+#   the reverse KL (read from `trl/trainer/gkd_trainer.py` at commit a9fa292 and
+#   `src/liger_kernel/ops/jsd.py` at 01ed383; not run here).
 # - **Temperature.** Language models are distilled at $T$ of 1 to 2 (TRL's GKD
-#   loss runs at 1, its `temperature` being the sampling one; the DistilBERT
-#   script's default is 2), where $T^2$ changes the weight by 4 at most.
+#   loss runs at 1 at that commit, its `temperature` being the sampling one; the
+#   DistilBERT training script's default is 2), where $T^2$ changes the weight by
+#   a factor of 4 at most.
 # - **Top-k teacher logits.** Stored offline, a teacher is often only its $k$
 #   largest logits per token. Renormalised over those $k$, they give the KL to a
 #   teacher that is zero elsewhere: close to the full KL when the $k$ hold most of
