@@ -19,11 +19,11 @@
 # - build the target as a proper mixture, on a grid wide enough for every fit;
 # - fit $Q = \mathcal{N}(\mu, \sigma^2)$ with both directions, to convergence, and
 #   watch the fits as animations made when this page was built;
-# - find all three minima of the reverse KL and which starts reach which;
-# - see what goes wrong in a common set-up of this experiment.
+# - find all three minima of the reverse KL and which starts reach which.
 #
 # Squared error and cosine similarity between the densities, fitted the same way,
-# have [their own page](mse_cosine.py).
+# have [their own page](mse_cosine.py); so does a
+# [common set-up of this experiment](kl_fit_common_setup.py) that prints wrong numbers.
 
 # %% [markdown]
 # ## The target: two peaks, total mass 1
@@ -37,7 +37,6 @@
 
 # %%
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -414,82 +413,9 @@ def loss_landscape(loss, mus, sigmas):
 # plt.show()
 
 # %% [markdown]
-# ## Aside: a common set-up, and what it gets wrong
-#
-# This experiment is often run with a set-up that differs from the one above in
-# four ways, each of which changes what it shows:
-#
-# - $P$ is the **sum** of the two densities, a function of total mass 2, not a
-#   distribution;
-# - **densities are used as probabilities**: on a grid, values of $p(x)$ with no
-#   $\Delta x$, which sum to $2/\Delta x$ here;
-# - `F.kl_div` runs with its **default `"mean"`** reduction, which divides by the
-#   number $N$ of grid points; with the two choices above, the printed loss is
-#   $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, not the KL;
-# - a fixed, short run of Adam at a small learning rate (`BLOG_STEPS` and
-#   `BLOG_LR`, printed below), optimising $\sigma$ itself, stops long before
-#   $\sigma$ has converged.
-#
-# The minimiser itself is unchanged (scaling $P$ does not move it), so the set-up
-# looks right while printing wrong numbers and stopping short. Rerun here with
-# those four choices, on this page's grid and from $(\mu, \sigma) = (0, 1)$:
-
-# %%
-BLOG_STEPS, BLOG_LR, BLOG_EVERY = 10_000, 1e-3, 1000
-
-
-def sum_of_densities(grid):
-    """The common set-up's target: two densities added, total mass 2."""
-    return (
-        Normal(-5.0, 1.0).log_prob(grid).exp() + Normal(10.0, 1.0).log_prob(grid).exp()
-    )
-
-
-def original_setup_loss(mu, sigma, grid, target):
-    """Its loss: log densities, no log Δx, and the default "mean"."""
-    log_q_density = -0.5 * ((grid - mu) / sigma) ** 2 - sigma.log() - LOG_SQRT_2PI
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "mean" warns; that is the point here
-        return F.kl_div(log_q_density, target, reduction="mean")
-
-
-def original_setup_fit(steps=BLOG_STEPS, lr=BLOG_LR):
-    """The four choices, in float32. Returns sigma after every ``BLOG_EVERY``
-    steps, the loss it prints at the end, and the final mu and sigma."""
-    x32 = x.float()
-    target = sum_of_densities(x32)
-    mu = torch.tensor(0.0, requires_grad=True)
-    sigma = torch.tensor(1.0, requires_grad=True)
-    optimizer = torch.optim.Adam([mu, sigma], lr=lr)
-    sigmas = []
-    for step in range(steps):
-        loss = original_setup_loss(mu, sigma, x32, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % BLOG_EVERY == BLOG_EVERY - 1:
-            sigmas.append(sigma.item())
-    with torch.no_grad():
-        printed_loss = original_setup_loss(mu, sigma, x32, target)
-    return torch.tensor(sigmas), printed_loss, mu.detach(), sigma.detach()
-
-
-# %% active="ipynb"
-# sigma_history, printed_loss, mu_end, sigma_end = original_setup_fit()
-# p_blog = sum_of_densities(x)
-# log_q_end = log_q_on_grid(mu_end.double(), sigma_end.double().log()).view(1, -1)
-# true_kl = forward_kl(log_q_end)
-# print(f"mass of P: {(p_blog * dx).sum():.4f}; as 'probabilities': {p_blog.sum():.1f}")
-# print(f"{BLOG_STEPS} Adam steps at learning rate {BLOG_LR:g}")
-# print(f"printed loss at the end:     {printed_loss:.4f}")
-# print(f"KL(P‖Q) of the Q it reached: {true_kl.item():.4f}")
-# print(f"sigma every {BLOG_EVERY} steps:", sigma_history.round(decimals=2).tolist())
-# print(f"sigma* = {sigma_star:.4f}")
-
-# %% [markdown]
-# At the end $\sigma$ is still climbing by a similar amount at every print, well
-# short of $\sigma^*$, and the printed loss is a fraction of the true divergence of
-# the $Q$ it reached.
+# A common set-up of this experiment finds the same minimiser but prints a number
+# that is not the KL and stops before $\sigma$ converges: see
+# [A common set-up for the two-peak fit](kl_fit_common_setup.py).
 
 # %% [markdown]
 # ## The fits side by side

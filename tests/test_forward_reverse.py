@@ -280,32 +280,6 @@ def test_reverse_kl_landscape_has_a_local_minimum_at_the_covering_gaussian():
     assert (row, column) == (20, 20)  # the centre of the window, not its edge
 
 
-def test_original_setup_stops_well_before_sigma_converges():
-    sigmas, printed_loss, mu, sigma = page.original_setup_fit()
-    assert len(sigmas) == page.BLOG_STEPS // page.BLOG_EVERY
-    assert sigmas[-1] < 0.75 * SIGMA_STAR
-    steps_per_print = sigmas.diff()
-    assert steps_per_print[-1] > 0.5 * steps_per_print[0]  # still climbing
-    log_q = page.log_q_on_grid(mu.double(), sigma.double().log()).view(1, -1)
-    true_kl = page.forward_kl(log_q).item()
-    assert printed_loss < 0.1 * true_kl  # the printed number is not the KL
-
-
-def test_original_setup_target_has_mass_two():
-    p_sum = page.sum_of_densities(page.x.float())  # as the fit uses it
-    assert_close((p_sum * page.dx).sum().item(), 2.0, rtol=1e-6, atol=0)
-    assert_close(p_sum.sum().item(), 2.0 / page.dx, rtol=1e-6, atol=0)
-
-
-def test_original_setup_prints_a_scaled_and_shifted_kl():
-    _, printed_loss, mu, sigma = page.original_setup_fit(steps=200)
-    log_q = page.log_q_on_grid(mu.double(), sigma.double().log()).view(1, -1)
-    true_kl = page.forward_kl(log_q).item()
-    n_points = len(page.x)
-    expected = 2 * (true_kl + math.log(2)) / (n_points * page.dx)
-    assert_close(printed_loss.item(), expected, rtol=1e-4, atol=0)
-
-
 @pytest.fixture(scope="module")
 def animation(tmp_path_factory):
     # a short fit is enough: the budget and frame count do not need convergence
