@@ -19,10 +19,11 @@
 # - build the target as a proper mixture, on a grid wide enough for every fit;
 # - fit $Q = \mathcal{N}(\mu, \sigma^2)$ with both directions, to convergence, and
 #   watch the fits as animations made when this page was built;
-# - find all three minima of the reverse KL and which starts reach which.
+# - check that every fit converged, and see where each one ends.
 #
-# Squared error and cosine similarity between the densities, fitted the same way,
-# have [their own page](mse_cosine.py); so does a
+# The reverse KL's three minima, and which starts reach which, have
+# [their own page](reverse_kl_minima.py). So do squared error and cosine similarity
+# between the densities, fitted the same way ([here](mse_cosine.py)), and a
 # [common set-up of this experiment](kl_fit_common_setup.py) that prints wrong numbers.
 
 # %% [markdown]
@@ -128,12 +129,6 @@ def fit_gaussians(losses, starts, steps=STEPS, lr=LR):
         values.sum().backward()  # fits are independent: each gets its own gradient
         optimizer.step()
     return dict(zip(losses, history.split(n_starts, dim=1), strict=True))
-
-
-def largest_recent_move(trajectory, last_steps=100):
-    """How far any fit's mu or sigma moved over its last ``last_steps`` steps."""
-    recent = trajectory[-last_steps - 1 :, :, :2]
-    return (recent - recent[-1]).abs().amax()
 
 
 # %% [markdown]
@@ -277,85 +272,12 @@ def video_player(path):
 # video_player("reverse_kl.mp4")
 
 # %% [markdown]
-# ## Reverse KL from wide starts: a third minimum
-#
-# Start wider and nearer the middle and the reverse KL ends elsewhere: on a wide
+# Narrow starts are not the whole story. Started wider and nearer the middle, say
+# at $(\mu, \sigma) = (2, 4)$, the reverse KL stops on a third minimum: a wide
 # Gaussian centred between the peaks, covering both, at a divergence far above
-# $\log 2$. The table fits the reverse KL from a grid of starts, narrow to wider
-# than $\sigma^*$, and says which minimum each one reached.
-
-# %%
-GRID_MUS = [-2.0, 1.0, 2.0, 3.0, 4.0, 6.0]
-GRID_SIGMAS = [1.0, 4.0, 8.0]
-GRID_STARTS = [(mu, sigma) for sigma in GRID_SIGMAS for mu in GRID_MUS]
-
-
-def minimum_reached(mu, sigma):
-    """Which of the reverse KL's three minima a fit ended at."""
-    if sigma > 3:
-        return "covers both"
-    return "left peak" if mu < mu_star else "right peak"
-
-
-# %% active="ipynb"
-# grid_fits = fit_gaussians({"reverse KL": reverse_kl}, GRID_STARTS)["reverse KL"]
-
-# %% active="ipynb" tags=["hide-input"]
-# from IPython.display import Markdown
-#
-# rows = [
-#     f"| ({mu0:g}, {sigma0:g}) | {mu:.4f} | {sigma:.4f} | {kl:.4f} |"
-#     f" {minimum_reached(mu, sigma)} |"
-#     for (mu0, sigma0), (mu, sigma, kl) in zip(GRID_STARTS, grid_fits[-1])
-# ]
-# Markdown(
-#     "| start (μ, σ) | final μ | final σ | KL(Q‖P) | minimum reached |\n"
-#     "|---|---|---|---|---|\n" + "\n".join(rows)
-# )
-
-# %% [markdown]
-# Narrow starts go to the peak on their side of the middle. Wide starts near the
-# middle stop on the covering Gaussian, a true minimum: both eigenvalues of the
-# Hessian of the reverse KL in $(\mu, \log\sigma)$ there are positive (printed
-# below). Along $\mu$, the middle $\mu = 2.5$ is a ridge for narrow $Q$ and a valley
-# floor for wide $Q$; the curvature changes sign at the $\sigma$ printed below. For
-# unit-variance peaks a distance $d$ apart it is close to $d/\sqrt{2\pi}$: the
-# curvature along $\mu$ at the middle is $1 - d^2\,\mathbb{E}_Q[r(1-r)]$, with $r$
-# the left peak's share of $p(x)$, and $\mathbb{E}_Q[r(1-r)] \approx
-# q(\mu)/d = 1/(d\,\sigma\sqrt{2\pi})$ when $Q$ is much wider than the $1/d$ over
-# which $r$ switches.
-
-
-# %%
-def reverse_kl_hessian(mu, sigma):
-    """Hessian of KL(Q‖P) in (mu, log sigma), by autograd."""
-
-    def kl_at(theta):
-        return reverse_kl(log_q_on_grid(theta[0].view(1, 1), theta[1].view(1, 1)))[0]
-
-    theta = torch.tensor([mu, math.log(sigma)], dtype=DTYPE)
-    return torch.autograd.functional.hessian(kl_at, theta)
-
-
-def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
-    """The sigma where d²KL(Q‖P)/dmu² at mu = mu* changes sign, by bisection."""
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        if reverse_kl_hessian(mu_star, middle)[0, 0] < 0:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
-# %% active="ipynb"
-# covering = grid_fits[-1, GRID_STARTS.index((2.0, 4.0))]
-# eigenvalues = torch.linalg.eigvalsh(reverse_kl_hessian(*covering[:2].tolist()))
-# print(f"covering minimum: mu = {covering[0]:.4f}, sigma = {covering[1]:.4f},"
-#       f" KL(Q‖P) = {covering[2]:.4f}")
-# print("Hessian eigenvalues there:", [f"{v:.3g}" for v in eigenvalues.tolist()])
-# print(f"mu = 2.5 turns from ridge to valley at sigma = {ridge_to_valley_sigma():.3f};"
-#       f" d/√(2π) = {15 / math.sqrt(2 * math.pi):.3f}")
+# $\log 2$. Which starts end there, why it is a true minimum and what the
+# landscape looks like are on
+# [Is reverse KL always mode-seeking?](reverse_kl_minima.py).
 
 # %% [markdown]
 # ## Did every fit converge?
@@ -377,42 +299,6 @@ def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
 # plt.show()
 
 # %% [markdown]
-# ## The landscapes behind it
-#
-# Both KL directions over a grid of $(\mu, \sigma)$, darker where lower, with the
-# paths of the fits from `STARTS`; the white crosses mark the minima. The forward
-# KL has a single basin, at the moment-matching point. The reverse KL has three:
-# one per peak, and the covering one at $\mu = 2.5$ above the $\sigma$ where the
-# ridge between the peaks turns into a valley.
-
-
-# %%
-def loss_landscape(loss, mus, sigmas):
-    """The loss at every (mu, sigma) of a grid: shape (len(sigmas), len(mus))."""
-    mu_grid, sigma_grid = torch.meshgrid(mus, sigmas, indexing="xy")
-    log_q = log_q_on_grid(mu_grid.reshape(-1, 1), sigma_grid.log().reshape(-1, 1))
-    return loss(log_q).reshape(mu_grid.shape)
-
-
-# %% active="ipynb" alt="Forward and reverse KL over mu and sigma, with fit paths"
-# mus = torch.linspace(-12, 17, 88, dtype=DTYPE)
-# sigmas = torch.logspace(math.log10(0.5), math.log10(15), 60, dtype=DTYPE)
-# minima = {
-#     "forward KL": [(mu_star, sigma_star)],
-#     "reverse KL": [(-5.0, 1.0), (10.0, 1.0), tuple(covering[:2].tolist())],
-# }
-# fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8), sharey=True)
-# for ax, name in zip(axes, LOSSES):
-#     landscape = loss_landscape(LOSSES[name], mus, sigmas)
-#     ax.contourf(mus, sigmas, landscape.log(), levels=30, cmap="viridis")
-#     for i in range(len(STARTS)):
-#         ax.plot(fits[name][:, i, 0], fits[name][:, i, 1], color="white", lw=1)
-#     ax.plot(*zip(*minima[name]), "x", color="white", ms=8, mew=2)
-#     ax.set(title=f"log {name}", xlabel="μ", yscale="log")
-# axes[0].set_ylabel("σ")
-# plt.show()
-
-# %% [markdown]
 # A common set-up of this experiment finds the same minimiser but prints a number
 # that is not the KL and stops before $\sigma$ converges: see
 # [A common set-up for the two-peak fit](kl_fit_common_setup.py).
@@ -420,16 +306,15 @@ def loss_landscape(loss, mus, sigmas):
 # %% [markdown]
 # ## The fits side by side
 #
-# $P$ with the forward fit, the reverse fits on each peak and the covering
-# minimum; the last line prints how many standard deviations of the widest $Q$
-# drawn on this page (starts and overshoots included) the grid holds on each side.
+# $P$ with the forward fit and the reverse fits on each peak; the last line prints
+# how many standard deviations of the widest $Q$ drawn on this page (starts and
+# overshoots included) the grid holds on each side.
 
-# %% active="ipynb" alt="P with the forward fit and the three reverse-KL minima"
+# %% active="ipynb" alt="P with the forward fit and the reverse fits on each peak"
 # ends = {
 #     "forward KL": fits["forward KL"][-1, 0],
 #     "reverse KL, left": fits["reverse KL"][-1, 0],
 #     "reverse KL, right": fits["reverse KL"][-1, 1],
-#     "reverse KL, covering": covering,
 # }
 # fig, ax = plt.subplots(figsize=(7.2, 2.8))
 # ax.fill_between(x, p / dx, color="0.8", label="P")
@@ -438,7 +323,7 @@ def loss_landscape(loss, mus, sigmas):
 # ax.set(xlim=(-25, 30), xlabel="x", ylabel="density")
 # ax.legend(fontsize=7)
 # plt.show()
-# widest = max(t[:, :, 1].max() for t in [*long_fits.values(), grid_fits])
+# widest = max(t[:, :, 1].max() for t in long_fits.values())
 # reach = min(mu_star - X_MIN, X_MAX - mu_star) / widest
 # print(f"widest Q: sigma = {widest:.2f}; the grid holds {reach:.2f} of them each side")
 
@@ -450,8 +335,9 @@ def loss_landscape(loss, mus, sigmas):
 #   it covers every mode of $P$, and over Gaussians matches $P$'s mean and variance.
 # - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, the direction of variational
 #   inference, has its global minimum on one mode, and narrow starts lock onto the
-#   mode on their side; but it has other local minima, here one covering both
-#   modes, which wide central starts reach. "Mode-seeking" is not a guarantee.
+#   mode on their side: "mode-seeking" describes those. It is not a guarantee: it
+#   has other local minima, here one covering both modes, which wide central starts
+#   reach ([its three minima](reverse_kl_minima.py)).
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
 #   spacing, and a mixture's weights make its mass 1.
 # - Optimise $\log \sigma$, run to convergence, and check it: the distance to where

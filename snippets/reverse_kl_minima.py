@@ -1,0 +1,272 @@
+# %% [markdown]
+# # Is reverse KL always mode-seeking? Its three minima
+#
+# The reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: a single
+# Gaussian $Q$ fitted with it to a target $P$ with two well separated peaks settles
+# on one peak. Is that guaranteed? No. Its global minimum sits on a peak, and fits
+# started narrow reach the peak on their side, but it has a third local minimum: a
+# wide Gaussian centred between the peaks, covering both, at a divergence far above
+# the peaks' $\log 2$, where fits started wide near the middle stop. "Mode-seeking"
+# describes the global minimum and narrow starts, not every fit. On this page you
+# will fit the reverse KL from a grid of starts and see which minimum each reaches,
+# check that the covering Gaussian is a true minimum, find the width at which the
+# middle turns from a ridge into a valley, and see the landscapes of both KL
+# directions.
+
+# %% [markdown]
+# ## The set-up, from the forward-vs-reverse page
+#
+# The experiment of [Forward vs reverse KL](forward_reverse.py), copied so that
+# this page runs on its own: $P = \tfrac12\,\mathcal{N}(-5, 1) +
+# \tfrac12\,\mathcal{N}(10, 1)$ on a grid of spacing $\Delta x$ (each cell holds
+# probability $p(x)\,\Delta x$), $Q = \mathcal{N}(\mu, \sigma^2)$ with Adam moving
+# $(\mu, \log\sigma)$, and both KL directions as `F.kl_div` with
+# `reduction="none"`, summed over each row. `mu_star` and `sigma_star` are $P$'s
+# mean and standard deviation: the middle between the peaks, and the forward KL's
+# minimiser.
+
+# %%
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, MixtureSameFamily, Normal
+
+DTYPE = torch.float64
+X_MIN, X_MAX, dx = -60.0, 65.0, 0.1
+x = torch.arange(X_MIN, X_MAX + dx / 2, dx, dtype=DTYPE)
+target = MixtureSameFamily(
+    Categorical(probs=torch.tensor([0.5, 0.5], dtype=DTYPE)),
+    Normal(
+        torch.tensor([-5.0, 10.0], dtype=DTYPE), torch.tensor([1.0, 1.0], dtype=DTYPE)
+    ),
+)
+log_p = target.log_prob(x) + math.log(dx)  # log P of each grid cell
+p = log_p.exp()
+mu_star, sigma_star = target.mean.item(), target.variance.sqrt().item()
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def log_q_on_grid(mu, log_sigma):
+    """log Q of each grid cell, for Q = N(mu, exp(log_sigma)²); one row per fit."""
+    # log N(x; mu, sigma²) = −½ ((x − mu) / sigma)² − log sigma − ½ log 2π
+    log_density = -0.5 * ((x - mu) / log_sigma.exp()) ** 2 - log_sigma - LOG_SQRT_2PI
+    return log_density + math.log(dx)
+
+
+def forward_kl(log_q):  # KL(P‖Q) of each row
+    terms = F.kl_div(log_q, log_p.expand_as(log_q), reduction="none", log_target=True)
+    return terms.sum(dim=-1)
+
+
+def reverse_kl(log_q):  # KL(Q‖P) of each row: target and input swapped
+    terms = F.kl_div(log_p.expand_as(log_q), log_q, reduction="none", log_target=True)
+    return terms.sum(dim=-1)
+
+
+LOSSES = {"forward KL": forward_kl, "reverse KL": reverse_kl}
+STEPS, LR = 1200, 0.1
+
+
+def fit_gaussians(losses, starts, steps=STEPS, lr=LR):
+    """Adam on (mu, log sigma) from each (mu, sigma) in ``starts``, for each loss
+    in ``losses`` (a dict of name: function), all fits at once.
+
+    Returns {name: tensor of shape (steps + 1, len(starts), 3)}: mu, sigma and the
+    loss of every fit at every step, the start included.
+    """
+    if any(sigma <= 0 for _, sigma in starts):
+        raise ValueError(f"every start needs sigma > 0, got {starts}")
+    n_starts = len(starts)
+    rows = torch.tensor(starts, dtype=DTYPE).repeat(len(losses), 1)  # one per fit
+    mu = rows[:, :1].clone().requires_grad_()
+    log_sigma = rows[:, 1:].log().requires_grad_()
+    optimizer = torch.optim.Adam([mu, log_sigma], lr=lr)
+    history = torch.empty(steps + 1, len(rows), 3, dtype=DTYPE)
+    for step in range(steps + 1):
+        log_q = log_q_on_grid(mu, log_sigma)
+        rows_per_loss = zip(losses.values(), log_q.split(n_starts), strict=True)
+        values = torch.cat([loss(rows) for loss, rows in rows_per_loss])
+        history[step] = torch.cat([mu, log_sigma.exp(), values[:, None]], 1).detach()
+        optimizer.zero_grad()
+        values.sum().backward()  # fits are independent: each gets its own gradient
+        optimizer.step()
+    return dict(zip(losses, history.split(n_starts, dim=1), strict=True))
+
+
+def largest_recent_move(trajectory, last_steps=100):
+    """How far any fit's mu or sigma moved over its last ``last_steps`` steps."""
+    recent = trajectory[-last_steps - 1 :, :, :2]
+    return (recent - recent[-1]).abs().amax()
+
+
+# %% [markdown]
+# ## Reverse KL from a grid of starts
+#
+# The reverse KL is fitted from a grid of starts, narrow to wider than
+# $\sigma^*$, for `STEPS` Adam steps at learning rate `LR`; the forward KL from the
+# same starts too, for the landscapes further down. The table says which minimum
+# each reverse fit reached; the line below it, how far any of them moved over its
+# last 100 steps.
+
+# %%
+GRID_MUS = [-2.0, 1.0, 2.0, 3.0, 4.0, 6.0]
+GRID_SIGMAS = [1.0, 4.0, 8.0]
+GRID_STARTS = [(mu, sigma) for sigma in GRID_SIGMAS for mu in GRID_MUS]
+
+
+def minimum_reached(mu, sigma):
+    """Which of the reverse KL's three minima a fit ended at."""
+    if sigma > 3:
+        return "covers both"
+    return "left peak" if mu < mu_star else "right peak"
+
+
+# %% active="ipynb"
+# grid_fits = fit_gaussians(LOSSES, GRID_STARTS)
+# reverse_fits = grid_fits["reverse KL"]
+
+# %% active="ipynb" tags=["hide-input"]
+# from IPython.display import Markdown
+#
+# rows = [
+#     f"| ({mu0:g}, {sigma0:g}) | {mu:.4f} | {sigma:.4f} | {kl:.4f} |"
+#     f" {minimum_reached(mu, sigma)} |"
+#     for (mu0, sigma0), (mu, sigma, kl) in zip(GRID_STARTS, reverse_fits[-1])
+# ]
+# Markdown(
+#     "| start (μ, σ) | final μ | final σ | KL(Q‖P) | minimum reached |\n"
+#     "|---|---|---|---|---|\n" + "\n".join(rows)
+# )
+
+# %% active="ipynb"
+# print(f"largest move of a reverse fit, last 100 steps:"
+#       f" {largest_recent_move(reverse_fits):.1e}")
+
+# %% [markdown]
+# Narrow starts go to the peak on their side of the middle, where the divergence
+# is just under $\log 2$. Wide starts near the middle stop on the covering
+# Gaussian instead, at a divergence many times larger.
+#
+# ## The covering Gaussian is a true minimum
+#
+# It is not a saddle the fits crawl across: both eigenvalues of the Hessian of the
+# reverse KL in $(\mu, \log\sigma)$ there are positive (printed below). Along
+# $\mu$, the middle $\mu = 2.5$ is a ridge for narrow $Q$ and a valley floor for
+# wide $Q$; the curvature changes sign at the $\sigma$ printed below. For
+# unit-variance peaks a distance $d$ apart it is close to $d/\sqrt{2\pi}$: the
+# curvature along $\mu$ at the middle is $1 - d^2\,\mathbb{E}_Q[r(1-r)]$, with $r$
+# the left peak's share of $p(x)$, and $\mathbb{E}_Q[r(1-r)] \approx
+# q(\mu)/d = 1/(d\,\sigma\sqrt{2\pi})$ when $Q$ is much wider than the $1/d$ over
+# which $r$ switches.
+
+
+# %%
+def reverse_kl_hessian(mu, sigma):
+    """Hessian of KL(Q‖P) in (mu, log sigma), by autograd."""
+
+    def kl_at(theta):
+        return reverse_kl(log_q_on_grid(theta[0].view(1, 1), theta[1].view(1, 1)))[0]
+
+    theta = torch.tensor([mu, math.log(sigma)], dtype=DTYPE)
+    return torch.autograd.functional.hessian(kl_at, theta)
+
+
+def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
+    """The sigma where d²KL(Q‖P)/dmu² at mu = mu* changes sign, by bisection."""
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if reverse_kl_hessian(mu_star, middle)[0, 0] < 0:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+# %% active="ipynb"
+# covering = reverse_fits[-1, GRID_STARTS.index((2.0, 4.0))]
+# eigenvalues = torch.linalg.eigvalsh(reverse_kl_hessian(*covering[:2].tolist()))
+# print(f"covering minimum: mu = {covering[0]:.4f}, sigma = {covering[1]:.4f},"
+#       f" KL(Q‖P) = {covering[2]:.4f}")
+# print("Hessian eigenvalues there:", [f"{v:.3g}" for v in eigenvalues.tolist()])
+# print(f"mu = 2.5 turns from ridge to valley at sigma = {ridge_to_valley_sigma():.3f};"
+#       f" d/√(2π) = {15 / math.sqrt(2 * math.pi):.3f}")
+
+# %% [markdown]
+# ## The landscapes behind it
+#
+# Both KL directions over a grid of $(\mu, \sigma)$, darker where lower, with the
+# paths of the fits from the grid of starts; the white crosses mark the minima.
+# The forward KL has a single basin, at the moment-matching point, and every
+# forward path heads there. The reverse KL has three: one per peak, and the
+# covering one at $\mu = 2.5$ above the $\sigma$ where the ridge between the peaks
+# turns into a valley.
+
+
+# %%
+def loss_landscape(loss, mus, sigmas):
+    """The loss at every (mu, sigma) of a grid: shape (len(sigmas), len(mus))."""
+    mu_grid, sigma_grid = torch.meshgrid(mus, sigmas, indexing="xy")
+    log_q = log_q_on_grid(mu_grid.reshape(-1, 1), sigma_grid.log().reshape(-1, 1))
+    return loss(log_q).reshape(mu_grid.shape)
+
+
+# %% active="ipynb" alt="Forward and reverse KL over mu and sigma, with fit paths"
+# import matplotlib.pyplot as plt
+#
+# mus = torch.linspace(-12, 17, 88, dtype=DTYPE)
+# sigmas = torch.logspace(math.log10(0.5), math.log10(15), 60, dtype=DTYPE)
+# minima = {
+#     "forward KL": [(mu_star, sigma_star)],
+#     "reverse KL": [(-5.0, 1.0), (10.0, 1.0), tuple(covering[:2].tolist())],
+# }
+# fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.8), sharey=True)
+# for ax, name in zip(axes, LOSSES):
+#     landscape = loss_landscape(LOSSES[name], mus, sigmas)
+#     ax.contourf(mus, sigmas, landscape.log(), levels=30, cmap="viridis")
+#     for i in range(len(GRID_STARTS)):
+#         ax.plot(grid_fits[name][:, i, 0], grid_fits[name][:, i, 1], color="white",
+#                 lw=0.8)
+#     ax.plot(*zip(*minima[name]), "x", color="white", ms=8, mew=2)
+#     ax.set(title=f"log {name}", xlabel="μ", yscale="log")
+# axes[0].set_ylabel("σ")
+# plt.show()
+
+# %% [markdown]
+# ## The three minima over P
+#
+# $P$ with the reverse KL's three minima; the last line prints how many standard
+# deviations of the widest $Q$ drawn on this page (starts and the forward fits'
+# overshoots included) the grid holds on each side.
+
+# %% active="ipynb" alt="P with the three minima of the reverse KL"
+# ends = {
+#     "left peak": reverse_fits[-1, GRID_STARTS.index((-2.0, 1.0))],
+#     "right peak": reverse_fits[-1, GRID_STARTS.index((6.0, 1.0))],
+#     "covers both": covering,
+# }
+# fig, ax = plt.subplots(figsize=(7.2, 2.8))
+# ax.fill_between(x, p / dx, color="0.8", label="P")
+# for name, (mu, sigma, kl) in ends.items():
+#     ax.plot(x, Normal(mu, sigma).log_prob(x).exp(), label=f"{name}, KL {kl:.3f}")
+# ax.set(xlim=(-25, 30), xlabel="x", ylabel="density")
+# ax.legend(fontsize=7)
+# plt.show()
+# widest = max(t[:, :, 1].max() for t in grid_fits.values())
+# reach = min(mu_star - X_MIN, X_MAX - mu_star) / widest
+# print(f"widest Q: sigma = {widest:.2f}; the grid holds {reach:.2f} of them each side")
+
+# %% [markdown]
+# ## What to remember
+#
+# - The reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, of one distribution on a grid is
+#   `F.kl_div(log_p, log_q, reduction="sum", log_target=True)`, the target and
+#   input of the forward KL swapped.
+# - Its global minimum sits on one mode, and narrow starts reach the mode on their
+#   side: that is what "mode-seeking" describes.
+# - It can have other local minima: here a wide Gaussian covering both modes, a
+#   true minimum (positive-definite Hessian) that wide starts near the middle
+#   reach, at a divergence far above the modes'. "Mode-seeking" is not a guarantee.
+# - Between two unit-variance modes a distance $d$ apart, the middle is a ridge for
+#   narrow $Q$ and a valley for $Q$ wider than about $d/\sqrt{2\pi}$.
+# - Fit from several starts, narrow and wide, and compare the divergences reached.

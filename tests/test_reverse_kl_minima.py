@@ -1,0 +1,220 @@
+"""Claims of the page "Is reverse KL always mode-seeking? Its three minima", checked
+with its own fitting code, against the forward-vs-reverse page's set-up, and against
+references computed another way (quadrature in float64, closed forms)."""
+
+import functools
+import math
+
+import pytest
+import torch
+from copyable import run_inline
+from torch.distributions import Normal
+from torch.testing import assert_close
+
+from snippets import forward_reverse
+from snippets import reverse_kl_minima as page
+
+SIGMA_STAR = math.sqrt(57.25)  # Var_P = ½(1 + 25) + ½(1 + 100) − 2.5²
+PEAK_DISTANCE = 15.0  # the peaks sit at -5 and 10
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def grid_fits():
+    return page.fit_gaussians(page.LOSSES, page.GRID_STARTS)
+
+
+@pytest.fixture(scope="module")
+def reverse_fits(grid_fits):
+    return grid_fits["reverse KL"]
+
+
+def reverse_kl_by_quadrature(mu, sigma):
+    """KL(Q‖P) = ∫ q (log q − log p) dx by the trapezoid rule on a grid 200 times
+    finer than the page's, wider, in float64; no kl_div, no log Δx."""
+    xs = torch.linspace(-80.0, 85.0, 330_001, dtype=F64)
+    log_q = Normal(mu, sigma).log_prob(xs)
+    log_p = torch.logaddexp(
+        Normal(-5.0, 1.0).log_prob(xs), Normal(10.0, 1.0).log_prob(xs)
+    ) - math.log(2)
+    return torch.trapezoid(log_q.exp() * (log_q - log_p), xs)
+
+
+def quadrature_hessian(mu, sigma):
+    """Hessian of the quadrature KL(Q‖P) in (mu, log sigma)."""
+
+    def kl_at(theta):
+        return reverse_kl_by_quadrature(theta[0], theta[1].exp())
+
+    theta = torch.tensor([mu, math.log(sigma)], dtype=F64)
+    return torch.autograd.functional.hessian(kl_at, theta)
+
+
+@functools.cache
+def golden_section_sigma(low=5.0, high=8.0, iterations=60):
+    """The sigma minimising the quadrature KL(Q‖P) at mu = 2.5 (P is symmetric
+    about 2.5, so the derivative along mu vanishes there)."""
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(iterations):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        mu = torch.tensor(2.5, dtype=F64)
+        kl_a = reverse_kl_by_quadrature(mu, torch.tensor(a, dtype=F64))
+        kl_b = reverse_kl_by_quadrature(mu, torch.tensor(b, dtype=F64))
+        low, high = (low, b) if kl_a < kl_b else (a, high)
+    return (low + high) / 2
+
+
+def test_set_up_is_the_forward_reverse_pages():
+    # the page copies forward_reverse's set-up so that it runs alone: same numbers
+    assert (page.X_MIN, page.X_MAX, page.dx, page.DTYPE) == (
+        forward_reverse.X_MIN,
+        forward_reverse.X_MAX,
+        forward_reverse.dx,
+        forward_reverse.DTYPE,
+    )
+    assert_close(page.x, forward_reverse.x, rtol=0, atol=0)
+    assert_close(page.log_p, forward_reverse.log_p, rtol=0, atol=0)
+    assert_close(page.p, forward_reverse.p, rtol=0, atol=0)
+    assert page.mu_star == forward_reverse.mu_star
+    assert_close(page.sigma_star, forward_reverse.sigma_star, rtol=1e-12, atol=0)
+    assert_close(page.sigma_star, SIGMA_STAR, rtol=1e-12, atol=0)
+    assert (page.STEPS, page.LR) == (forward_reverse.STEPS, forward_reverse.LR)
+    assert list(page.LOSSES) == list(forward_reverse.LOSSES)
+
+
+def test_losses_and_fit_loop_are_the_forward_reverse_pages():
+    mu = torch.tensor([[-3.0], [2.5], [9.0]], dtype=F64)
+    log_sigma = torch.tensor([[0.5], [2.0], [-0.3]], dtype=F64)
+    log_q = page.log_q_on_grid(mu, log_sigma)
+    assert_close(log_q, forward_reverse.log_q_on_grid(mu, log_sigma), rtol=0, atol=0)
+    for name, loss in page.LOSSES.items():
+        theirs = forward_reverse.LOSSES[name](log_q)
+        assert_close(loss(log_q), theirs, rtol=0, atol=0)
+    starts = [(-2.0, 2.0), (2.0, 4.0)]
+    ours = page.fit_gaussians(page.LOSSES, starts, steps=50)
+    theirs = forward_reverse.fit_gaussians(forward_reverse.LOSSES, starts, steps=50)
+    for name in page.LOSSES:
+        assert_close(ours[name], theirs[name], rtol=0, atol=0)
+
+
+def test_a_start_with_sigma_not_positive_is_refused():
+    with pytest.raises(ValueError, match="sigma > 0"):
+        page.fit_gaussians(page.LOSSES, [(0.0, -1.0)])
+
+
+def test_takeaway_reverse_kl_of_one_row_is_the_swapped_call_with_reduction_sum():
+    log_q = page.log_q_on_grid(
+        torch.tensor(1.0, dtype=F64), torch.tensor(math.log(3.0), dtype=F64)
+    )
+    copied = run_inline(
+        'F.kl_div(log_p, log_q, reduction="sum", log_target=True)',
+        log_q=log_q,
+        log_p=page.log_p,
+    )
+    assert_close(copied, page.reverse_kl(log_q.view(1, -1))[0], rtol=1e-12, atol=0)
+    # independently: Σ q (log q − log p), the definition, and quadrature
+    assert_close(copied, (log_q.exp() * (log_q - page.log_p)).sum(), rtol=1e-12, atol=0)
+    by_quadrature = reverse_kl_by_quadrature(
+        torch.tensor(1.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+    )
+    assert_close(copied, by_quadrature, rtol=1e-6, atol=0)
+
+
+def test_grid_holds_more_than_five_sigma_of_the_widest_q_on_the_page(grid_fits):
+    widest = max(t[:, :, 1].max() for t in grid_fits.values())
+    assert widest > page.sigma_star  # the forward overshoots and wide starts count
+    reach = min(page.mu_star - page.X_MIN, page.X_MAX - page.mu_star) / widest
+    assert reach > 5
+    mass = page.log_q_on_grid(torch.tensor(2.5, dtype=F64), widest.log()).exp().sum()
+    assert mass > 1 - 1e-6
+
+
+def test_reverse_kl_grid_starts_reach_the_minimum_the_table_names(reverse_fits):
+    left, right, cover = "left peak", "right peak", "covers both"
+    expected = {  # sigma of the start: the minimum reached from each mu in GRID_MUS
+        1.0: [left, left, left, right, right, right],
+        4.0: [left, left, cover, cover, right, right],
+        8.0: [left, cover, cover, cover, cover, right],
+    }
+    where = {
+        left: (-5.0, 1.0),
+        right: (10.0, 1.0),
+        cover: (2.5, golden_section_sigma()),
+    }
+    for (mu0, sigma0), (mu, sigma, _) in zip(
+        page.GRID_STARTS, reverse_fits[-1], strict=True
+    ):
+        name = expected[sigma0][page.GRID_MUS.index(mu0)]
+        assert page.minimum_reached(mu, sigma) == name
+        assert_close((mu.item(), sigma.item()), where[name], rtol=0, atol=1e-4)
+    assert page.largest_recent_move(reverse_fits) < 1e-9  # every one has converged
+
+
+def test_narrow_grid_starts_reach_the_peak_on_their_side_just_under_log_2(
+    reverse_fits,
+):
+    narrow = [i for i, (_, sigma0) in enumerate(page.GRID_STARTS) if sigma0 == 1.0]
+    for i in narrow:
+        mu0 = page.GRID_STARTS[i][0]
+        mu, sigma, kl = reverse_fits[-1, i].tolist()
+        assert_close(mu, -5.0 if mu0 < page.mu_star else 10.0, rtol=0, atol=1e-6)
+        assert 0 < math.log(2) - kl < 1e-6
+
+
+def test_covering_minimum_matches_quadrature_in_location_and_value(reverse_fits):
+    mu, sigma, kl = reverse_fits[-1, page.GRID_STARTS.index((2.0, 4.0))]
+    sigma_reference = golden_section_sigma()
+    kl_reference = reverse_kl_by_quadrature(
+        torch.tensor(2.5, dtype=F64), torch.tensor(sigma_reference, dtype=F64)
+    )
+    assert_close(mu.item(), 2.5, rtol=0, atol=1e-6)
+    assert_close(sigma.item(), sigma_reference, rtol=0, atol=1e-4)
+    assert_close(kl.item(), kl_reference.item(), rtol=0, atol=1e-6)
+    assert kl > 10 * math.log(2)  # far above the peaks' minima
+
+
+def test_covering_minimum_hessian_is_positive_definite(reverse_fits):
+    mu, sigma, _ = reverse_fits[-1, page.GRID_STARTS.index((2.0, 4.0))].tolist()
+    on_the_page = page.reverse_kl_hessian(mu, sigma)
+    reference = quadrature_hessian(mu, sigma)
+    assert (torch.linalg.eigvalsh(on_the_page) > 0).all()
+    assert (torch.linalg.eigvalsh(reference) > 0).all()
+    assert_close(on_the_page, reference, rtol=1e-3, atol=1e-6)
+
+
+def test_middle_turns_from_ridge_to_valley_near_d_over_sqrt_2pi():
+    threshold = page.ridge_to_valley_sigma()
+    assert_close(threshold, PEAK_DISTANCE / math.sqrt(2 * math.pi), rtol=1e-3, atol=0)
+    # the same sign change by quadrature, another way of computing the KL
+    assert quadrature_hessian(2.5, threshold - 0.05)[0, 0] < 0  # a ridge
+    assert quadrature_hessian(2.5, threshold + 0.05)[0, 0] > 0  # a valley floor
+
+
+def test_every_forward_path_heads_to_the_one_basin(grid_fits):
+    ends = grid_fits["forward KL"][-1, :, :2]
+    moment_matching = torch.tensor([2.5, SIGMA_STAR], dtype=F64).expand_as(ends)
+    assert_close(ends, moment_matching, rtol=0, atol=1e-3)
+
+
+def test_sigma_stays_positive_at_every_step(grid_fits):
+    for trajectory in grid_fits.values():
+        assert (trajectory[:, :, 1] > 0).all()
+
+
+def test_forward_kl_landscape_has_its_minimum_at_moment_matching():
+    mus = torch.linspace(0, 5, 51, dtype=page.DTYPE)
+    sigmas = torch.linspace(6.5, 8.5, 41, dtype=page.DTYPE)
+    landscape = page.loss_landscape(page.forward_kl, mus, sigmas)
+    row, column = divmod(landscape.argmin().item(), len(mus))
+    assert_close(
+        (mus[column].item(), sigmas[row].item()), (2.5, SIGMA_STAR), rtol=0, atol=0.06
+    )
+
+
+def test_reverse_kl_landscape_has_a_local_minimum_at_the_covering_gaussian():
+    sigma = golden_section_sigma()
+    mus = torch.linspace(1.5, 3.5, 41, dtype=page.DTYPE)
+    sigmas = torch.linspace(sigma - 1, sigma + 1, 41, dtype=page.DTYPE)
+    landscape = page.loss_landscape(page.reverse_kl, mus, sigmas)
+    row, column = divmod(landscape.argmin().item(), len(mus))
+    assert (row, column) == (20, 20)  # the centre of the window, not its edge
