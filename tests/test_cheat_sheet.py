@@ -284,3 +284,14 @@ def test_softmax_then_log_gives_minus_infinity_where_a_class_underflows():
     log_q = run_inline("logits.softmax(dim=-1).log()", logits=logits)
     assert log_q[1].item() == -math.inf
     assert log_q.isfinite().tolist() == [True, False]
+
+
+def test_cross_entropy_reads_classes_from_dim_1_so_3d_input_must_be_flattened():
+    generator = torch.Generator().manual_seed(7)
+    logits_q, logits_p = torch.randn(2, 2, 5, 1000, generator=generator)
+    p = logits_p.softmax(dim=-1)
+    call = 'F.cross_entropy(logits_q, p, reduction="none")'
+    assert evaluate(call, {"logits_q": logits_q, "p": p}).shape == (2, 1000)
+    flat = evaluate(call, {"logits_q": logits_q.flatten(0, 1), "p": p.flatten(0, 1)})
+    expected = entropy_from_logits(logits_p) + kl_from_logits(logits_p, logits_q)
+    assert_close(flat.double(), expected.flatten(), rtol=1e-5, atol=1e-5)

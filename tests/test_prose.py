@@ -86,6 +86,14 @@ def test_every_kl_div_names_its_reduction_and_every_softmax_its_dim(name):
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
+def test_prose_has_no_control_characters(name):
+    # "\theta" typed in a normal string becomes a TAB and "heta": broken maths
+    markdown, code = SOURCES[name]
+    bad = sorted({hex(ord(c)) for c in markdown + code if ord(c) < 32 and c != "\n"})
+    assert not bad, f"{name}: control characters {bad}; escape the backslash"
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
 def test_every_quoted_span_is_still_on_its_page(name):
     gone = set(quoted_in_prose(name)) - set(code_spans(SOURCES[name][0]))
     assert not gone, f"{name}: QUOTED_IN_PROSE lists spans no longer shown: {gone}"
