@@ -100,7 +100,8 @@ def _kl_gaussian_mixture_normal(p, q, n_points=2_001):
     scale = p.component_distribution.scale.detach()
     u = torch.linspace(-12, 12, n_points, dtype=loc.dtype)
     x, _ = (loc[:, None] + scale[:, None] * u).flatten().sort()
-    # KL(p‖q) = ∫ p (log p − log q) dx; between windows p is below e^−72 of its peak
+    # KL(p‖q) = ∫ p (log p − log q) dx; outside its window each component is below
+    # e^−72 = e^(−12²/2) of its peak
     log_p, log_q = p.log_prob(x), q.log_prob(x)
     return torch.trapezoid(log_p.exp() * (log_p - log_q), x)
 

@@ -238,3 +238,39 @@ def test_score_function_gradient_is_unbiased_for_the_mixture():
 def test_page_score_function_estimate_is_near_the_quadrature_gradient():
     quadrature, score = page.mixture_gradients()
     assert_close(score, quadrature, rtol=0, atol=0.01)
+
+
+def quadrature_on_a_grid_centred_on_q(p, q, n_points=2_001):
+    """∫ p (log p − log q) over q's mean ± 12 q's σ: the grid the prose warns about."""
+    x = q.loc + q.scale * torch.linspace(-12, 12, n_points, dtype=DTYPE)
+    log_p, log_q = p.log_prob(x), q.log_prob(x)
+    return torch.trapezoid(log_p.exp() * (log_p - log_q), x)
+
+
+def test_a_grid_centred_on_q_silently_returns_about_0_for_a_mixture_far_from_q():
+    p = mixture_of((0.5, 0.5), (-50.0, 50.0), (1.0, 1.0))
+    q = Normal(torch.tensor(0.0, dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE))
+    centred = quadrature_on_a_grid_centred_on_q(p, q)
+    assert centred.isfinite() and abs(centred) < 1e-200  # no error, no warning
+    # the true KL: E_p[log p − log q] = ½(50² + 1) − log 2 − ½ for these far peaks
+    true_kl = 0.5 * (50**2 + 1) - math.log(2) - 0.5
+    assert_close(kl_divergence(p, q).item(), true_kl, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("loc, scale", [(-5.0, 1.0), (30.0, 0.05), (0.0, 40.0)])
+def test_outside_its_window_a_component_is_below_e_minus_72_of_its_peak(loc, scale):
+    component = Normal(torch.tensor(loc, dtype=DTYPE), torch.tensor(scale, dtype=DTYPE))
+    edge = torch.tensor([loc - 12 * scale, loc + 12 * scale], dtype=DTYPE)
+    log_ratio = component.log_prob(edge) - component.log_prob(component.loc)
+    expected = torch.full_like(log_ratio, -(12**2) / 2)
+    assert_close(log_ratio, expected, rtol=1e-12, atol=0)
+    beyond = loc + scale * torch.tensor([-13.0, 12.5, 20.0], dtype=DTYPE)
+    assert (component.log_prob(beyond) - component.log_prob(component.loc) < -72).all()
+    assert 12**2 / 2 == 72  # the prose's e^−72
+
+
+def test_between_far_windows_the_mixture_is_below_e_minus_72_of_its_peak():
+    p = mixture_of((0.5, 0.5), (-50.0, 50.0), (1.0, 1.0))
+    between = torch.linspace(-38, 38, 761, dtype=DTYPE)  # the gap between windows
+    peak = p.log_prob(torch.tensor([-50.0, 50.0], dtype=DTYPE)).max()
+    assert (p.log_prob(between) - peak).max() < -72 + 1e-9
