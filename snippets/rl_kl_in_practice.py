@@ -256,40 +256,59 @@ sequence_gradients = sequence_kl_gradients()
 # (verl `loss_agg_mode="seq-mean-token-mean"`) each sequence's mean is taken, so
 # a sequence of length $L_i$ gets $\beta / (B L_i)$ per token; with token-mean
 # (TRL `"bnpo"`, and `"dapo"` over the accumulated batch; verl's default) every
-# token gets $\beta / N_{\text{tokens}}$; TRL `"dr_grpo"` divides by
-# $B \cdot L_{\max}$. The weight per token of each sequence, from autograd:
+# token gets $\beta / N_{\text{tokens}}$. The sum-then-normalise modes divide
+# each sequence's sum by a horizon that the two libraries choose differently:
+# TRL's `"dr_grpo"` by `max_completion_length`, a config constant
+# (`grpo_trainer.py`, line 3135), and verl's `"seq-mean-token-sum-norm"` by the
+# batch's padded width, `loss_mask.shape[-1]`, unless `loss_scale_factor` is set
+# (`core_algos.py`, lines 1189-1193). So verl's weight per token changes with the
+# longest response in the batch and TRL's does not. The weight per token of each
+# sequence, from autograd, for this batch padded to `seq_len` and a TRL config
+# whose `max_completion_length` is larger:
 
 
 # %%
-def aggregate(per_token, mask, mode, max_len):
-    """The aggregation modes of TRL's GRPO loss (grpo_trainer.py)."""
+def aggregate(per_token, mask, mode, horizon=None):
+    """The aggregation modes of TRL's GRPO loss (grpo_trainer.py) and verl's
+    agg_loss (core_algos.py). ``horizon`` is what "seq-mean-token-sum-norm"
+    divides by: TRL "dr_grpo" passes max_completion_length; verl, unless its
+    loss_scale_factor is set, the padded width (the default here)."""
     masked = per_token * mask
     if mode == "seq-mean-token-mean":  # TRL "grpo"
         return (masked.sum(dim=-1) / mask.sum(dim=-1)).mean()
     if mode == "token-mean":  # TRL "bnpo" / "dapo", verl's default
         return masked.sum() / mask.sum()
-    if mode == "seq-mean-token-sum-norm":  # TRL "dr_grpo"
-        return masked.sum() / (per_token.shape[0] * max_len)
+    if mode == "seq-mean-token-sum-norm":  # TRL "dr_grpo", verl
+        horizon = mask.shape[-1] if horizon is None else horizon
+        return masked.sum() / (per_token.shape[0] * horizon)
     raise ValueError(f"unknown mode {mode!r}: use one of {AGGREGATIONS}")
 
 
 AGGREGATIONS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+max_completion_length = 8  # a TRL config constant; this batch is padded to seq_len
+AGGREGATION_CASES = {  # label: (mode, horizon)
+    'TRL "grpo"': ("seq-mean-token-mean", None),
+    'TRL "bnpo"/"dapo", verl default': ("token-mean", None),
+    'TRL "dr_grpo"': ("seq-mean-token-sum-norm", max_completion_length),
+    "verl seq-mean-token-sum-norm": ("seq-mean-token-sum-norm", None),
+}
 
 
-def kl_weight_per_token(mode, mask, beta, max_len):
+def kl_weight_per_token(mode, mask, beta, horizon=None):
     per_token_kl = torch.zeros(mask.shape, requires_grad=True)
     (weight,) = torch.autograd.grad(
-        aggregate(beta * per_token_kl, mask, mode, max_len), per_token_kl
+        aggregate(beta * per_token_kl, mask, mode, horizon), per_token_kl
     )
     return weight
 
 
 # %% active="ipynb"
-# print(f"lengths {lengths.tolist()}, β = {beta}, L_max = {seq_len}")
-# for mode in AGGREGATIONS:
-#     weight = kl_weight_per_token(mode, mask, beta, seq_len)
+# print(f"lengths {lengths.tolist()}, β = {beta}, padded width {seq_len},"
+#       f" max_completion_length {max_completion_length}")
+# for label, (mode, horizon) in AGGREGATION_CASES.items():
+#     weight = kl_weight_per_token(mode, mask, beta, horizon)
 #     per_sequence = ", ".join(f"{w:.4g}" for w in weight[:, 0].tolist())
-#     print(f"{mode:24} weight per real token, per sequence: {per_sequence}")
+#     print(f"{label:32} weight per real token, per sequence: {per_sequence}")
 
 # %% [markdown]
 # ## The names in TRL and verl
@@ -299,16 +318,26 @@ def kl_weight_per_token(mode, mask, beta, max_len):
 #
 # - TRL PPO (`trl/experimental/ppo/ppo_config.py`, `ppo_trainer.py`):
 #   `kl_estimator`, `"k1"` by default or `"k3"`, with `kl_coef` 0.05, in the
-#   reward, computed under `torch.no_grad`; the score is added at the last
-#   non-padding token and padding log-probs are set to `INVALID_LOGPROB`.
+#   reward, computed under `torch.no_grad`; padding log-probs are set to
+#   `INVALID_LOGPROB`. The score is added at `actual_end` (lines 767 and
+#   778-779): `sequence_lengths_p1` where `sequence_lengths_p1 < rewards.size(1)`,
+#   else `sequence_lengths`, which indexes the last token before the first padding
+#   token. That is one slot *after* the last non-padding token unless the
+#   response fills the width, not the last real token as above.
 # - TRL GRPO (`trl/trainer/grpo_config.py`, `grpo_trainer.py`): `beta` defaults
 #   to 0.0, which means no KL term and no reference model loaded; otherwise $k_3$
-#   in the loss (`per_token_kl`). `use_bias_correction_kl` (default `False`, PR
-#   #4638 for issue #4637) multiplies it by $\pi_	heta/\pi_{	ext{old}}$.
+#   in the loss (`per_token_kl`). `use_bias_correction_kl` (PR #4638 for issue
+#   #4637) multiplies it by `coef_1`, $\pi_\theta/\pi_{\text{old}}$ per token
+#   (lines 3066-3076); with `importance_sampling_level="sequence"` `coef_1` is
+#   one ratio per sequence (the exponential of the mean log-ratio), broadcast over
+#   its tokens (issue #6586). Its default is `False` at `f2cd577`; PR #6503,
+#   merged after that commit, makes it `True`: check the version you run.
+#   The vLLM sampler's ratio (`vllm_importance_sampling_correction`) multiplies
+#   the policy-gradient term only; $\beta k_3$ is added after it (lines 3117-3121).
 #   `loss_type` (default `"dapo"`) picks the aggregation.
 # - verl, in the reward (`verl/trainer/config/ppo_trainer.yaml`):
 #   `algorithm.use_kl_in_reward` (default `False`), `algorithm.kl_penalty: kl`,
-#   $eta$ = `algorithm.kl_ctrl.kl_coef` (0.001). In the loss
+#   $\beta$ = `algorithm.kl_ctrl.kl_coef` (0.001). In the loss
 #   (`verl/trainer/config/actor/actor.yaml`): `actor.use_kl_loss` (default
 #   `false`), `actor.kl_loss_type: low_var_kl`, `actor.kl_loss_coef` (0.001).
 #

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from copyable import run_inline
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -85,6 +86,31 @@ def test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing():
     inside = page.mask.clone()
     inside[rows, last] = False
     assert_close(page.rewards[inside], -page.beta * k1[inside])
+
+
+def trl_ppo_score_position(responses, pad_token_id, rewards):
+    """TRL ppo_trainer.py:727, 767, 778: actual_end, quoted on the page."""
+    is_pad = responses == pad_token_id
+    # first_true_indices: the first padding index, or the width if there is none
+    width = responses.size(1)
+    first_pad = torch.where(is_pad, torch.arange(width), width).min(dim=-1).values
+    sequence_lengths = first_pad - 1
+    sequence_lengths_p1 = sequence_lengths + 1
+    inside = run_inline(
+        "sequence_lengths_p1 < rewards.size(1)",
+        sequence_lengths_p1=sequence_lengths_p1,
+        rewards=rewards,
+    )
+    return torch.where(inside, sequence_lengths_p1, sequence_lengths)
+
+
+def test_trl_ppo_adds_the_score_one_slot_after_the_last_real_token_unless_full():
+    pad = 0
+    responses = torch.tensor([[5, 6, 7, 8, 9, 4], [5, 6, 7, 8, 0, 0]])
+    assert_close(page.lengths, (responses != pad).sum(dim=-1))  # the page's batch
+    end = trl_ppo_score_position(responses, pad, torch.zeros(responses.shape))
+    last_real = page.lengths - 1  # where the page's rlhf_rewards puts it
+    assert end.tolist() == [last_real[0].item(), last_real[1].item() + 1]
 
 
 def test_rewards_with_equal_lengths_are_the_old_last_column_rule():
@@ -244,15 +270,51 @@ def test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient():
 
 
 def test_aggregation_sets_the_kl_weight_per_token_as_the_page_says():
-    mask, beta, max_len = page.mask, page.beta, page.seq_len
+    mask, beta, batch = page.mask, page.beta, page.batch_size
     lengths = mask.sum(dim=-1, keepdim=True).float()
     expected = {
-        "seq-mean-token-mean": beta / (page.batch_size * lengths) * mask,
-        "token-mean": beta / mask.sum() * mask,
-        "seq-mean-token-sum-norm": beta / (page.batch_size * max_len) * mask,
+        'TRL "grpo"': beta / (batch * lengths) * mask,
+        'TRL "bnpo"/"dapo", verl default': beta / mask.sum() * mask,
+        'TRL "dr_grpo"': beta / (batch * page.max_completion_length) * mask,
+        "verl seq-mean-token-sum-norm": beta / (batch * page.seq_len) * mask,
     }
-    for mode, weight in expected.items():
-        assert_close(page.kl_weight_per_token(mode, mask, beta, max_len), weight)
+    assert list(page.AGGREGATION_CASES) == list(expected)
+    for label, (mode, horizon) in page.AGGREGATION_CASES.items():
+        weight = page.kl_weight_per_token(mode, mask, beta, horizon)
+        assert_close(weight, expected[label], rtol=1e-6, atol=0)
+
+
+def padded_wider(mask, extra):
+    return torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=torch.bool)], 1)
+
+
+@pytest.mark.parametrize("extra_padding", [0, 1, 2])
+def test_trl_dr_grpo_divides_by_max_completion_length_whatever_the_padded_width(
+    extra_padding,
+):
+    # TRL grpo_trainer.py:3135 divides by self.max_completion_length, a constant
+    mode, horizon = page.AGGREGATION_CASES['TRL "dr_grpo"']
+    assert horizon == page.max_completion_length > page.seq_len
+    mask = padded_wider(page.mask, extra_padding)
+    weight = page.kl_weight_per_token(mode, mask, page.beta, horizon)
+    expected = page.beta / (page.batch_size * page.max_completion_length)
+    assert_close(weight[mask], torch.full_like(weight[mask], expected))
+
+
+@pytest.mark.parametrize("extra_padding", [0, 1, 2])
+def test_verl_sum_norm_divides_by_the_padded_width_unless_a_scale_factor_is_set(
+    extra_padding,
+):
+    # verl core_algos.py:1189-1193: loss_mask.shape[-1] when loss_scale_factor is None
+    mode, horizon = page.AGGREGATION_CASES["verl seq-mean-token-sum-norm"]
+    assert horizon is None
+    mask = padded_wider(page.mask, extra_padding)
+    width = page.seq_len + extra_padding
+    weight = page.kl_weight_per_token(mode, mask, page.beta, horizon)
+    expected = page.beta / (page.batch_size * width)
+    assert_close(weight[mask], torch.full_like(weight[mask], expected))
+    fixed = page.kl_weight_per_token(mode, mask, page.beta, 8)  # loss_scale_factor
+    assert_close(fixed[mask], torch.full_like(fixed[mask], page.beta / (2 * 8)))
 
 
 def test_sequence_mean_gives_short_sequences_a_larger_beta_per_token():
@@ -264,3 +326,30 @@ def test_sequence_mean_gives_short_sequences_a_larger_beta_per_token():
 def test_unknown_aggregation_is_refused_with_the_valid_names():
     with pytest.raises(ValueError, match="seq-mean-token-mean"):
         page.aggregate(torch.zeros(2, 3), torch.ones(2, 3), "mean", 3)
+
+
+def test_sequence_level_coef_1_is_one_ratio_per_sequence_broadcast_over_tokens():
+    # TRL grpo_trainer.py:3055-3066 with importance_sampling_level="sequence"
+    logits = page.policy_logits.detach().double().requires_grad_()
+    log_pi = logits.log_softmax(dim=-1).gather(-1, page.tokens[..., None])[..., 0]
+    log_ref = page.log_ref.detach().double()
+    mask = page.mask
+    log_ratio = log_pi - log_pi.detach()  # on-policy: π_old = π_θ, ratio 1
+    per_sequence = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    coef_sequence = per_sequence.exp().unsqueeze(-1)  # (B, 1)
+    k3 = page.k_estimators(log_ref, log_pi)[2] * mask
+    assert coef_sequence.shape == (page.batch_size, 1)
+    assert_close(coef_sequence.detach(), torch.ones_like(coef_sequence), **EXACT)
+
+    def gradient(loss):
+        return torch.autograd.grad(loss, logits, retain_graph=True)[0]
+
+    by_token = gradient((k3 * log_ratio.exp()).sum())
+    by_sequence = gradient((k3 * coef_sequence).sum())
+    # issue #6586: the broadcast ratio adds (Σ_t k3_t) ∇ mean_t log π_t to k3's own
+    # gradient, where the per-token ratio adds Σ_t k3_t ∇ log π_t
+    plain = gradient(k3.sum())
+    extra = gradient((k3.detach().sum(-1) * per_sequence).sum())
+    assert_close(by_sequence, plain + extra, **EXACT)
+    assert_close(by_token, plain + gradient((k3.detach() * log_ratio).sum()), **EXACT)
+    assert (by_sequence - by_token).abs().max() > 1e-3 * by_token.abs().max()
