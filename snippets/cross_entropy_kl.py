@@ -13,7 +13,9 @@
 #
 # - check the decomposition and the shared gradient on one distribution;
 # - see the reduction trap on a batch of five classes and on a 32,000-class
-#   vocabulary, in loss and gradient.
+#   vocabulary, in loss and gradient, and what it does to one SGD and one Adam step;
+# - replace the cross-entropy on (batch, tokens, vocabulary) logits with a padding
+#   mask, where the 2-D calls go wrong.
 
 # %% [markdown]
 # ## Entropy plus divergence
@@ -30,6 +32,7 @@
 import warnings
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 SEED = 0
@@ -113,15 +116,165 @@ for n_classes in [5, 32_000]:
 
 # %% [markdown]
 # In both batches the cross-entropy equals the `"batchmean"` KL plus the mean
-# entropy, and the gradient ratio is the number of classes. With a vocabulary of
-# 32,000, a training run that replaces `F.cross_entropy` by
-# `nn.KLDivLoss(reduction="mean")`, which is also the module's default, takes
-# steps 32,000 times smaller: it looks stalled, not broken.
+# entropy, and the gradient ratio is the number of classes.
+#
+# ## What the smaller gradient does to training
+#
+# How much a run slows down depends on the optimizer. One step of a linear layer
+# from 64 features to 32,000 classes, on 8 rows, trained once by `F.cross_entropy`
+# and once by `nn.KLDivLoss(reduction="mean")`, which is also the module's default:
+
+# %%
+N_FEATURES, N_CLASSES, N_ROWS = 64, 32_000, 8
+
+
+def loss_on_rows(loss_name, logits_q, p):
+    """The cross-entropy, or the KL with the "mean" reduction, of rows of logits."""
+    if loss_name == "cross-entropy":
+        return F.cross_entropy(logits_q, p, reduction="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "mean" warns: it is not the mean KL
+        return nn.KLDivLoss(reduction="mean")(logits_q.log_softmax(dim=-1), p)
+
+
+def one_step(loss_name, make_optimizer):
+    """Weight gradient and weight change of a seeded linear layer after one step."""
+    torch.manual_seed(SEED)  # the same initial layer for every loss and optimizer
+    layer = nn.Linear(N_FEATURES, N_CLASSES)
+    generator = torch.Generator().manual_seed(SEED)
+    features = torch.randn(N_ROWS, N_FEATURES, generator=generator)
+    p = (2 * torch.randn(N_ROWS, N_CLASSES, generator=generator)).softmax(dim=-1)
+    optimizer = make_optimizer(layer.parameters())
+    weight_before = layer.weight.detach().clone()
+    loss_on_rows(loss_name, layer(features), p).backward()
+    optimizer.step()
+    return layer.weight.grad, layer.weight.detach() - weight_before
+
+
+ADAM_EPS = torch.optim.Adam([torch.zeros(1)]).defaults["eps"]  # added to |gradient|
+
+
+def share(condition):
+    """Fraction of the entries where a boolean tensor is True."""
+    return condition.float().mean().item()
+
+
+def compare_steps(make_optimizer):
+    """How much larger the cross-entropy's step is, and what the KL's step does."""
+    _, step_ce = one_step("cross-entropy", make_optimizer)
+    grad_kl, step_kl = one_step('kl_div "mean"', make_optimizer)
+    return {
+        "cross-entropy step / KL step": (step_ce.norm() / step_kl.norm()).item(),
+        "weights the KL step leaves unchanged": share(step_kl == 0),
+        "KL gradients below Adam's eps": share(grad_kl.abs() < ADAM_EPS),
+    }
+
+
+optimizers = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.1),
+    "Adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+}
+steps = {name: compare_steps(make) for name, make in optimizers.items()}
+
+# %% active="ipynb"
+# print(f"Adam's default eps: {ADAM_EPS:g}")
+# for optimizer_name, results in steps.items():
+#     print(optimizer_name)
+#     for name, value in results.items():
+#         shown = f"{value:.1f}" if name.endswith("step") else f"{value:.1%}"
+#         print(f"  {name:<38}{shown:>8}")
+
+# %% [markdown]
+# The *gradients* are $C$ times smaller (the batches above). With SGD the step is
+# the learning rate times the gradient, so the step is $C$ times smaller too, and
+# in float32 even smaller than that: most of the KL's updates are below half the
+# spacing between floats near the weights and round away, leaving most weights
+# exactly as they were (printed under SGD). The run looks stalled, not broken.
+#
+# Adam divides each step by a running estimate of the gradient's size, which
+# cancels a constant scale, but it adds `eps` to that size first. Most of the KL's
+# gradients here lie below `eps` (printed under Adam), so its step is several times
+# smaller than the cross-entropy's, not $C$ times. And Adam cancels the scale of
+# the whole loss, not of one term: a KL that is added to other terms (an auxiliary
+# loss, a regulariser) weighs $C$ times less against them than the cross-entropy
+# did, whatever the optimizer.
+#
+# ## Tokens: batch, tokens, vocabulary
+#
+# Everything above is for 2-D input, one row per distribution. A language model's
+# logits have shape (batch, tokens, vocabulary), with a padding mask, and there the
+# two calls disagree in where they look for the classes and what they divide by:
+#
+# - `F.cross_entropy` reads the classes from dim 1 (its documented input shape is
+#   (N, C, d1, ...)), here the *tokens*: with 3-D input it takes a softmax over the
+#   tokens of each vocabulary entry, with no error or warning;
+# - `F.kl_div` with `"batchmean"` sums over everything and divides by the size of
+#   dim 0, the batch: the mean over tokens times the number of tokens, padding
+#   included.
+#
+# The per-token mean over real tokens, computed both ways, agrees, in value (up to
+# the entropy) and in gradient:
+
+# %%
+generator = torch.Generator().manual_seed(SEED)
+n_batch, n_tokens, n_vocab = 2, 5, 1000
+logits_p, logits_q = 2 * torch.randn(2, n_batch, n_tokens, n_vocab, generator=generator)
+logits_q.requires_grad_()
+p, log_p = logits_p.softmax(dim=-1), logits_p.log_softmax(dim=-1)
+log_q = logits_q.log_softmax(dim=-1)
+lengths = torch.tensor([5, 3])
+mask = torch.arange(n_tokens) < lengths[:, None]  # False on padding
+
+# wrong: classes read from dim 1, here the tokens
+cross_entropy_3d = F.cross_entropy(logits_q, p, reduction="none")
+# right: one row per token, then the mean over the real tokens
+cross_entropy_tokens = F.cross_entropy(
+    logits_q.flatten(0, 1), p.flatten(0, 1), reduction="none"
+).view(n_batch, n_tokens)
+cross_entropy_masked = cross_entropy_tokens[mask].mean()
+kl_tokens = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+kl_masked = kl_tokens.sum(dim=-1)[mask].mean()
+entropy_masked = -torch.xlogy(p, p).sum(dim=-1)[mask].mean()
+# wrong again: "batchmean" divides by the batch and counts the padding
+kl_batchmean_3d = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+(grad_cross_entropy_masked,) = torch.autograd.grad(
+    cross_entropy_masked, logits_q, retain_graph=True
+)
+(grad_kl_masked,) = torch.autograd.grad(kl_masked, logits_q, retain_graph=True)
+
+# %% active="ipynb"
+# print(f"logits: {tuple(logits_q.shape)}, real tokens per row: {lengths.tolist()}")
+# print(f"F.cross_entropy on 3-D, 'none': shape {tuple(cross_entropy_3d.shape)}")
+# print(f"  its mean                      {cross_entropy_3d.mean():10.4f}")
+# print(f"cross-entropy, masked per token {cross_entropy_masked:10.4f}")
+# print(f"KL + entropy, masked per token  {kl_masked + entropy_masked:10.4f}")
+# print(f"KL, masked per token            {kl_masked:10.4f}")
+# print(f"KL 'batchmean' on 3-D           {kl_batchmean_3d:10.4f}")
+# gap = (grad_cross_entropy_masked - grad_kl_masked).abs().max()
+# print(f"largest gradient difference     {gap:10.2g}")
+
+# %% [markdown]
+# The 3-D cross-entropy has the shape (batch, vocabulary) and a value unrelated to
+# the loss. The masked per-token cross-entropy equals the masked per-token KL plus
+# the entropy, with the same gradient. The `"batchmean"` KL is far larger: it adds
+# up the padding tokens and divides by the batch. Flattening to one row per token,
+# or moving the vocabulary to dim 1 with
+# `F.cross_entropy(logits_q.transpose(1, -1), p.transpose(1, -1), reduction="none")`,
+# fixes the cross-entropy's classes, but a flattened `"mean"` or `"batchmean"`
+# still counts the padding: select the real tokens with the mask first.
 #
 # ## What to remember
 #
 # - Cross-entropy and KL differ by $H(P)$, a constant in the model: same gradients,
 #   different loss values.
-# - Replace `F.cross_entropy(logits_q, p, reduction="mean")` by
+# - For 2-D input (rows, classes) only: replace
+#   `F.cross_entropy(logits_q, p, reduction="mean")` by
 #   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`, not by
-#   `reduction="mean"`, which divides by the number of classes as well.
+#   `reduction="mean"`, whose gradient is $C$ times smaller (with SGD, so is every
+#   step; with Adam the KL still weighs $C$ times less against other loss terms).
+# - For (batch, tokens, vocabulary) logits and a padding `mask` (True on real
+#   tokens), take the mean over real tokens: with
+#   `kl_tokens = F.kl_div(log_q, log_p, reduction="none", log_target=True)`, the
+#   loss is `kl_tokens.sum(dim=-1)[mask].mean()`. Do not pass 3-D logits to
+#   `F.cross_entropy`: it reads the classes from dim 1.

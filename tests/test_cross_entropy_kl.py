@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from snippets import cross_entropy_kl as page
@@ -89,3 +91,267 @@ def test_kldivloss_mean_is_the_modules_default_and_divides_by_classes_too():
         value = module(log_q, p)
     batchmean = F.kl_div(log_q, p, reduction="batchmean")
     assert_close(value * 32_000, batchmean, rtol=1e-5, atol=0)
+
+
+# What the smaller gradient does to training: SGD and Adam
+
+
+def linear_layer_gradients(n_classes, dtype, n_features=16, n_rows=8, seed=0):
+    """Weight gradients of a seeded linear layer under cross-entropy ("mean") and
+    kl_div "mean", and the layer's initial weight."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n_classes, n_features, generator=generator, dtype=dtype) / 4
+    features = torch.randn(n_rows, n_features, generator=generator, dtype=dtype)
+    p = (2 * torch.randn(n_rows, n_classes, generator=generator)).softmax(dim=-1)
+    gradients = []
+    for loss_name in ("cross-entropy", 'kl_div "mean"'):
+        w = weight.clone().requires_grad_()
+        loss = page.loss_on_rows(loss_name, features @ w.T, p.to(dtype))
+        gradients.append(torch.autograd.grad(loss, w)[0])
+    return weight, gradients
+
+
+def test_sgd_step_of_kl_mean_is_at_least_c_times_smaller_as_printed():
+    results = page.steps["SGD"]
+    # C times in exact arithmetic; float32 rounds part of the KL step away
+    assert page.N_CLASSES <= results["cross-entropy step / KL step"]
+    assert results["cross-entropy step / KL step"] < 1.25 * page.N_CLASSES
+
+
+@pytest.mark.parametrize("n_classes", [5, 32_000, 128_000])
+def test_sgd_step_is_learning_rate_times_gradient_so_c_times_smaller(n_classes):
+    # float64 weights: no rounding of the update, the ratio is exactly C
+    weight, gradients = linear_layer_gradients(n_classes, torch.float64)
+    step_norms = []
+    for gradient in gradients:
+        w = weight.clone().requires_grad_()
+        w.grad = gradient.clone()
+        torch.optim.SGD([w], lr=0.1).step()
+        step = w.detach() - weight
+        assert_close(step, -0.1 * gradient, rtol=1e-12, atol=1e-15)
+        step_norms.append(step.norm())
+    assert (step_norms[0] / step_norms[1]).item() == pytest.approx(n_classes, rel=1e-9)
+
+
+def test_float32_sgd_step_of_kl_mean_leaves_most_weights_unchanged():
+    assert page.steps["SGD"]["weights the KL step leaves unchanged"] > 0.5
+    _, step_ce = page.one_step("cross-entropy", page.optimizers["SGD"])
+    assert page.share(step_ce == 0) < 0.01  # the cross-entropy moves nearly all
+
+
+def test_adam_step_ratio_is_several_not_c_because_kl_gradients_are_below_eps():
+    results = page.steps["Adam"]
+    assert 2 < results["cross-entropy step / KL step"] < page.N_CLASSES / 100
+    assert results["KL gradients below Adam's eps"] > 0.5
+    assert page.ADAM_EPS == 1e-8  # the printed default
+
+
+@pytest.mark.parametrize("n_classes", [32_000, 128_000])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_adam_first_step_is_gradient_over_its_size_plus_eps(n_classes, eps):
+    # reference: Adam's first bias-corrected step is lr * g / (|g| + eps), so
+    # with eps = 0 it is lr * sign(g) and the scale C cancels exactly
+    weight, gradients = linear_layer_gradients(n_classes, torch.float64)
+    step_norms = []
+    for gradient in gradients:
+        w = weight.clone().requires_grad_()
+        w.grad = gradient.clone()
+        torch.optim.Adam([w], lr=1e-3, eps=eps).step()
+        step = w.detach() - weight
+        expected = -1e-3 * gradient / (gradient.abs() + eps)
+        assert_close(step, expected, rtol=1e-9, atol=1e-15)
+        step_norms.append(step.norm())
+    ratio = (step_norms[0] / step_norms[1]).item()
+    if eps == 0:
+        assert ratio == pytest.approx(1, rel=1e-9)
+    else:
+        assert 1.5 < ratio < n_classes / 100
+
+
+@pytest.mark.parametrize("n_classes", [5, 32_000])
+def test_kl_mean_weighs_c_times_less_against_another_loss_term(n_classes):
+    # an auxiliary term (a z-loss on the logits) keeps its gradient; the KL's
+    # share of the total gradient drops by C, so Adam cannot restore it
+    generator = torch.Generator().manual_seed(n_classes)
+    logits_p, logits_q = 2 * torch.randn(2, 4, n_classes, generator=generator)
+    p = logits_p.softmax(dim=-1)
+    logits_q.requires_grad_()
+    z_loss = logits_q.logsumexp(dim=-1).square().mean()
+    (grad_aux,) = torch.autograd.grad(z_loss, logits_q)
+    weights = []
+    for loss_name in ("cross-entropy", 'kl_div "mean"'):
+        loss = page.loss_on_rows(loss_name, logits_q, p)
+        (gradient,) = torch.autograd.grad(loss, logits_q)
+        weights.append(gradient.norm() / grad_aux.norm())
+    assert (weights[0] / weights[1]).item() == pytest.approx(n_classes, rel=1e-4)
+
+
+# Tokens: (batch, tokens, vocabulary) with a padding mask
+
+
+def token_batch(n_batch, n_tokens, n_vocab, lengths, dtype, seed=0):
+    """Logits of a model and a target, their log-probabilities and a padding mask."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n_batch, n_tokens, n_vocab)
+    logits_p, logits_q = 2 * torch.randn(2, *shape, generator=generator)
+    logits_q = logits_q.to(dtype).requires_grad_()
+    mask = torch.arange(n_tokens) < torch.tensor(lengths)[:, None]
+    return logits_p.to(dtype), logits_q, mask
+
+
+def masked_kl_float64(logits_p, logits_q, mask):
+    """Mean over real tokens of KL(P‖Q), in float64 from the formula."""
+    log_p = logits_p.double().log_softmax(dim=-1)
+    log_q = logits_q.detach().double().log_softmax(dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)[mask].mean()
+
+
+def masked_kl_as_summarised(logits_p, logits_q, mask):
+    """The two spans of "What to remember", run as written."""
+    log_q = logits_q.log_softmax(dim=-1)
+    log_p = logits_p.log_softmax(dim=-1)
+    kl_tokens = run_inline(
+        'kl_tokens = F.kl_div(log_q, log_p, reduction="none", log_target=True)',
+        log_q=log_q,
+        log_p=log_p,
+    )["kl_tokens"]
+    return run_inline(
+        "kl_tokens.sum(dim=-1)[mask].mean()", kl_tokens=kl_tokens, mask=mask
+    )
+
+
+def masked_cross_entropy_flattened(logits_p, logits_q, mask):
+    """Mean over real tokens of the cross-entropy, one row per token."""
+    p = logits_p.softmax(dim=-1)
+    per_token = F.cross_entropy(
+        logits_q.flatten(0, 1), p.flatten(0, 1), reduction="none"
+    ).view(mask.shape)
+    return per_token[mask].mean()
+
+
+def test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens():
+    shape = (page.n_batch, page.n_vocab)
+    assert page.cross_entropy_3d.shape == shape
+    # reference: classes on dim 1, in float64
+    log_q_over_tokens = page.logits_q.detach().double().log_softmax(dim=1)
+    expected = -(page.p.double() * log_q_over_tokens).sum(dim=1)
+    assert_close(page.cross_entropy_3d.double(), expected, rtol=1e-5, atol=1e-6)
+    assert page.cross_entropy_3d.mean() < page.cross_entropy_masked / 100
+
+
+LM_SIZES = [(2, 5, 1000, [5, 3]), (2, 4, 32_000, [4, 2]), (2, 3, 128_000, [1, 3])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_batch", "n_tokens", "n_vocab", "lengths"), LM_SIZES)
+def test_masked_per_token_kl_plus_entropy_is_the_masked_cross_entropy(
+    n_batch, n_tokens, n_vocab, lengths, dtype
+):
+    logits_p, logits_q, mask = token_batch(n_batch, n_tokens, n_vocab, lengths, dtype)
+    kl = masked_kl_as_summarised(logits_p, logits_q, mask)
+    cross_entropy = masked_cross_entropy_flattened(logits_p, logits_q, mask)
+    log_p = logits_p.double().log_softmax(dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)[mask].mean()
+    limit = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(
+        kl.double(), masked_kl_float64(logits_p, logits_q, mask), rtol=limit, atol=limit
+    )
+    assert_close(cross_entropy.double(), kl.double() + entropy, rtol=limit, atol=limit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_batch", "n_tokens", "n_vocab", "lengths"), LM_SIZES)
+def test_masked_per_token_kl_and_cross_entropy_have_the_same_gradient(
+    n_batch, n_tokens, n_vocab, lengths, dtype
+):
+    logits_p, logits_q, mask = token_batch(n_batch, n_tokens, n_vocab, lengths, dtype)
+    losses = (
+        masked_kl_as_summarised(logits_p, logits_q, mask),
+        masked_cross_entropy_flattened(logits_p, logits_q, mask),
+    )
+    gradients = [torch.autograd.grad(loss, logits_q)[0].double() for loss in losses]
+    # reference: (Q − P) / real tokens on real tokens, 0 on padding
+    q = logits_q.detach().double().softmax(dim=-1)
+    p = logits_p.double().softmax(dim=-1)
+    reference = (q - p) * mask[..., None] / mask.sum()
+    limit = 1e-5 if dtype == torch.float32 else 2e-2
+    for gradient in gradients:
+        assert ((gradient == 0) | mask[..., None]).all()  # padding gets nothing
+        assert (gradient - reference).norm() / reference.norm() < limit
+    assert_close(
+        page.grad_cross_entropy_masked, page.grad_kl_masked, rtol=1e-5, atol=1e-8
+    )
+
+
+def test_page_masked_cross_entropy_is_masked_kl_plus_entropy():
+    expected = masked_kl_float64(page.logits_p, page.logits_q, page.mask)
+    assert_close(page.kl_masked.double(), expected, rtol=1e-5, atol=1e-6)
+    total = page.kl_masked + page.entropy_masked
+    assert_close(page.cross_entropy_masked, total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n_batch", "n_tokens", "n_vocab", "lengths"), LM_SIZES)
+def test_batchmean_on_3d_divides_by_the_batch_and_counts_the_padding(
+    n_batch, n_tokens, n_vocab, lengths
+):
+    logits_p, logits_q, mask = token_batch(
+        n_batch, n_tokens, n_vocab, lengths, torch.float32
+    )
+    call = 'F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")'
+    batchmean = run_inline(call, logits_q=logits_q, p=logits_p.softmax(dim=-1))
+    every_token = masked_kl_float64(logits_p, logits_q, torch.ones_like(mask))
+    # sum over every token (padding too) / batch = mean over tokens × tokens
+    assert_close(batchmean.double(), every_token * n_tokens, rtol=1e-5, atol=1e-5)
+    per_real_token = masked_kl_float64(logits_p, logits_q, mask)
+    assert batchmean > 1.5 * per_real_token
+    assert_close(
+        page.kl_batchmean_3d,
+        page.kl_tokens.sum() / page.n_batch,
+        rtol=1e-6,
+        atol=0,
+    )
+    assert page.kl_batchmean_3d > 1.5 * page.kl_masked
+
+
+@pytest.mark.parametrize(("n_batch", "n_tokens", "n_vocab", "lengths"), LM_SIZES)
+def test_transposed_cross_entropy_moves_the_vocabulary_to_dim_1(
+    n_batch, n_tokens, n_vocab, lengths
+):
+    logits_p, logits_q, mask = token_batch(
+        n_batch, n_tokens, n_vocab, lengths, torch.float32
+    )
+    per_token = run_inline(
+        "F.cross_entropy(logits_q.transpose(1, -1), p.transpose(1, -1),"
+        ' reduction="none")',
+        logits_q=logits_q,
+        p=logits_p.softmax(dim=-1),
+    )
+    assert per_token.shape == (n_batch, n_tokens)
+    expected = masked_cross_entropy_flattened(logits_p, logits_q, mask)
+    assert_close(per_token[mask].mean(), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30)
+@given(
+    n_batch=st.integers(1, 3),
+    n_tokens=st.integers(1, 6),
+    n_vocab=st.integers(2, 40),
+    data=st.data(),
+)
+def test_masked_per_token_kl_matches_the_formula_for_any_shape_and_mask(
+    n_batch, n_tokens, n_vocab, data
+):
+    lengths = data.draw(
+        st.lists(st.integers(1, n_tokens), min_size=n_batch, max_size=n_batch)
+    )
+    seed = data.draw(st.integers(0, 2**16))
+    logits_p, logits_q, mask = token_batch(
+        n_batch, n_tokens, n_vocab, lengths, torch.float32, seed=seed
+    )
+    kl = masked_kl_as_summarised(logits_p, logits_q, mask)
+    expected = masked_kl_float64(logits_p, logits_q, mask)
+    assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
+    cross_entropy = masked_cross_entropy_flattened(logits_p, logits_q, mask)
+    log_p = logits_p.double().log_softmax(dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)[mask].mean()
+    assert_close(cross_entropy.double(), expected + entropy, rtol=1e-5, atol=1e-5)
