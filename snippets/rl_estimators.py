@@ -89,21 +89,24 @@ PAIRS = {
 #     for name, values in samples.items():
 #         bias, spread = values.mean() / true_kl - 1, values.std() / true_kl
 #         exact = relative_bias_in_closed_form(name, delta)
+#         error = spread / len(values) ** 0.5  # standard error of the bias column
 #         rows.append(
-#             f"| {pair} | {true_kl:.4f} | {name} | {bias:+.4f} | {exact:+.4f} |"
-#             f" {spread:.2f} | {values.min():.3g} |"
+#             f"| {pair} | {true_kl:.4f} | {name} | {bias:+.4f} | {error:.4f} |"
+#             f" {exact:+.4f} | {spread:.2f} | {values.min():.3g} |"
 #         )
 # Markdown(
-#     "| pair | true KL | estimator | bias / true KL | closed form |"
-#     " std / true KL | smallest |\n"
-#     "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+#     "| pair | true KL | estimator | bias / true KL | its standard error |"
+#     " closed form | std / true KL | smallest |\n"
+#     "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
 # )
 
 # %% [markdown]
 # Read the table as Schulman does: $k_1$'s bias and $k_3$'s are within a few
 # standard errors of zero (the standard error of a million-sample mean is the
 # spread divided by a thousand), while $k_2$ overestimates the KL by the fraction
-# $\delta^2/4$ of the "closed form" column, which the measured bias matches. The
+# $\delta^2/4$ of the "closed form" column. For the far pair the measured bias
+# matches it within its standard error and lies many standard errors from zero; at
+# $\delta = 0.1$ the bias is below the noise of a million samples. The
 # "smallest" column shows a negative value for $k_1$ and none for $k_2$ or $k_3$:
 # each sample of those two is $\ge 0$, $k_2$ being a square and $k_3$ because
 # $r - 1 \ge \log r$. For the near pair $k_3$'s spread is a small fraction of
@@ -218,8 +221,17 @@ POLICY_PROBABILITIES = [1e-2, 1e-4, 1e-6, 1e-8]
 # updates are taken on one batch. Then the mean of the estimates is not the KL.
 # Importance weights $\pi_\theta(x) / \pi_{\text{sampler}}(x)$ remove the bias
 # when the sampler can draw every token, not when top-k has cut tokens off.
-# Computed exactly over a 1000-token vocabulary (every token weighted by the
-# sampler's probability):
+#
+# Temperature biases the estimates only when tokens drawn at a temperature are
+# scored with temperature-1 log-probs. TRL and verl divide the policy's and the
+# reference's logits by the sampling temperature before scoring (TRL
+# `grpo_trainer.py`, line 1519; verl sets the rollout temperature on the batch in
+# `verl/trainer/ppo/ray_trainer.py` and divides in its engines, e.g.
+# `verl/workers/engine/fsdp/transformer_impl.py`): their tokens come from the
+# tempered policy and are scored by it, so $k_1$ and $k_3$ are unbiased, for the
+# KL between the *tempered* distributions, a different number from the KL at
+# temperature 1 (last line below). Computed exactly over a 1000-token vocabulary
+# (every token weighted by the sampler's probability):
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
@@ -240,9 +252,10 @@ def top_k_log_probs(logits, k):
     return logits.masked_fill(logits < threshold, -math.inf).log_softmax(dim=-1)
 
 
+TEMPERATURE = 0.7
 SAMPLERS = {
     "π_θ itself": log_pi,
-    "temperature 0.7": (policy_logits / 0.7).log_softmax(dim=-1),
+    f"temperature {TEMPERATURE}": (policy_logits / TEMPERATURE).log_softmax(dim=-1),
     "top-k, k = 50": top_k_log_probs(policy_logits, 50),
     "stale π_old": old_logits.log_softmax(dim=-1),
 }
@@ -257,6 +270,17 @@ def expected_estimates(log_sampler, log_pi, log_ref, importance_weighted=False):
     return {name: (weights * values[name]).sum(dim=-1) for name in ["k1", "k3"]}
 
 
+def tempered(logits, temperature=TEMPERATURE):
+    return (logits / temperature).log_softmax(dim=-1)
+
+
+# TRL and verl: sample at T and score policy and reference at T too
+log_pi_tempered, log_ref_tempered = tempered(policy_logits), tempered(reference_logits)
+tempered_kl = (log_pi_tempered.exp() * (log_pi_tempered - log_ref_tempered)).sum(dim=-1)
+scored_at_temperature = expected_estimates(
+    log_pi_tempered, log_pi_tempered, log_ref_tempered
+)
+
 # %% active="ipynb"
 # print(f"true KL(π_θ‖π_ref) = {true_kl:.4f}")
 # for sampler, log_sampler in SAMPLERS.items():
@@ -264,15 +288,27 @@ def expected_estimates(log_sampler, log_pi, log_ref, importance_weighted=False):
 #     weighted = expected_estimates(log_sampler, log_pi, log_ref, True)
 #     print(f"{sampler:16} E[k1] {plain['k1']:.4f}, E[k3] {plain['k3']:.4f};"
 #           f" importance-weighted: {weighted['k1']:.4f}, {weighted['k3']:.4f}")
+# print(f"temperature {TEMPERATURE}, policy and reference scored at it (TRL, verl):"
+#       f" E[k1] {scored_at_temperature['k1']:.4f},"
+#       f" E[k3] {scored_at_temperature['k3']:.4f};"
+#       f" KL of the tempered pair {tempered_kl:.4f}")
 
 # %% [markdown]
-# The first row is the KL; no other sampler gives it: each moves the means off it,
+# The first row is the KL; none of the next three gives it: each moves the means off it,
 # by an amount and in a direction that depend on the sampler. The importance
 # weights bring them back, except for top-k, whose weighted means miss exactly
-# the tokens the sampler never draws. This is what TRL's
-# `vllm_importance_sampling_correction` and DeepSeek-V3.2's ratio correct for; an
-# estimate of the KL is only as good as the knowledge of where the tokens came
-# from.
+# the tokens the sampler never draws.
+#
+# Trainers apply such weights in two places, and only one reaches the KL term.
+# DeepSeek-V3.2 (§3.1) multiplies $k_3$ by $\pi_\theta / \pi_{\text{old}}$, and
+# so does TRL's `use_bias_correction_kl`: that corrects the KL term for a stale
+# $\pi_{\text{old}}$ (the importance-weighted column of that row). TRL's
+# `vllm_importance_sampling_correction` is another ratio, the trainer's
+# $\pi_{\text{old}}$ over the vLLM sampler's probabilities (by default one ratio
+# per sequence, zeroed above 3.0), and it multiplies the policy-gradient term
+# only: $\beta k_3$ is added after it (`grpo_trainer.py`, lines 3117-3121), so the
+# KL term keeps the plain, biased mean of the vLLM sampler's tokens. An estimate of
+# the KL is only as good as the knowledge of where the tokens came from.
 #
 # ## What to remember
 #
@@ -284,7 +320,9 @@ def expected_estimates(log_sampler, log_pi, log_ref, importance_weighted=False):
 #   sample std grows like $n^{1/4}$.
 # - In a vocabulary, tokens with $\pi_\theta \ll \pi_{\text{ref}}$ make $k_3$'s
 #   variance and gradient weight huge.
-# - The estimates assume tokens drawn from $\pi_\theta$ at temperature 1;
-#   temperature, top-k/top-p and stale $\pi_{\text{old}}$ bias them.
+# - The estimates assume tokens drawn from the distribution that scores them:
+#   top-k/top-p and a stale $\pi_{\text{old}}$ bias them, and so does a temperature
+#   unless both log-probs are taken at it (TRL and verl do; then they estimate the
+#   tempered KL). TRL's vLLM ratio does not reach the KL term.
 # - The exact per-position KL is computable from the logits; only the sequence KL
 #   needs estimates. What to put in the loss: [next page](rl_kl_in_practice.py).

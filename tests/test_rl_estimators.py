@@ -41,19 +41,42 @@ def test_k1_and_k3_are_unbiased(measured):
             assert abs(values.mean() - true_kl) < 4 * standard_error(values), name
 
 
-def test_k2_overestimates_the_kl_by_the_fraction_delta_squared_over_four(measured):
-    for (samples, true_kl), delta in zip(measured.values(), DELTAS, strict=True):
-        exact = page.relative_bias_in_closed_form("k2", delta)
-        # the closed form against quadrature of E_q[½(log p − log q)²]
-        p = page.gaussian(delta, 1.0)
-        expected_k2 = quadrature_expectation_under_q(
-            lambda x, p=p: 0.5 * (p.log_prob(x) - page.q.log_prob(x)) ** 2
-        )
-        assert_close(expected_k2 / true_kl.item() - 1, exact, rtol=1e-9, atol=1e-12)
-        # and the measured bias within 4 standard errors of it
-        measured_bias = samples["k2"].mean() - true_kl
-        assert abs(measured_bias - exact * true_kl) < 4 * standard_error(samples["k2"])
-    assert page.relative_bias_in_closed_form("k2", 1.0) == 0.25
+def k2_expectation_by_quadrature(delta):
+    """E_q[½(log p − log q)²] for p = N(δ, 1), q = N(0, 1), by quadrature."""
+    p = page.gaussian(delta, 1.0)
+    return quadrature_expectation_under_q(
+        lambda x: 0.5 * (p.log_prob(x) - page.q.log_prob(x)) ** 2
+    )
+
+
+@settings(max_examples=15)
+@given(st.floats(0.05, 3.0))
+def test_k2_overestimates_the_kl_by_the_fraction_delta_squared_over_four(delta):
+    true_kl = delta**2 / 2
+    relative_bias = k2_expectation_by_quadrature(delta) / true_kl - 1
+    assert_close(relative_bias, delta**2 / 4, rtol=1e-9, atol=1e-12)
+    assert page.relative_bias_in_closed_form("k2", delta) == delta**2 / 4
+
+
+def test_k2_measured_bias_for_the_far_pair_matches_the_closed_form_not_zero(measured):
+    samples, true_kl = measured["far: p = N(1.0, 1)"]
+    bias = (samples["k2"].mean() - true_kl) / true_kl
+    error = samples["k2"].std() / true_kl / math.sqrt(len(samples["k2"]))
+    exact = page.relative_bias_in_closed_form("k2", page.SHIFTS["far"])
+    assert abs(bias - exact) < 4 * error  # within its standard error
+    assert bias > 20 * error  # and many standard errors from zero
+
+
+def test_k2_bias_at_delta_one_tenth_is_below_the_noise_of_a_million_samples(
+    measured,
+):
+    samples, true_kl = measured["near: p = N(0.1, 1)"]
+    error = samples["k2"].std() / true_kl / math.sqrt(page.N_SAMPLES)
+    exact = page.relative_bias_in_closed_form("k2", page.SHIFTS["near"])
+    assert exact < 2 * error
+    # so the near pair's measurement cannot tell k2 from an unbiased estimator
+    bias = (samples["k2"].mean() - true_kl) / true_kl
+    assert abs(bias) < 4 * error
 
 
 def test_k2_and_k3_are_never_negative_and_k1_can_be(measured):
@@ -228,3 +251,47 @@ def test_page_samplers_are_the_ones_the_table_names():
     ).items():
         assert_close(page.SAMPLERS[sampler], log_sampler)
     assert_close(page.true_kl, kl_in_float64(page.log_pi, page.log_ref))
+
+
+@pytest.mark.parametrize("vocab", [page.VOCAB, 32_000, 128_000])
+def test_sampling_and_scoring_at_a_temperature_gives_unbiased_tempered_kl(vocab):
+    # TRL grpo_trainer.py:1519, verl's engines: both logits divided by T first
+    policy, reference, _ = realistic_rows(vocab, dtype=torch.float64)
+    temperature = page.TEMPERATURE
+    log_pi = (policy / temperature).log_softmax(dim=-1)
+    log_ref = (reference / temperature).log_softmax(dim=-1)
+    expected = page.expected_estimates(log_pi, log_pi, log_ref)
+    tempered_kl = kl_in_float64(log_pi, log_ref)
+    for name in ["k1", "k3"]:
+        assert_close(expected[name], tempered_kl, rtol=1e-9, atol=0)
+    # a different number from the KL at temperature 1
+    kl_at_one = kl_in_float64(policy.log_softmax(dim=-1), reference.log_softmax(dim=-1))
+    assert ((tempered_kl - kl_at_one).abs() > 0.01 * kl_at_one).all()
+
+
+def test_page_tempered_scoring_gives_the_tempered_kl_not_the_kl():
+    for name in ["k1", "k3"]:
+        value = page.scored_at_temperature[name]
+        assert_close(value, page.tempered_kl, rtol=1e-9, atol=0)
+    assert (page.tempered_kl - page.true_kl).abs() > 0.01 * page.true_kl
+
+
+@pytest.mark.parametrize("vocab", [page.VOCAB, 32_000])
+def test_trl_vllm_ratio_multiplies_only_the_policy_gradient_term_not_the_kl(vocab):
+    # TRL grpo_trainer.py:3117-3121: per_token_loss * importance_sampling_ratio,
+    # then + beta * per_token_kl; the ratio is π_old(trainer) / vLLM's
+    policy, reference, old = realistic_rows(vocab, dtype=torch.float64)
+    log_pi, log_ref = policy.log_softmax(dim=-1), reference.log_softmax(dim=-1)
+    log_vllm = old.log_softmax(dim=-1)  # a sampler whose numerics differ
+    beta, kl = 0.1, kl_in_float64(log_pi, log_ref)
+    k3 = page.estimators(log_ref, log_pi)["k3"]
+    ratio = (log_pi - log_vllm).exp()  # π_old = π_θ here: one update per batch
+    policy_gradient_term = torch.zeros_like(k3)  # set aside: only the KL term
+    per_token_loss = policy_gradient_term * ratio + beta * k3
+    kl_term_mean = (log_vllm.exp() * per_token_loss).sum(dim=-1) / beta
+    plain = page.expected_estimates(log_vllm, log_pi, log_ref)["k3"]
+    assert_close(kl_term_mean, plain, rtol=1e-9, atol=0)
+    assert ((kl_term_mean - kl).abs() > 1e-3 * kl).all()  # biased
+    # the ratio applied to k3 as well would have given the KL
+    corrected = (log_vllm.exp() * ratio * k3).sum(dim=-1)
+    assert_close(corrected, kl, rtol=1e-9, atol=0)
