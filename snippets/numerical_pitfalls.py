@@ -4,9 +4,11 @@
 # A KL loss can have the right formula and still come out inf, NaN or negative,
 # because of floating point: a probability that rounds to 0 and is then logged, a
 # $0 \cdot (-\infty)$, a NaN that `torch.where` lets through the backward pass, or
-# an input that was never a distribution. The cure is the same each time: stay in
-# log space, mask before the log rather than after, and check what `F.kl_div`
-# never checks.
+# an input that was never a distribution. Each has its own cure, shown next to it:
+# stay in log space; mask the logits with a large negative *finite* value, or
+# replace the masked log-probabilities after `log_softmax`; sanitise what goes into
+# a log rather than what comes out (`torch.where` lets NaN gradients through); and
+# check what `F.kl_div` never checks.
 #
 # On this page you will see each failure on a small tensor, next to its fix:
 #

@@ -3,10 +3,12 @@
 import math
 import warnings
 
+import jupytext
+import pytest
 import torch
 import torch.nn.functional as F
 from copyable import run_inline
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -201,3 +203,68 @@ def test_checked_kl_refuses_the_unnormalised_and_broadcast_inputs():
         except ValueError:
             continue
         raise AssertionError("checked_kl accepted an input the page says it refuses")
+
+
+def test_opening_names_both_mask_fixes_the_page_uses_not_one_cure():
+    opening = " ".join(jupytext.read(page.__file__).cells[0].source.split())
+    # the page fixes masks after log_softmax too, so "before, not after" is wrong
+    assert "mask before the log rather than after" not in opening
+    assert "the same each time" not in opening
+    assert "*finite* value" in opening
+    assert "masked log-probabilities after `log_softmax`" in opening
+
+
+def mask_fixes(logits, mask):
+    """log Q with masked classes: -inf then 0 after log_softmax, and a finite mask."""
+    log_q_fixed_after = (
+        logits.masked_fill(mask, -torch.inf).log_softmax(dim=-1).masked_fill(mask, 0.0)
+    )
+    log_q_finite = logits.masked_fill(mask, page.MASK_VALUE).log_softmax(dim=-1)
+    return log_q_fixed_after, log_q_finite
+
+
+def kl_over_unmasked_float64(logits_p, logits_q, mask):
+    """KL(P‖Q) per row with both restricted to the unmasked classes, in float64."""
+    log_p = logits_p.double().masked_fill(mask, -torch.inf).log_softmax(dim=-1)
+    log_q = logits_q.double().masked_fill(mask, -torch.inf).log_softmax(dim=-1)
+    terms = log_p.exp() * (log_p - log_q)
+    return terms.masked_fill(mask, 0.0).sum(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_vocab", [32_000, 128_000])
+def test_both_mask_fixes_give_the_kl_over_unmasked_classes_at_vocabulary_size(
+    n_vocab, dtype
+):
+    # (batch, tokens, vocabulary), a tenth of the vocabulary forbidden per token
+    generator = torch.Generator().manual_seed(n_vocab)
+    logits_p, logits_q = 2 * torch.randn(2, 2, 3, n_vocab, generator=generator)
+    mask = torch.rand(2, 3, n_vocab, generator=generator) < 0.1
+    p = logits_p.masked_fill(mask, -torch.inf).softmax(dim=-1)
+    assert (p[mask] == 0).all()  # the precondition: no target mass on masked
+    expected = kl_over_unmasked_float64(logits_p, logits_q, mask)
+    log_q_inf = logits_q.to(dtype).masked_fill(mask, -torch.inf).log_softmax(dim=-1)
+    kl_inf = F.kl_div(log_q_inf, p.to(dtype), reduction="none").double().sum(dim=-1)
+    assert kl_inf.isnan().all()  # the pitfall, at this size too
+    limit = 1e-4 if dtype == torch.float32 else 5e-2
+    for log_q in mask_fixes(logits_q.to(dtype), mask):
+        terms = F.kl_div(log_q, p.to(dtype), reduction="none")
+        assert_close(terms.double().sum(dim=-1), expected, rtol=limit, atol=limit)
+
+
+@settings(max_examples=40)
+@given(n_vocab=st.integers(2, 50), seed=st.integers(0, 2**16), data=st.data())
+def test_both_mask_fixes_give_the_kl_over_unmasked_classes_for_any_mask(
+    n_vocab, seed, data
+):
+    mask_list = data.draw(st.lists(st.booleans(), min_size=n_vocab, max_size=n_vocab))
+    mask = torch.tensor(mask_list)
+    if mask.all():
+        mask[0] = False  # at least one class left
+    generator = torch.Generator().manual_seed(seed)
+    logits_p, logits_q = 3 * torch.randn(2, 3, n_vocab, generator=generator)
+    p = logits_p.masked_fill(mask, -torch.inf).softmax(dim=-1)
+    expected = kl_over_unmasked_float64(logits_p, logits_q, mask.expand(3, -1))
+    for log_q in mask_fixes(logits_q, mask):
+        kl = F.kl_div(log_q, p, reduction="none").sum(dim=-1)
+        assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
