@@ -33,8 +33,14 @@
 # refused with that explanation, so code ported from `F.kl_div` cannot silently
 # change scale. `mask` (bool, the shape of the input without `dim`, True at real
 # positions) leaves padded positions out of the check and out of the mean.
-# Half-precision inputs are computed on float32 copies and the result is float32:
-# in bfloat16, the KL of two nearly equal distributions would be rounding noise.
+# Half-precision inputs are computed on float32 copies and the result is float32.
+# After the check each row is renormalised there: rounding leaves a row's total
+# within the tolerance of 1 but not at 1, and a KL smaller than that offset would
+# otherwise come out as noise, negative values included. Renormalising cannot undo
+# the rounding itself: log-probabilities (or logits) stored in bfloat16 or float16
+# bound how small a KL can be measured from them, and a KL below their rounding
+# comes out wrong ([example below](#a-small-kl-needs-float32-inputs)). When a small
+# KL matters, compute `log_softmax` in float32 from float32 logits.
 #
 # **What the checks cost.** They run without autograd and end in a single `if` on
 # a tensor: **one host synchronisation per call** (only a refusal reads more). On
@@ -68,8 +74,10 @@ def checked_kl(
     removed, 0 where padded). mask: None, or a bool tensor shaped like log_p
     without ``dim``, True at real positions; padded ones are neither checked nor
     counted, and get zero gradient. atol: how far a row's log-total may be from 0;
-    None derives it from the dtype and the number of classes. Half inputs are
-    computed on float32 copies, and the result is float32.
+    None derives it from the dtype and the number of classes. Computed in float32
+    at least (half inputs on float32 copies, a float32 result), on each row
+    renormalised there. Rounded inputs bound the resolution: a KL below the
+    rounding of half-precision log-probabilities cannot be measured from them.
     Cost: one host synchronisation per call (a graph break under torch.compile).
     Raises ValueError for input that is not two matching sets of distributions.
     """
@@ -85,8 +93,9 @@ def checked_kl(
     ]
     log_p, log_q = log_p.to(wide), log_q.to(wide)
     with torch.no_grad():  # the check needs no gradient: autograd keeps nothing
-        failed = _unnormalised(log_p, dim, tolerances[0])
-        failed |= _unnormalised(log_q, dim, tolerances[1])
+        log_totals = [torch.logsumexp(t, dim=dim, keepdim=True) for t in (log_p, log_q)]
+        failed = _outside(log_totals[0], tolerances[0]).squeeze(dim)
+        failed |= _outside(log_totals[1], tolerances[1]).squeeze(dim)
         if mask is not None:
             failed &= mask
         if failed.any():  # the one device->host synchronisation of a valid call
@@ -94,6 +103,10 @@ def checked_kl(
                 ("log_p", "log_q"), (log_p, log_q), tolerances, dtypes, strict=True
             ):
                 _raise_if_not_distributions(name, dim, real, *details)
+    # rounding leaves each total within atol of 1, not at 1, and a KL smaller than
+    # that offset would come out as noise, negative included: renormalise (a
+    # constant per row, so the gradient is unchanged)
+    log_p, log_q = log_p - log_totals[0], log_q - log_totals[1]
     if real is not None:  # padded rows may hold anything: replace them by P = Q
         log_p, log_q = log_p.masked_fill(~real, 0), log_q.masked_fill(~real, 0)
 
@@ -125,10 +138,15 @@ def normalisation_tolerance(dtype, n_classes):
     return 4 * u * math.log(n_classes) + 2 * (n_classes / 8) * u_sum
 
 
+def _outside(log_totals, atol):
+    """True where a log-total is not within atol of 0: no sync."""
+    # a NaN, a +inf or a row of -inf makes this comparison fail too
+    return ~(log_totals.abs() <= atol)
+
+
 def _unnormalised(log_probs, dim, atol):
     """True where a distribution's total probability is not 1: no sync."""
-    # a NaN, a +inf or a row of -inf makes this comparison fail too
-    return ~(torch.logsumexp(log_probs, dim=dim).abs() <= atol)
+    return _outside(torch.logsumexp(log_probs, dim=dim), atol)
 
 
 def _check_arguments(log_p, log_q, dim, reduction, mask):
@@ -267,9 +285,11 @@ misuses = {
 # `normalisation_tolerance` above), and the check sums in float32. Below, the
 # largest deviation of real bfloat16 rows, and the tolerance.
 #
-# One exception, on CPU: float16 `log_softmax` over more than 65,504 classes (the
-# largest float16) with nearly uniform logits returns $-\infty$ for the whole
-# row, its sum of exponentials overflowing (torch 2.13; compare issue #158310).
+# One exception, on CPU: float16 `log_softmax` along the last dim stores the
+# row's sum of exponentials $\sum_j e^{z_j - \max z}$ in float16, and returns
+# $-\infty$ for the whole row once that sum reaches 65,520 (float16's largest
+# value, 65,504, plus half its spacing there): at least 65,520 classes, nearly
+# equal (torch 2.13; see [half precision](half_precision.py#a-sum-that-overflows)).
 # `checked_kl` refuses such a row: its total probability is 0.
 
 # %%
@@ -284,6 +304,51 @@ bf16_tolerance = normalisation_tolerance(torch.bfloat16, 32_000)
 # print(f"bfloat16, 32,000 classes: KL {kl_bf16.item():.4f}")
 # print(f"largest |log total|:      {bf16_deviation:.4f}")
 # print(f"tolerance:                {bf16_tolerance:.4f}")
+
+# %% [markdown]
+# ### A small KL needs float32 inputs
+#
+# Below, $Q$'s logits differ from $P$'s by noise of standard deviation 0.01, so
+# the KL is far below the rounding of a bfloat16 log-probability. The reference
+# is the KL of the unrounded logits in float64. From float32 and float16
+# log-probabilities `checked_kl` comes close to it; from bfloat16 ones it is
+# several times too large, and so it is from bfloat16 *logits* even with
+# `log_softmax` in float32: the rounding already happened. Every value is
+# positive, since each row is renormalised before the KL.
+
+
+# %%
+def small_kl_inputs(rounded_to, log_softmax_in):
+    """log P, log Q of ``vocab_logits`` and of a nearby Q, rounded and computed."""
+    nearby = vocab_logits + 0.01 * torch.randn(
+        vocab_logits.shape, generator=torch.Generator().manual_seed(SEED + 1)
+    )
+    return [
+        logits.to(rounded_to).to(log_softmax_in).log_softmax(dim=-1)
+        for logits in (vocab_logits, nearby)
+    ]
+
+
+reference_p, reference_q = small_kl_inputs(torch.float64, torch.float64)
+small_kl_reference = F.kl_div(
+    reference_q, reference_p, reduction="batchmean", log_target=True
+)
+small_kl = {
+    f"{logits} logits, {log_softmax} log_softmax": checked_kl(
+        *small_kl_inputs(logits, log_softmax)
+    )
+    for logits, log_softmax in [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ]
+}
+
+# %% active="ipynb"
+# print(f"{'reference, float64':50} {small_kl_reference.item():.3e}")
+# for inputs, kl in small_kl.items():
+#     print(f"{inputs:50} {kl.item():.3e}")
 
 # %% [markdown]
 # ## With a padding mask

@@ -5,10 +5,14 @@
 # significant bits but a narrow range: over a large vocabulary `softmax` rounds
 # most probabilities to 0, a mask of `torch.finfo(torch.float16).min` overflows to
 # $-\infty$ once the log-sum-exp of the logits reaches 16, and on CPU a float16
-# `log_softmax` over more than 65,504 near-equal logits is $-\infty$ everywhere.
-# bfloat16 has float32's range, so none of that happens, but it keeps 8
-# significant bits: a KL comes out rounded. The fix is the same for both: mask with
-# a moderate constant and compute log-probabilities in float32.
+# `log_softmax` is $-\infty$ everywhere once the row's sum of exponentials
+# $\sum_j e^{z_j - \max z}$ reaches 65,520 (65,520 equal logits, say). bfloat16 has
+# float32's range, so none of float16's range failures happen, but it keeps 8
+# significant bits: a KL comes out rounded. And float32's own failures are
+# bfloat16's too: a probability below its smallest positive value rounds to 0, so
+# `softmax` then `log`, or a $-\infty$ mask, gives NaN in both. The fix is the same
+# for both 16-bit types: mask with a moderate constant and compute
+# log-probabilities in float32.
 #
 # If you came with a symptom:
 #
@@ -18,26 +22,53 @@
 #   overflows](#a-sum-that-overflows);
 # - inf or NaN after a float16 `softmax`, or a bfloat16 KL that looks rounded:
 #   [a large vocabulary](#a-large-vocabulary);
+# - NaN in bfloat16 (or float32): [what bfloat16 shares with
+#   float32](#what-bfloat16-shares-with-float32);
 # - a KL under `torch.autocast`: [autocast](#autocast).
 
 # %% [markdown]
 # ## Two 16-bit formats
 #
 # The range and precision of each, from `torch.finfo`: `max` is the largest value,
-# `tiny` the smallest normal one, `eps` the spacing just above 1.
+# `tiny` the smallest normal one, `eps` the spacing just above 1. Two more columns
+# matter below: the smallest positive value (subnormal), with the gap in nats
+# beyond which a probability $e^{-\text{gap}}$ rounds to 0 (below half that value),
+# and the spacing next to `finfo.min`.
 
 # %%
+import math
+
 import torch
 import torch.nn.functional as F
 
 SEED = 0
 HALF_TYPES = [torch.float16, torch.bfloat16]
 
+
+def smallest_positive(dtype):
+    """The smallest value above 0 (a subnormal), next after 0 towards 1."""
+    zero = torch.zeros((), dtype=dtype)
+    return zero.nextafter(torch.ones_like(zero)).item()
+
+
+def underflow_gap(dtype):
+    """The gap in nats beyond which exp(-gap) rounds to 0: half the smallest."""
+    return -math.log(smallest_positive(dtype) / 2)
+
+
+def spacing_at_min(dtype):
+    """The distance from finfo.min to the next value up."""
+    lowest = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return (lowest.nextafter(torch.zeros_like(lowest)) - lowest).item()
+
+
 # %% active="ipynb"
 # for dtype in [torch.float32, *HALF_TYPES]:
-#     info = torch.finfo(dtype)
+#     info, smallest = torch.finfo(dtype), smallest_positive(dtype)
 #     print(f"{str(dtype):15} max {info.max:.3g}  tiny {info.tiny:.3g}"
-#           f"  eps {info.eps:.3g}")
+#           f"  eps {info.eps:.3g}  smallest {smallest:.3g}"
+#           f" (gap {underflow_gap(dtype):.1f} nats)"
+#           f"  spacing at min {spacing_at_min(dtype):.3g}")
 
 # %% [markdown]
 # ## A mask value that survives log_softmax
@@ -50,7 +81,8 @@ HALF_TYPES = [torch.float16, torch.bfloat16]
 # 0 and the KL is NaN. With one dominant logit the log-sum-exp is about the largest
 # logit; over a vocabulary of $V$ similar logits it is up to $\log V$ larger, so it
 # can reach 16 with every logit well below 16. In float32 and bfloat16 the spacing
-# near `finfo.min` is about $10^{31}$: no logit gets there.
+# next to `finfo.min` is astronomically larger (the table above): no logit gets
+# there.
 #
 # A moderate constant such as $-10^4$ stays finite in all three types and its
 # `exp` is exactly 0, as long as the real logits stay far above it.
@@ -87,25 +119,34 @@ largest_logits = [15.0, 15.9921875, 16.0, 30.0]  # 15.99... is float16's last < 
 # %% [markdown]
 # ## A sum that overflows
 #
-# On CPU, a float16 `log_softmax` over the last dimension keeps
-# $\sum_j e^{z_j - \max z}$ in float16 (`serial_vec_log_softmax_lastdim_range` in
-# `aten/src/ATen/native/cpu/LogSoftmaxKernelImpl.h` stores it in the input's type).
-# Each term is at most 1, so the sum overflows to $\infty$ only when the row has
-# more than 65,504 near-equal logits: an untrained model's output over a 128k
-# vocabulary, say. Then every log-probability is $-\infty$, whatever the mask.
-# Casting the logits to float32 first avoids it. (Before PyTorch 2.1,
-# PR #103315, float16 `log_softmax` on CPU raised "not implemented for 'Half'".
-# On CUDA, [pytorch#158310] reports finite float16 results where the CPU gives
-# $-\infty$; that was not run here.)
+# On CPU, a float16 `log_softmax` over the last dimension adds up
+# $\sum_j e^{z_j - \max z}$ in float32 but stores the sum in float16
+# (`serial_vec_log_softmax_lastdim_range` in
+# `aten/src/ATen/native/cpu/LogSoftmaxKernelImpl.h` keeps it in a buffer of the
+# input's type). Each term is at most 1, and the stored sum rounds to $\infty$ once
+# it reaches 65,520: float16's largest value, 65,504, plus half the spacing there
+# (32, the table above). That takes at least 65,520 logits close to the largest:
+# an untrained model's output over a 128k vocabulary, say. Then every
+# log-probability is $-\infty$, whatever the mask. Casting the logits to float32
+# first avoids it. (Until PR #103315, part of PyTorch 2.2 according to
+# [pytorch#142368], float16 `log_softmax` on CPU raised "not implemented for
+# 'Half'". CPU and CUDA float16 `log_softmax` are reported to differ on another
+# input, a dim of size 2, in [pytorch#158310]; CUDA was not run here.)
 #
+# [pytorch#142368]: https://github.com/pytorch/pytorch/issues/142368
 # [pytorch#158310]: https://github.com/pytorch/pytorch/issues/158310
 
 # %%
 flat_logits = torch.zeros(128_000, dtype=torch.float16)  # all classes alike
+classes_at_the_threshold = [65_519, 65_520]  # sums of exponentials, all terms 1
 
 # %% active="ipynb"
-# print("float16 log_softmax:", flat_logits.log_softmax(dim=-1)[:3])
-# print("float32 log_softmax:", flat_logits.float().log_softmax(dim=-1)[:3])
+# for n_classes in classes_at_the_threshold:
+#     equal_logits = torch.zeros(n_classes, dtype=torch.float16)
+#     print(f"{n_classes} equal float16 logits:",
+#           equal_logits.log_softmax(dim=-1)[:3])
+# print("float16 log_softmax, 128,000:", flat_logits.log_softmax(dim=-1)[:3])
+# print("float32 log_softmax, 128,000:", flat_logits.float().log_softmax(dim=-1)[:3])
 
 # %% [markdown]
 # ## A large vocabulary
@@ -158,6 +199,45 @@ kl_half_upcast = kl_of_log_softmax(student_half, teacher_half, torch.float32)
 # print(f"float32 log_softmax: {kl_upcast:.4f}")
 
 # %% [markdown]
+# ## What bfloat16 shares with float32
+#
+# bfloat16's range is float32's, and so are its underflows: a probability
+# $e^{-\text{gap}}$ rounds to 0 once the gap below the largest logit passes the
+# table's figure for the type, a little sooner in bfloat16 (fewer subnormals) than
+# in float32. Where both $P$ and $Q$ round to 0, `softmax` then `log` gives
+# $0 \cdot (-\infty)$ in `kl_div`: NaN. A class masked with $-\infty$ where the
+# target is 0 gives the same NaN in every type. `log_softmax` with a moderate mask
+# avoids both, in bfloat16 as in float32. Below, $P = Q$, so the KL is 0 where it
+# is computed at all.
+
+
+# %%
+def kl_of_two_classes(second_logit, dtype):
+    """KL(P‖P), P = softmax([0, second_logit]) in dtype: (softmax then log,
+    log_softmax). A gap of g nats is second_logit = -g; a mask, its value."""
+    logits = torch.tensor([0.0, second_logit], dtype=dtype)
+    p = logits.softmax(dim=-1)
+    naive = F.kl_div(p.log(), p, reduction="sum")
+    in_log_space = F.kl_div(logits.log_softmax(dim=-1), p, reduction="sum")
+    return naive.item(), in_log_space.item()
+
+
+second_logits = {
+    "gap 90": -90.0,
+    "gap 100": -100.0,
+    "gap 110": -110.0,
+    "-inf mask": -torch.inf,
+    "-1e4 mask": MASK_VALUE,
+}
+
+# %% active="ipynb"
+# for dtype in [torch.float32, torch.bfloat16]:
+#     for case, second_logit in second_logits.items():
+#         naive, in_log_space = kl_of_two_classes(second_logit, dtype)
+#         print(f"{str(dtype):15} {case:10} softmax then log {naive:g},"
+#               f" log_softmax {in_log_space:g}")
+
+# %% [markdown]
 # ## Autocast
 #
 # `torch.autocast` does not do that for you everywhere. On CPU, as measured below,
@@ -193,4 +273,5 @@ def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
 # - Compute log-probabilities in float32: `logits.float().log_softmax(dim=-1)`,
 #   whatever the model's dtype and even under CPU autocast.
 # - float16 fails by range (zeros, $-\infty$, NaN); bfloat16 by precision (a KL
-#   rounded to 8 significant bits). A NaN in bfloat16 has another cause.
+#   rounded to 8 significant bits). A NaN in bfloat16 has the causes it has in
+#   float32: `softmax` then `log` past the underflow, a $-\infty$ mask.

@@ -1,12 +1,15 @@
 """Claims of the page "Half precision", checked on its own snippet."""
 
 import math
+import re
+from pathlib import Path
 
+import jupytext
 import pytest
 import torch
 import torch.nn.functional as F
 from copyable import run_inline
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -15,6 +18,21 @@ from snippets import half_precision as page
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 ALL_TYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP16_MIN = torch.finfo(torch.float16).min
+SEED_CONFIDENT = 11
+
+
+MARKDOWN = "\n".join(
+    cell.source
+    for cell in jupytext.read(Path(page.__file__)).cells
+    if cell.cell_type == "markdown"
+)
+
+
+def prose_sentence(containing):
+    """The page's sentence (between full stops) that contains ``containing``."""
+    text = " ".join(MARKDOWN.split())
+    [sentence] = [s for s in re.split(r"(?<=\.)\s", text) if containing in s]
+    return sentence
 
 
 def masked_kl(logits, mask_value):
@@ -27,6 +45,39 @@ def test_bfloat16_has_float32_range_and_8_significant_bits():
     assert_close(bf16.max, fp32.max, rtol=1e-2, atol=0)
     assert bf16.eps == 2.0**-7  # 8 significant bits
     assert torch.finfo(torch.float16).eps == 2.0**-10  # 11 significant bits
+
+
+def test_spacing_next_to_finfo_min_is_32_in_float16_and_far_larger_elsewhere():
+    """The review: bfloat16's spacing there is 2**120, not about 10**31 as said."""
+    # the spacing of the top binade: 2 ** (max exponent - mantissa bits)
+    assert page.spacing_at_min(torch.float16) == 2.0 ** (15 - 10) == 32
+    assert page.spacing_at_min(torch.float32) == 2.0 ** (127 - 23)
+    assert page.spacing_at_min(torch.bfloat16) == 2.0 ** (127 - 7)
+    assert "10^{31}" not in MARKDOWN
+    assert "the table above" in prose_sentence("spacing next to `finfo.min` is")
+
+
+def test_smallest_positive_values_are_the_subnormals_of_each_type():
+    assert page.smallest_positive(torch.float32) == 2.0**-149
+    assert page.smallest_positive(torch.bfloat16) == 2.0**-133
+    assert page.smallest_positive(torch.float16) == 2.0**-24
+
+
+@given(gap=st.floats(0.0, 130.0), dtype=st.sampled_from(ALL_TYPES))
+@settings(max_examples=80)
+def test_softmax_rounds_a_probability_to_zero_exactly_beyond_the_underflow_gap(
+    gap, dtype
+):
+    threshold = page.underflow_gap(dtype)
+    assume(abs(gap - threshold) > 1e-3)
+    p = torch.tensor([0.0, -gap], dtype=dtype).softmax(dim=-1)
+    assert (p[1] == 0) == (gap > threshold)
+
+
+def test_bfloat16_underflows_a_little_before_float32():
+    fp32, bf16 = (page.underflow_gap(t) for t in (torch.float32, torch.bfloat16))
+    # smallest positive 2**-133 against 2**-149: 16 fewer bits below tiny
+    assert fp32 - bf16 == pytest.approx(16 * math.log(2), rel=1e-12)
 
 
 def test_float16_spacing_at_its_minimum_is_32_and_half_of_it_overflows():
@@ -139,11 +190,53 @@ def test_mask_value_in_float16_itself_survives_at_32k():
     assert got.isfinite().all()
 
 
-def test_float16_cpu_log_softmax_is_minus_infinity_over_65504_equal_logits():
+FP16_OVERFLOW = torch.finfo(torch.float16).max + 32 / 2  # max + half the spacing
+
+
+def test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits():
+    """The review: 65,505 to 65,519 equal logits stay finite; -inf from 65,520."""
+    assert FP16_OVERFLOW == 65_520
+    assert page.classes_at_the_threshold == [FP16_OVERFLOW - 1, FP16_OVERFLOW]
+    for n_classes in [65_505, *page.classes_at_the_threshold]:
+        row = torch.zeros(n_classes, dtype=torch.float16).log_softmax(dim=-1)
+        assert row.isfinite().all() == (n_classes < FP16_OVERFLOW)
+        assert (row == -math.inf).all() == (n_classes >= FP16_OVERFLOW)
+    assert "65,520" in prose_sentence("rounds to $\\infty$ once")
+    assert "more than 65,504" not in MARKDOWN
     assert (page.flat_logits.log_softmax(dim=-1) == -math.inf).all()
-    assert torch.zeros(65_504, dtype=torch.float16).log_softmax(dim=-1).isfinite().all()
     assert page.flat_logits.float().log_softmax(dim=-1).isfinite().all()
     assert page.flat_logits.bfloat16().log_softmax(dim=-1).isfinite().all()
+
+
+@given(
+    n_classes=st.integers(50_000, 140_000),
+    spread=st.sampled_from([0.0, 0.01, 0.1, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=20)
+def test_float16_cpu_log_softmax_overflows_iff_its_sum_of_exponentials_reaches_65520(
+    n_classes, spread, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (spread * torch.randn(n_classes, generator=generator)).half()
+    shifted = logits.double() - logits.double().max()
+    total = shifted.exp().sum().item()  # in float64: the reference
+    assume(abs(total - FP16_OVERFLOW) > 8)  # the kernel sums in float32
+    row = logits.log_softmax(dim=-1)
+    assert (row == -math.inf).all() == (total >= FP16_OVERFLOW)
+    assert row.isfinite().all() == (total < FP16_OVERFLOW)
+
+
+def test_prose_dates_float16_cpu_log_softmax_to_pr_103315_in_2_2():
+    """The review: PR #103315 was merged after 2.1 (pytorch#142368: 2.2+)."""
+    sentence = prose_sentence("PR #103315")
+    assert "PyTorch 2.2" in sentence and "2.1" not in sentence
+    assert "[pytorch#142368]" in sentence
+
+
+def test_prose_cites_158310_for_another_input_not_this_overflow():
+    sentence = prose_sentence("[pytorch#158310];")
+    assert "another" in sentence and "not run here" in sentence
 
 
 @pytest.mark.cuda
@@ -197,6 +290,48 @@ def test_half_log_softmax_is_finite_but_rounded(dtype):
 
 def test_upcast_log_softmax_matches_float64():
     assert_close(page.kl_upcast.double(), float64_kl(), rtol=1e-4, atol=0)
+
+
+def test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner():
+    """The review: bf16 shares float32's underflow NaNs; the page's cases."""
+    for case, second_logit in page.second_logits.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            naive, in_log_space = page.kl_of_two_classes(second_logit, dtype)
+            underflows = -second_logit > page.underflow_gap(dtype)
+            assert math.isnan(naive) == underflows, (case, dtype)
+            assert math.isnan(in_log_space) == (second_logit == -math.inf)
+            if not math.isnan(in_log_space):
+                assert in_log_space == 0  # KL(P‖P)
+    gap_100 = page.second_logits["gap 100"]
+    assert not math.isnan(page.kl_of_two_classes(gap_100, torch.float32)[0])
+    assert math.isnan(page.kl_of_two_classes(gap_100, torch.bfloat16)[0])
+
+
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_confident_logits_give_nan_after_softmax_then_log_in_float32_and_bfloat16(
+    vocab, dtype
+):
+    """A confident head (logits with standard deviation 30) over a (batch, tokens,
+    vocabulary) batch: gaps past both underflows, so softmax then log is NaN in
+    both types; log_softmax gives the float64 KL."""
+    generator = torch.Generator().manual_seed(SEED_CONFIDENT)
+    student, teacher = 30 * torch.randn(2, 2, 3, vocab, generator=generator)
+    naive = page.kl_of_softmax_then_log(student, teacher, dtype)
+    assert naive.isnan()
+    in_log_space = page.kl_of_log_softmax(student, teacher, torch.float32)
+    reference = page.kl_of_log_softmax(student, teacher, torch.float64)
+    assert_close(in_log_space.double(), reference, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES, ids=str)
+def test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type(dtype):
+    logits = torch.tensor([[0.0, 1.0, -math.inf]], dtype=dtype)
+    log_q = logits.log_softmax(dim=-1)
+    zero_target = torch.tensor([[0.5, 0.5, 0.0]], dtype=dtype)
+    assert F.kl_div(log_q, zero_target, reduction="sum").isnan()
+    positive_target = torch.tensor([[0.5, 0.25, 0.25]], dtype=dtype)
+    assert F.kl_div(log_q, positive_target, reduction="sum") == math.inf
 
 
 def test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32():
