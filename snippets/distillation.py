@@ -11,8 +11,8 @@
 #
 # ```python
 # loss = F.kl_div(
-#     F.log_softmax(z_s / T, dim=-1),
-#     F.log_softmax(z_t / T, dim=-1),
+#     F.log_softmax(z_s.float() / T, dim=-1),
+#     F.log_softmax(z_t.float() / T, dim=-1),
 #     reduction="batchmean",
 #     log_target=True,
 # ) * T**2
@@ -20,7 +20,9 @@
 #
 # Student first, in log space, each normalised over the classes with `dim=-1`:
 # without a `dim`, `log_softmax` picks dim 0 for 3-d input, the batch, with only
-# a deprecation warning. The factor $T^2$ is not decoration: without it the
+# a deprecation warning. `.float()` comes before the division: bfloat16 or float16
+# logits divided by $T$ and normalised in their own dtype give a loss off by
+# percents. The factor $T^2$ is not decoration: without it the
 # gradient shrinks as $1/T^2$ once $T$ is large, so every change of $T$ would
 # silently rescale the distillation term.
 #
@@ -38,7 +40,9 @@
 # the logits are (batch, classes). The teacher can be given as probabilities or,
 # better, as log-probabilities with `log_target=True`; it is a fixed target, so its
 # logits are detached (compute them under `torch.no_grad()` in training). The
-# loss is computed in at least float32, whatever the logits' dtype.
+# logits are cast to at least float32 before they are divided by $T$: in bfloat16
+# or float16 the quotient is rounded (exactly only when $T$ is a power of 2), and
+# that costs the loss digits.
 #
 # Hinton et al. (§2) combine it with the cross-entropy on the hard labels, at
 # temperature 1, and found the best results "by using a considerably lower weight
@@ -66,8 +70,8 @@ def distillation_loss(student_logits, teacher_logits, temperature, scale=True):
             "cut padded vocabulary columns with [..., :vocab_size]"
         )
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits / temperature, dim=-1, dtype=dtype)
-    log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=-1, dtype=dtype)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return kl * temperature**2 if scale else kl
 
@@ -101,9 +105,12 @@ total_loss = (1 - HARD_LABEL_WEIGHT) * with_log_target + HARD_LABEL_WEIGHT * (
 # differ by about $(d_i - \bar d)/(N T)$, with $d = z_s - z_t$ over $N$ classes, so
 # the gradient falls as $1/T^2$ and the $T^2$-scaled one tends to a constant,
 # $(d_i - \bar d)/N$ per example (Hinton et al., eq. 4; divided by the batch size
-# here, for `"batchmean"`). That limit is all $T^2$ promises. How far the scaled
-# gradient is from it at small $T$ depends on the logits; below $T = 1$ it falls
-# towards 0. Below, the page's random pair and a student near its teacher
+# here, for `"batchmean"`). That limit is all $T^2$ promises. At any $T$ the
+# scaled gradient is $T\,(q_T - p_T)$, so it goes to 0 as $T \to 0$; where it
+# turns scales with the logits (multiply them and $T$ by $c$, and it is multiplied
+# by $c$): for this page's logits it falls below $T = 1$, for logits of small
+# spread it still rises well below $T = 1$. Below, the page's random pair and a
+# student near its teacher
 # (teacher logits of standard deviation 5, the student's off by noise of standard
 # deviation 1), each with its limit.
 
@@ -175,7 +182,11 @@ limit_norms = {
 # prompt and padding included. Distil only the response tokens: select them with
 # a boolean mask, which gives a (real tokens, vocabulary) table whose `"batchmean"`
 # is the mean over real tokens (see [reductions](reductions.py)). Selecting,
-# rather than multiplying by the mask, also keeps garbage at padded positions out.
+# rather than multiplying by the mask, keeps garbage at padded positions out of
+# the loss and of the logits' gradient, not out of the parameters' gradients: NaN
+# or inf hidden states at padded positions make the head's weight gradient NaN
+# (0 · NaN in the matmul's backward). Select `hidden[mask]` before the head, or
+# replace them with `torch.where` first.
 
 # %%
 VOCAB_SIZE = 32_000  # a Llama-2-sized vocabulary
@@ -231,15 +242,19 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 #   Jensen-Shannon divergence and on-policy samples from the student. In TRL's
 #   `GKDTrainer` and Liger-Kernel's JSD loss, `beta` 0 is the forward KL and 1
 #   the reverse KL (read from `trl/trainer/gkd_trainer.py` at commit a9fa292 and
-#   `src/liger_kernel/ops/jsd.py` at 01ed383; not run here).
+#   `src/liger_kernel/ops/jsd.py` at ead96b6, lines 54–65; not run here).
 # - **Temperature.** Language models are distilled at $T$ of 1 to 2 (TRL's GKD
 #   loss runs at 1 at that commit, its `temperature` being the sampling one; the
 #   DistilBERT training script's default is 2), where $T^2$ changes the weight by
 #   a factor of 4 at most.
 # - **Top-k teacher logits.** Stored offline, a teacher is often only its $k$
 #   largest logits per token. Renormalised over those $k$, they give the KL to a
-#   teacher that is zero elsewhere: close to the full KL when the $k$ hold most of
-#   the teacher's mass (printed below), not equal to it.
+#   teacher that is zero elsewhere, another loss: a student equal to the teacher
+#   scores $-\log$(kept mass), not 0; only a student with no mass outside the $k$
+#   scores 0, so the loss pushes the student's tail to 0. It exceeds the full KL
+#   by about $-\log$(kept mass), far from the teacher as near it: negligible
+#   beside a random student's KL, larger than that of a student near the teacher
+#   (the teacher's logits plus noise of standard deviation 0.1), printed below.
 # - **One vocabulary.** Teacher and student must share the tokenizer: the loss
 #   compares logit $i$ with logit $i$. Models pad their embedding table, so cut
 #   both logits to the tokenizer's size, `logits[..., :vocab_size]`, before the
@@ -274,26 +289,37 @@ def top_k_distillation_loss(student_logits, log_p_top, token_ids, temperature=1.
 TOP_K = 64
 peaked_teacher = 4 * lm_teacher[response_mask]  # a confident teacher, real tokens
 lm_student_tokens = lm_student[response_mask]
+near_student_tokens = peaked_teacher + 0.1 * torch.randn(
+    peaked_teacher.shape, generator=generator
+)
 log_p_top, top_ids = top_k_teacher(peaked_teacher, TOP_K)
 top_k_mass = F.softmax(peaked_teacher, dim=-1).gather(-1, top_ids).sum(dim=-1)
+top_k_at_teacher = -top_k_mass.log().mean()  # KL(renormalised ‖ teacher)
 top_k_loss = top_k_distillation_loss(lm_student_tokens, log_p_top, top_ids)
 full_loss = distillation_loss(lm_student_tokens, peaked_teacher, 1.0)
+near_top_k_loss = top_k_distillation_loss(near_student_tokens, log_p_top, top_ids)
+near_full_loss = distillation_loss(near_student_tokens, peaked_teacher, 1.0)
 reverse_loss = reverse_distillation_loss(lm_student_tokens, peaked_teacher)
 
 # %% active="ipynb"
-# print(f"teacher mass in its top {TOP_K}: {top_k_mass.mean():.4f} on average")
-# print(f"forward KL, top-{TOP_K} teacher: {top_k_loss:.4f}, full teacher:"
-#       f" {full_loss:.4f}; reverse KL: {reverse_loss:.4f}")
+# print(f"teacher mass in its top {TOP_K}: {top_k_mass.mean():.4f} on average;"
+#       f" top-{TOP_K} loss of the teacher itself: {top_k_at_teacher:.4f}")
+# print(f"forward KL, top-{TOP_K} / full teacher: random student {top_k_loss:.4f} /"
+#       f" {full_loss:.4f}; near student {near_top_k_loss:.4f} / {near_full_loss:.4f}")
+# print(f"reverse KL, random student: {reverse_loss:.4f}")
 
 # %% [markdown]
 # ## What to remember
 #
 # - Student first, in log space, with `dim=-1`: `"batchmean"` on (rows, classes)
-#   logits; the teacher detached, as log-probabilities with `log_target=True`.
+#   logits; the teacher detached, as log-probabilities with `log_target=True`;
+#   half-precision logits cast before the division, `z_s.float() / T`.
 # - Multiply the KL by $T^2$: its gradient then tends to a constant as $T$ grows,
 #   so the distillation term keeps its weight against the cross-entropy; weight
 #   the hard labels lower than the soft targets.
 # - For (batch, tokens, vocabulary) logits, select the real tokens,
-#   `student_logits[mask]`, and average over them.
+#   `student_logits[mask]`, and average over them; select the hidden states
+#   before the head if padding can hold NaN or inf.
 # - For language models choose the direction (forward, reverse, JSD), keep $T$
-#   near 1, renormalise top-k targets, and share one vocabulary.
+#   near 1, and share one vocabulary; top-k targets are another loss, not 0 at
+#   the teacher.

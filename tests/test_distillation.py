@@ -1,5 +1,7 @@
 """Claims of the page "Knowledge distillation: temperature and the T² factor"."""
 
+import inspect
+import math
 import warnings
 
 import pytest
@@ -14,6 +16,14 @@ from snippets import distillation as page
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+HEADLINE = """loss = F.kl_div(
+    F.log_softmax(z_s.float() / T, dim=-1),
+    F.log_softmax(z_t.float() / T, dim=-1),
+    reduction="batchmean",
+    log_target=True,
+) * T**2"""
 
 
 def kl_rows_float64(student_logits, teacher_logits, temperature=1.0):
@@ -37,14 +47,45 @@ def test_prose_formula_runs_as_written_and_is_the_page_loss():
     names = {"z_s": page.student_logits, "z_t": page.teacher_logits, "T": 4.0}
     bound = run_inline(
         """loss = F.kl_div(
-    F.log_softmax(z_s / T, dim=-1),
-    F.log_softmax(z_t / T, dim=-1),
+    F.log_softmax(z_s.float() / T, dim=-1),
+    F.log_softmax(z_t.float() / T, dim=-1),
     reduction="batchmean",
     log_target=True,
 ) * T**2""",
         **names,
     )
+    assert bound["loss"] == run_inline(HEADLINE, **names)["loss"]  # the same block
     assert_close(bound["loss"], page.with_log_target, **FLOAT32)
+
+
+def near_teacher_pair(vocab_size, dtype, rows=4, noise=1.0, seed=0):
+    """Teacher logits of std 5 and a student off by noise, rounded to dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = 5 * torch.randn(rows, vocab_size, generator=generator)
+    student = teacher + noise * torch.randn(rows, vocab_size, generator=generator)
+    return student.to(dtype), teacher.to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_headline_block_matches_float64_for_half_precision_logits_at_32k(
+    dtype, temperature
+):
+    z_s, z_t = near_teacher_pair(32_000, dtype)
+    loss = run_inline(HEADLINE, z_s=z_s, z_t=z_t, T=temperature)["loss"]
+    reference = temperature**2 * kl_rows_float64(z_s, z_t, temperature).mean()
+    assert_close(loss.double(), reference, rtol=2e-5, atol=0)
+    quotient = run_inline("z_s.float() / T", z_s=z_s, T=temperature)
+    assert quotient.dtype == torch.float32
+
+
+def test_headline_block_without_float_is_off_by_percents_in_bfloat16():
+    z_s, z_t = near_teacher_pair(32_000, torch.bfloat16)
+    in_bfloat16 = HEADLINE.replace(".float()", "")
+    for temperature in (1.5, 2.0, 3.0):
+        loss = run_inline(in_bfloat16, z_s=z_s, z_t=z_t, T=temperature)["loss"]
+        reference = temperature**2 * kl_rows_float64(z_s, z_t, temperature).mean()
+        assert abs(loss.double() / reference - 1) > 0.01
 
 
 def test_log_softmax_without_dim_normalises_over_the_batch_for_3d_input():
@@ -125,11 +166,56 @@ def test_the_scaled_gradient_is_not_within_a_factor_of_two_for_a_near_student():
 
 
 @pytest.mark.parametrize("name", ["random pair", "near teacher"])
-def test_below_t_1_the_scaled_gradient_falls_towards_zero(name):
+def test_for_the_pages_logits_the_scaled_gradient_falls_below_t_1(name):
     norms = dict(zip(page.TEMPERATURES, page.scaled_norms[name], strict=True))
     assert norms[0.25] < norms[0.5] < norms[1.0]
     tiny = page.student_gradient(*page.PAIRS[name], 0.01).norm().item()
     assert tiny < 0.2 * norms[1.0]
+
+
+def random_pair_float64(logit_std, rows, n_classes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rows, n_classes)
+    teacher = logit_std * torch.randn(shape, generator=generator, dtype=torch.float64)
+    student = logit_std * torch.randn(shape, generator=generator, dtype=torch.float64)
+    return student, teacher
+
+
+@settings(max_examples=20)
+@given(
+    logit_std=st.floats(1e-3, 100.0),
+    n_classes=st.sampled_from([10, 100, 32_000]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_scaled_gradient_goes_to_zero_as_t_goes_to_zero(logit_std, n_classes, seed):
+    rows = 3
+    student, teacher = random_pair_float64(logit_std, rows, n_classes, seed)
+    norms = []
+    for t in (1e-2 * logit_std, 1e-3 * logit_std, 1e-4 * logit_std):
+        norms.append(page.student_gradient(student, teacher, t).norm().item())
+        # T (q_T − p_T) / rows, and each row's ‖q − p‖ is at most √2
+        assert norms[-1] <= t * math.sqrt(2 / rows) * (1 + 1e-9)
+    assert norms[0] > norms[1] > norms[2]
+
+
+@settings(max_examples=20)
+@given(
+    logit_std=st.floats(1e-2, 10.0),
+    c=st.floats(1e-2, 100.0),
+    t=st.floats(0.05, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_where_the_scaled_gradient_turns_scales_with_the_logits(logit_std, c, t, seed):
+    student, teacher = random_pair_float64(logit_std, 3, 100, seed)
+    norm = page.student_gradient(student, teacher, t).norm()
+    scaled = page.student_gradient(c * student, c * teacher, c * t).norm()
+    assert_close(scaled, c * norm, rtol=1e-9, atol=0)
+
+
+def test_for_logits_of_small_spread_the_scaled_gradient_rises_well_below_t_1():
+    student, teacher = random_pair_float64(0.1, 32, 100, seed=0)
+    norms = [page.student_gradient(student, teacher, t).norm() for t in (1, 0.1, 0.05)]
+    assert norms[0] < norms[1] < norms[2]
 
 
 def test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl():
@@ -184,6 +270,43 @@ def test_masked_loss_ignores_prompt_and_padding_positions():
     assert (flattened - plain).abs() > 0.1  # the flattened mean depends on them
 
 
+@pytest.mark.parametrize("garbage", [math.nan, math.inf])
+def test_garbage_hidden_states_at_padding_reach_the_heads_gradient_unless_selected(
+    garbage,
+):
+    _, teacher, mask = padded_batch(32_000, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(*mask.shape, 64, generator=generator)
+    hidden[~mask] = garbage  # what a model may leave at padded positions
+    head = torch.nn.Linear(64, 32_000)
+
+    def weight_gradient(loss):
+        head.zero_grad()
+        loss.backward()
+        return head.weight.grad
+
+    multiplied = page.masked_distillation_loss(head(hidden), teacher, mask, 1.0)
+    assert multiplied.isfinite()  # the loss is clean ...
+    assert weight_gradient(multiplied).isnan().any()  # ... its gradient is not
+    selected = run_inline("hidden[mask]", hidden=hidden, mask=mask)
+    fixed = page.distillation_loss(head(selected), teacher[mask], 1.0)
+    assert_close(fixed, multiplied)
+    assert weight_gradient(fixed).isfinite().all()
+    cleaned = torch.where(mask[..., None], hidden, 0.0)
+    fixed = page.masked_distillation_loss(head(cleaned), teacher, mask, 1.0)
+    assert_close(fixed, multiplied)
+    assert weight_gradient(fixed).isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_are_cast_to_float32_before_they_are_divided_by_t(dtype):
+    student, teacher = near_teacher_pair(32_000, dtype)
+    loss = page.distillation_loss(student, teacher, 1.5)
+    assert loss.dtype == torch.float32
+    reference = 1.5**2 * kl_rows_float64(student, teacher, 1.5).mean()
+    assert_close(loss.double(), reference, rtol=2e-5, atol=0)
+
+
 def test_masked_sum_over_all_positions_shrinks_by_the_real_token_fraction():
     fraction = page.response_mask.float().mean()
     assert_close(page.lm_loss_wrong_count, page.lm_loss * fraction, **FLOAT32)
@@ -234,7 +357,7 @@ def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss():
     assert_close(loss, page.distillation_loss(student, teacher, 1.0), **FLOAT32)
 
 
-def test_top_k_loss_is_close_to_the_full_loss_when_the_kept_mass_is_near_one():
+def test_top_k_loss_is_close_to_the_full_loss_far_from_the_teacher():
     assert page.top_k_mass.mean() > 0.99 and page.top_k_mass.min() > 0.98
     assert_close(page.top_k_loss, page.full_loss, rtol=0.01, atol=0)
     student, teacher, mask = padded_batch(128_000, torch.float32)
@@ -245,3 +368,62 @@ def test_top_k_loss_is_close_to_the_full_loss_when_the_kept_mass_is_near_one():
     loss = page.top_k_distillation_loss(student[mask], log_p_top, ids)
     full = page.distillation_loss(student[mask], teacher, 1.0)
     assert_close(loss, full, rtol=0.01, atol=0)
+
+
+@pytest.mark.parametrize("vocab_size", [32_000, 128_000])
+def test_top_k_loss_of_the_teacher_itself_is_minus_log_kept_mass(vocab_size):
+    _, teacher, mask = padded_batch(vocab_size, torch.float64)
+    teacher = 4 * teacher[mask]
+    log_p_top, ids = page.top_k_teacher(teacher, page.TOP_K)
+    kept = teacher.softmax(dim=-1).gather(-1, ids).sum(dim=-1)
+    at_teacher = page.top_k_distillation_loss(teacher, log_p_top, ids)
+    assert_close(at_teacher, -kept.log().mean(), **FLOAT64)
+    assert at_teacher > 0
+    assert page.distillation_loss(teacher, teacher, 1.0) == 0
+    assert_close(page.top_k_at_teacher, -page.top_k_mass.log().mean())
+    direct = page.top_k_distillation_loss(
+        page.peaked_teacher, page.log_p_top, page.top_ids
+    )
+    assert_close(page.top_k_at_teacher, direct, rtol=1e-4, atol=0)
+
+
+def test_top_k_loss_is_0_only_without_a_tail_and_pushes_the_students_tail_down():
+    _, teacher, mask = padded_batch(32_000, torch.float64)
+    teacher = 4 * teacher[mask]
+    log_p_top, ids = page.top_k_teacher(teacher, page.TOP_K)
+    # the renormalised teacher: no mass outside the k
+    no_tail = torch.full_like(teacher, -math.inf).scatter(-1, ids, log_p_top)
+    assert_close(
+        page.top_k_distillation_loss(no_tail, log_p_top, ids).item(), 0.0, **FLOAT64
+    )
+    assert page.distillation_loss(no_tail, teacher, 1.0).isinf()
+    student = teacher.clone().requires_grad_()  # start at the teacher itself
+    page.top_k_distillation_loss(student, log_p_top, ids).backward()
+    outside = torch.ones_like(teacher, dtype=torch.bool).scatter(-1, ids, False)
+    assert (student.grad[outside] > 0).all()  # a descent step lowers every tail logit
+
+
+def test_near_the_page_teacher_the_top_k_gap_exceeds_the_full_kl():
+    gap = page.near_top_k_loss - page.near_full_loss
+    assert gap > page.near_full_loss
+    assert_close(gap, page.top_k_at_teacher, rtol=0.3, atol=0)
+    assert page.top_k_loss - page.full_loss < 0.01 * page.full_loss  # far student
+
+
+@pytest.mark.parametrize("vocab_size", [32_000, 128_000])
+def test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass(vocab_size):
+    generator = torch.Generator().manual_seed(0)
+    teacher = 8 * torch.randn(7, vocab_size, generator=generator)  # as the page's
+    log_p_top, ids = page.top_k_teacher(teacher, page.TOP_K)
+    kept = teacher.softmax(dim=-1).gather(-1, ids).sum(dim=-1)
+    for noise in (1.0, 0.1, 0.01):
+        student = teacher + noise * torch.randn(teacher.shape, generator=generator)
+        top_k = page.top_k_distillation_loss(student, log_p_top, ids)
+        full = page.distillation_loss(student, teacher, 1.0)
+        assert_close(top_k - full, -kept.log().mean(), rtol=0.3, atol=0)
+    assert top_k - full > 10 * full  # near the teacher, the gap dominates
+
+
+def test_liger_kernel_is_cited_at_a_commit_that_exists():
+    source = inspect.getsource(page)
+    assert "ead96b6" in source and "01ed383" not in source
