@@ -7,8 +7,10 @@
 # `F.kl_div(log_q, p, reduction="sum")` is $D_{\mathrm{KL}}(P\,\|\,Q)$, the reverse
 # of the order in the formula. Swapping the roles of $P$ and $Q$ (the log moving
 # with them to the new first argument) silently computes the other divergence; a
-# literal swap of the two tensors gives NaN; passing probabilities where
-# log-probabilities belong returns numbers that are simply wrong, never positive.
+# literal swap of the two tensors gives NaN; passing probabilities as the input,
+# where log-probabilities belong, returns numbers that are simply wrong, never
+# positive, and passing them as the target with `log_target=True` returns positive
+# numbers that are far too large.
 # And `F.kl_div` differentiates with respect to its target too: a target that
 # comes out of a network (a teacher) is trained by the loss unless you detach it.
 #
@@ -116,15 +118,23 @@ kl_div_tensors_swapped = F.kl_div(p, log_q, reduction="none").sum(dim=-1)
 # since $\log P \le 0$ and $Q \ge 0$; each row sums to $-H(P) - \sum_x P(x) Q(x)$.
 # Give the target as log-probabilities without saying so and it is read as
 # probabilities: $\log$ of a negative number, NaN (a silent 0 before torch 1.13).
+# The opposite mistake, probabilities as the target with `log_target=True`, reads
+# $P$ as $\log P$: each term becomes $e^{P}(P - \log Q)$, positive, and each row is
+# at least $-\sum_x \log Q(x)$, which is at least $C \log C$ over $C$ classes: a
+# wrong number that grows with the vocabulary.
 
 # %%
 probabilities_as_input = F.kl_div(q, p, reduction="none").sum(dim=-1)
 log_target_unannounced = F.kl_div(log_q, log_p, reduction="none").sum(dim=-1)
+probabilities_as_log_target = F.kl_div(log_q, p, reduction="none", log_target=True).sum(
+    dim=-1
+)
 
 # %% active="ipynb"
-# print("correct KL(P‖Q):            ", kl_pq)
-# print("F.kl_div(q, p), no log:     ", probabilities_as_input)
-# print("F.kl_div(log_q, log_p):     ", log_target_unannounced)
+# print("correct KL(P‖Q):                     ", kl_pq)
+# print("F.kl_div(q, p), no log:              ", probabilities_as_input)
+# print("F.kl_div(log_q, log_p):              ", log_target_unannounced)
+# print("F.kl_div(log_q, p), log_target=True: ", probabilities_as_log_target)
 
 # %% [markdown]
 # A target that does not sum to 1 is just as silent. This is the report in
@@ -249,8 +259,10 @@ def teacher_gradient_norm_no_grad():
 #   without a warning; swap the two tensors as they stand and you get NaN.
 # - The input must be log-probabilities (`log_softmax`, not `softmax`); the target
 #   probabilities that sum to 1, or log-probabilities with `log_target=True`.
-#   Neither shapes nor values are checked: wrong inputs give wrong numbers, and
-#   probabilities passed as the input give numbers that are never positive.
+#   Neither shapes nor values are checked: wrong inputs give wrong numbers.
+#   Probabilities passed as the input give numbers that are never positive;
+#   probabilities passed as the target with `log_target=True` give positive numbers
+#   of at least $C \log C$ for $C$ classes.
 #   Before torch 1.13 a log-probability target gave a silent 0, not NaN.
 # - Prefer `log_target=True` with `log_softmax` outputs on both sides.
 # - `nn.KLDivLoss(reduction="batchmean")(log_q, p)` is

@@ -1,7 +1,9 @@
 """Claims of the page "Argument order", checked on its own snippet."""
 
+import math
 import warnings
 
+import jupytext
 import pytest
 import torch
 import torch.nn as nn
@@ -226,3 +228,58 @@ def test_kl_div_sends_a_gradient_to_a_target_that_requires_it(vocab, log_target)
         log_q, target.detach(), reduction="batchmean", log_target=log_target
     )
     assert not detached.requires_grad  # no path left to the teacher
+
+
+def probabilities_as_log_target_float64(p, log_q):
+    """What log_target=True computes from probabilities: Σ e^P (P − log Q)."""
+    p, log_q = p.double(), log_q.double()
+    return (p.exp() * (p - log_q)).sum(dim=-1)
+
+
+def test_opening_says_never_positive_of_probabilities_as_the_input_only():
+    opening = " ".join(jupytext.read(page.__file__).cells[0].source.split())
+    assert "passing probabilities as the input" in opening
+    assert "as the target with `log_target=True` returns positive" in opening
+
+
+def test_probabilities_as_target_with_log_target_read_p_as_log_p():
+    expected = probabilities_as_log_target_float64(page.p, page.log_q)
+    assert_close(page.probabilities_as_log_target.double(), expected, **FLOAT32)
+    assert (page.probabilities_as_log_target > page.kl_pq).all()
+
+
+def test_probabilities_as_log_target_are_at_least_c_log_c_on_the_page():
+    n_classes = page.p.shape[-1]
+    minus_sum_log_q = -page.log_q.sum(dim=-1)
+    assert (page.probabilities_as_log_target >= minus_sum_log_q).all()
+    assert (minus_sum_log_q >= n_classes * math.log(n_classes)).all()
+
+
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_probabilities_as_log_target_grow_with_the_vocabulary(vocab):
+    log_p, log_q = vocabulary_logits(vocab)
+    wrong = F.kl_div(log_q, log_p.exp(), reduction="none", log_target=True).sum(dim=-1)
+    expected = probabilities_as_log_target_float64(log_p.exp(), log_q)
+    assert_close(wrong.double(), expected, **float32_sum(vocab))
+    assert (wrong >= vocab * math.log(vocab) * (1 - 1e-5)).all()
+    assert (wrong > 1000 * kl_float64(log_p, log_q)).all()
+
+
+@settings(max_examples=60)
+@given(
+    n_classes=st.integers(1, 64),
+    scale=st.floats(0.0, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_probabilities_as_log_target_are_at_least_c_log_c_for_any_rows(
+    n_classes, scale, seed
+):
+    # e^P (P − log Q) ≥ −log Q termwise (e^P ≥ 1, P ≥ 0 ≥ log Q), and
+    # −Σ log Q ≥ C log C by Jensen's inequality; and −Σ log Q ≥ H(P, Q) ≥ KL
+    generator = torch.Generator().manual_seed(seed)
+    logits_p, logits_q = scale * torch.randn(2, 4, n_classes, generator=generator)
+    p, log_q = logits_p.double().softmax(dim=-1), logits_q.double().log_softmax(dim=-1)
+    wrong = F.kl_div(log_q, p, reduction="none", log_target=True).sum(dim=-1)
+    bound = n_classes * math.log(n_classes)
+    assert (wrong >= bound - 1e-9).all()
+    assert (wrong >= kl_float64(p.log(), log_q) - 1e-9).all()
