@@ -8,8 +8,8 @@
 # `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`, allocates
 # several tensors the size of those tables across its forward and backward passes.
 # A chunked KL takes the rows a few at a time and writes the gradient in closed
-# form: the same value and the same gradients, and no table-sized tensor besides
-# the gradient it has to return.
+# form: the same value and the same gradients, and, for contiguous logits, no
+# table-sized tensor besides the gradient it has to return.
 #
 # On this page you will count what each version allocates, and write the chunked
 # version as a `torch.autograd.Function` that takes (batch, tokens, vocabulary)
@@ -43,13 +43,15 @@ def straightforward_kl(student_logits, teacher_logits):
 #
 # A `TorchDispatchMode` sees every operation PyTorch runs, the backward pass's
 # included. The one below counts the results that are new tensors (not views of
-# an input) as large as the logits: log-softmax twice, then each elementwise step
-# of $e^{\log p}(\log p - \log q)$, then the backward through them.
+# an input) at least as large as the logits: log-softmax twice, then each
+# elementwise step of $e^{\log p}(\log p - \log q)$, then the backward through
+# them.
 
 
 # %%
 class CountLargeAllocations(TorchDispatchMode):
-    """Counts operation results of ``numel`` elements that are new tensors."""
+    """Counts operation results of at least ``numel`` elements that are new
+    tensors."""
 
     def __init__(self, numel):
         super().__init__()
@@ -65,20 +67,21 @@ class CountLargeAllocations(TorchDispatchMode):
         for tensor in tree_flatten(result)[0]:
             if (
                 isinstance(tensor, torch.Tensor)
-                and tensor.numel() == self.numel
+                and tensor.numel() >= self.numel
                 and tensor.untyped_storage().data_ptr() not in inputs
             ):
                 self.operations.append(str(func))
         return result
 
 
-def large_allocations(loss_fn, shape=(64, 4096)):
-    """The operations of a forward and backward pass that create logits-sized
-    tensors, for student logits that need a gradient and a fixed teacher."""
+def large_allocations(loss_fn, shape=(64, 4096), numel=None):
+    """The operations of a forward and backward pass that create tensors of at
+    least ``numel`` elements (by default the logits'), for student logits that
+    need a gradient and a fixed teacher."""
     generator = torch.Generator().manual_seed(SEED)
     student = torch.randn(shape, generator=generator, requires_grad=True)
     teacher = torch.randn(shape, generator=generator)
-    with CountLargeAllocations(student.numel()) as counter:
+    with CountLargeAllocations(numel or student.numel()) as counter:
         loss_fn(student, teacher).backward()
     return counter.operations
 
@@ -100,20 +103,22 @@ def large_allocations(loss_fn, shape=(64, 4096)):
 #   \frac{\partial\, D_{\mathrm{KL}}}{\partial t_i}
 #   = \frac{p_i\big(\log p_i - \log q_i - D_{\mathrm{KL}}\big)}{T}.$$
 #
-# So the forward pass keeps its inputs (references, not copies) and three numbers
-# per row (the two log-normalisers and the row's KL), and the backward pass
-# recomputes each chunk's probabilities and writes that chunk of the gradient: the
-# temporaries are (chunk, vocabulary) in size. Half-precision logits are processed
+# So the forward pass keeps its inputs (references, not copies, when the logits
+# are contiguous) and three numbers per row (the two log-normalisers and the
+# row's KL), and the backward pass recomputes each chunk's probabilities and
+# writes that chunk of the gradient: the temporaries are (chunk, vocabulary) in
+# size. Half-precision logits are processed
 # in float32, and a teacher logit masked with $-\infty$ contributes 0 instead of
 # the NaN of `F.kl_div` with `log_target=True` (see
 # [numerical pitfalls](numerical_pitfalls.py)).
 #
 # The loss is the mean over the tokens that `mask` keeps (True where a token
-# counts, e.g. `labels != -100`), like Liger-Kernel's `ignore_index`; dropped
-# tokens get a zero gradient whatever their logits hold, and a batch with no kept
-# token gives 0, not the 0/0 of a plain mean. Leading dimensions are flattened (a
-# view), so it divides by the number of tokens, where `"batchmean"` on a
-# (batch, tokens, vocabulary) tensor divides by the batch only
+# counts; from labels, see "Shifted labels" below), like Liger-Kernel's
+# `ignore_index`; dropped tokens get a zero gradient whatever their
+# logits hold, and a batch with no kept token gives 0, not the 0/0 of a plain
+# mean. Leading dimensions are flattened (a view when the logits are contiguous;
+# sliced logits are copied), so it divides by the number of tokens, where
+# `"batchmean"` on a (batch, tokens, vocabulary) tensor divides by the batch only
 # ([reductions](reductions.py)). The temperature is not multiplied back in:
 # multiply by $T^2$ yourself for Hinton's scaling ([distillation](distillation.py)).
 
@@ -294,14 +299,67 @@ gradcheck_passed = torch.autograd.gradcheck(
 # print("gradcheck:", gradcheck_passed)
 
 # %% [markdown]
+# ## Shifted labels
+#
+# With a Hugging Face causal language model, `labels` line up with `input_ids`
+# (-100 on the prompt and on padding) and `logits[:, t]` predicts token $t + 1$:
+# position $t$ counts when `labels[:, t + 1]` does. So the mask is the labels'
+# mask shifted left by one, and the last position, which predicts nothing, is
+# dropped: `mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)`. Plain
+# `labels != -100` is off by one: it drops the position of the last prompt token,
+# which predicts the first response token, and keeps the last position
+# (Liger-Kernel's losses take `shift_labels` for this). Slicing the logits
+# instead (`student[:, :-1]` and `teacher[:, :-1]`, with the mask
+# `labels[:, 1:] != -100`) gives the same loss, but a sliced (batch, tokens,
+# vocabulary) table is not contiguous: flattening it copies both tables, the
+# copies stay until the backward pass, and the backward pass of the slice writes
+# a full-size gradient too. Masking the last position keeps the view (the counts
+# below).
+
+# %%
+prompt_length = 3
+input_ids = torch.randint(vocab_size, (batch, tokens), generator=generator)
+labels = torch.where(mask, input_ids, -100)  # -100 on padding
+labels[:, :prompt_length] = -100  # and on the prompt
+next_token_mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+shifted_loss = chunked_kl(student, teacher, 8, mask=next_token_mask)
+sliced_loss = chunked_kl(
+    student[:, :-1], teacher[:, :-1], 8, mask=labels[:, 1:] != -100
+)
+unshifted_loss = chunked_kl(student, teacher, 8, mask=labels != -100)
+
+
+def shift_allocations(shape=(4, 17, 1024)):
+    """Tables of at least the sliced logits' size, sliced versus masked."""
+    mask_last = torch.arange(shape[1]) < shape[1] - 1
+    numel = shape[0] * (shape[1] - 1) * shape[2]
+    return {
+        "sliced": large_allocations(
+            lambda s, t: chunked_kl(s[:, :-1], t[:, :-1], 8), shape, numel
+        ),
+        "last position masked": large_allocations(
+            lambda s, t: chunked_kl(s, t, 8, mask=mask_last.expand(shape[:2])),
+            shape,
+            numel,
+        ),
+    }
+
+
+# %% active="ipynb"
+# print(f"shifted mask: {shifted_loss:.6f}, sliced logits: {sliced_loss:.6f},"
+#       f" unshifted labels != -100 (off by one): {unshifted_loss:.6f}")
+# for version, operations in shift_allocations().items():
+#     print(f"{version}: {len(operations)} table-sized:", ", ".join(operations))
+
+# %% [markdown]
 # ## On a GPU
 #
 # This chunking is plain PyTorch and runs on any device: it splits the rows, keeps
 # both logit tables (references) until the backward pass and recomputes each
 # chunk's probabilities there. [KL on GPUs](fused_kl_kernels.py) shows what plain
 # bfloat16 costs, how many chunks a long sequence takes, and how Liger-Kernel's
-# fused kernels differ: they tile the vocabulary inside each row and compute the
-# gradient in the forward pass.
+# kernels differ: they tile the vocabulary inside each row, and its JSD and
+# fused-linear-JSD kernels compute the gradient in the forward pass.
 #
 # ## What to remember
 #
@@ -311,6 +369,9 @@ gradcheck_passed = torch.autograd.gradcheck(
 # - Chunk over rows, recompute in the backward pass, and use the closed-form
 #   gradients $(q - p)/T$ (student) and $p(\log p - \log q - D_{\mathrm{KL}})/T$
 #   (teacher). Drop prompt and padding tokens with a mask, not by multiplying.
-# - `chunked_kl(student, teacher, mask=labels != -100, temperature=2.0)` takes
-#   (batch, tokens, vocabulary) logits and computes in float32 whatever their dtype.
+# - With labels aligned to the inputs (Hugging Face), position $t$ predicts token
+#   $t + 1$: `mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)`, then
+#   `chunked_kl(student, teacher, mask=mask, temperature=2.0)` on the unsliced
+#   (batch, tokens, vocabulary) logits (slicing them copies both tables). It
+#   computes in float32 or wider: float64 logits in float64.
 # - Check a hand-written backward with `torch.autograd.gradcheck` in float64.

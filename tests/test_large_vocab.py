@@ -326,7 +326,6 @@ def test_chunked_kl_on_cuda_gives_the_cpu_value_and_gradients_with_bf16_logits()
 
 def test_prose_calls_run_as_written():
     student, teacher, mask = padded_batch(50)
-    labels = torch.where(mask, 7, -100)
     log_q = run_inline("student.log_softmax(dim=-1)", student=student)
     log_p = run_inline("log_p = teacher.log_softmax(dim=-1)", teacher=teacher)["log_p"]
     assert_close(log_q, student.log_softmax(dim=-1))
@@ -338,13 +337,135 @@ def test_prose_calls_run_as_written():
     every_token = torch.ones_like(mask)
     assert_close(value, page.chunked_kl(student, teacher, mask=every_token), **RELATIVE)
     run_inline("log_q = student.log_softmax(dim=-1)", student=student)
-    masked = run_inline(
-        "chunked_kl(student, teacher, mask=labels != -100, temperature=2.0)",
+
+
+def test_what_to_remember_calls_run_as_written_on_shifted_labels():
+    student, teacher, padding = padded_batch(50, shape=(2, 6))
+    labels = torch.where(padding, 7, -100)
+    labels[:, :2] = -100  # a prompt
+    mask = run_inline(
+        "mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)", labels=labels
+    )["mask"]
+    value = run_inline(
+        "chunked_kl(student, teacher, mask=mask, temperature=2.0)",
         chunked_kl=page.chunked_kl,
         student=student,
         teacher=teacher,
-        labels=labels,
+        mask=mask,
     )
-    assert_close(
-        masked.double(), reference_kl(student, teacher, mask, 2.0), rtol=1e-5, atol=0
+    assert_close(value.double(), shifted_reference(student, teacher, labels, 2.0))
+
+
+# --- shifted labels (issue 11, second review) ---------------------------------------
+
+
+def shifted_reference(student, teacher, labels, temperature=1.0):
+    """Mean KL in float64 over positions t whose next label, labels[t + 1], counts:
+    logits[:, t] predicts token t + 1 (Hugging Face causal LMs)."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != -100:
+                total = total + reference_kl(
+                    student[b, t], teacher[b, t], torch.tensor(True), temperature
+                )
+                count += 1
+    return total / max(count, 1)
+
+
+def test_page_shifted_mask_gives_the_next_token_loss_and_unshifted_labels_do_not():
+    expected = shifted_reference(page.student, page.teacher, page.labels)
+    assert_close(page.shifted_loss.double(), expected, rtol=1e-5, atol=0)
+    assert_close(page.sliced_loss, page.shifted_loss, rtol=1e-6, atol=0)
+    assert (page.unshifted_loss - page.shifted_loss).abs() > 1e-3 * expected
+    # the mask drops the last position and keeps the last prompt position
+    assert not page.next_token_mask[:, -1].any()
+    assert page.next_token_mask[:, page.prompt_length - 1].all()
+    assert not (page.labels[:, page.prompt_length - 1] != -100).any()
+
+
+@settings(max_examples=30)
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(2, 7),
+    vocab_size=st.integers(2, 30),
+    prompt=st.integers(0, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_shifted_mask_on_unsliced_logits_equals_slicing_for_any_labels(
+    batch, tokens, vocab_size, prompt, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, tokens, vocab_size)
+    student = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    teacher = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    lengths = torch.randint(1, tokens + 1, (batch,), generator=generator)
+    labels = torch.where(torch.arange(tokens) < lengths[:, None], 5, -100)
+    labels[:, :prompt] = -100
+    mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    masked = chunked_value_and_gradients(student, teacher, mask=mask)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    value = page.chunked_kl(s[:, :-1], t[:, :-1], mask=labels[:, 1:] != -100)
+    sliced = (value, *torch.autograd.grad(value, (s, t)))
+    for a, b in zip(masked, sliced, strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert_close(masked[0], shifted_reference(student, teacher, labels))
+
+
+@pytest.mark.parametrize("vocab_size", [1024, page.VOCAB_SIZES["Llama 2"]])
+def test_sliced_logits_are_copied_and_kept_until_backward_masking_keeps_the_view(
+    vocab_size,
+):
+    shape = (2, 9, vocab_size)
+    sliced_numel = 2 * 8 * vocab_size
+    sliced = page.large_allocations(
+        lambda s, t: page.chunked_kl(s[:, :-1], t[:, :-1], 8), shape, sliced_numel
     )
+    assert sorted(sliced) == [
+        "aten.clone.default",
+        "aten.clone.default",
+        "aten.empty_like.default",
+        "aten.slice_backward.default",
+    ]
+    mask_last = (torch.arange(9) < 8).expand(2, 9)
+    masked = page.large_allocations(
+        lambda s, t: page.chunked_kl(s, t, 8, mask=mask_last), shape, sliced_numel
+    )
+    assert masked == ["aten.empty_like.default"]
+    # what the forward pass keeps: copies of a slice, the logits themselves if masked
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(shape, generator=generator, requires_grad=True)
+    teacher = torch.randn(shape, generator=generator)
+    kept = page.chunked_kl(student[:, :-1], teacher[:, :-1]).grad_fn.saved_tensors
+    assert kept[0].data_ptr() != student.data_ptr()
+    assert kept[1].data_ptr() != teacher.data_ptr()
+    assert kept[0].numel() == kept[1].numel() == sliced_numel
+    kept = page.chunked_kl(student, teacher, mask=mask_last).grad_fn.saved_tensors
+    assert kept[0].data_ptr() == student.data_ptr()
+    assert kept[1].data_ptr() == teacher.data_ptr()
+
+
+def test_page_counts_show_the_slice_copies_and_the_mask_does_not():
+    counts = page.shift_allocations()
+    assert counts["sliced"].count("aten.clone.default") == 2
+    assert counts["last position masked"] == ["aten.empty_like.default"]
+
+
+@pytest.mark.parametrize(
+    "dtype, working",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_chunked_kl_computes_in_float32_or_wider_float64_in_float64(dtype, working):
+    student, teacher, mask = padded_batch(1000, shape=(2, 3))
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    value = page.chunked_kl(student, teacher, mask=mask, temperature=2.0)
+    assert value.dtype == working
+    expected = reference_kl(student, teacher, mask, 2.0)
+    # float64 keeps float64 accuracy: far below float32 rounding
+    rtol = 1e-12 if working == torch.float64 else 1e-5
+    assert_close(value.double(), expected, rtol=rtol, atol=0)
