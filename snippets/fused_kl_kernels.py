@@ -3,10 +3,11 @@
 #
 # What does a large-vocabulary KL cost in bfloat16, and what do fused GPU kernels
 # do that [the chunked KL](large_vocab.py) does not? Plain `F.kl_div` on bfloat16
-# logits computes in bfloat16 and loses accuracy that upcasting to float32 keeps;
-# fused kernels such as Liger-Kernel's tile the vocabulary inside each row and
-# compute the gradient in the forward pass, where the chunked KL splits rows and
-# recomputes in the backward pass.
+# logits computes in bfloat16 and loses accuracy, in the value and in the
+# gradient, that upcasting to float32 keeps. Liger-Kernel's kernels tile the
+# vocabulary inside each row, and its JSD and fused-linear-JSD kernels compute the
+# gradient in the forward pass (its KL-divergence kernel has a separate backward),
+# where the chunked KL splits rows and recomputes in the backward pass.
 #
 # On this page you will measure the bfloat16 error against a float64 reference,
 # count the chunks a long sequence takes, and read how Liger-Kernel's kernels
@@ -15,10 +16,17 @@
 # %% [markdown]
 # ## What plain bfloat16 costs
 #
-# Logits often arrive in bfloat16. `F.kl_div` on them computes in bfloat16 too;
-# upcasting the logits to float32 first (what the chunked KL does inside) computes
-# in float32. Both are compared below with the KL of the same bfloat16 logits
-# computed in float64, on a few rows of a Llama 3 sized vocabulary.
+# Logits often arrive in bfloat16. `F.kl_div` on them computes in bfloat16 too:
+# the log-softmax, each term $p(\log p - \log q)$ and the sum are rounded to
+# bfloat16. Upcasting the logits to float32 first (what the chunked KL does
+# inside) computes in float32. Both are compared below with the KL of the same
+# bfloat16 logits computed in float64, on a few rows of a Llama 3 sized
+# vocabulary. The bfloat16 result is itself a bfloat16 number, so it can be no
+# closer than the float64 value rounded to bfloat16; on this seed it is exactly
+# that, which hides the loss. To see what the arithmetic loses before that last
+# rounding, its unreduced terms (`reduction="none"`) are summed in float64. The
+# gradient is compared with the float64 gradient rounded to bfloat16, the best any
+# computation can return to bfloat16 logits (norm-wise relative errors).
 
 # %%
 import torch
@@ -35,6 +43,25 @@ def mean_kl(student_logits, teacher_logits):
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
+def kl_terms(student_logits, teacher_logits):
+    """Each term p (log p − log q), unreduced, computed in the logits' dtype."""
+    log_q = student_logits.log_softmax(dim=-1)
+    log_p = teacher_logits.log_softmax(dim=-1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True)
+
+
+def student_gradient(loss_fn, student_logits):
+    """The gradient that loss_fn returns to the (bfloat16) student logits."""
+    leaf = student_logits.detach().clone().requires_grad_()
+    loss_fn(leaf).backward()
+    return leaf.grad
+
+
+def relative_error(value, reference):
+    value, reference = value.double(), reference.double()
+    return ((value - reference).norm() / reference.norm()).item()
+
+
 generator = torch.Generator().manual_seed(SEED)
 shape = (8, VOCAB_SIZES["Llama 3"])
 student = (3 * torch.randn(shape, generator=generator)).bfloat16()
@@ -45,15 +72,41 @@ bf16_results = {
     "F.kl_div in float32": mean_kl(student.float(), teacher.float()),
 }
 bf16_errors = {
-    name: ((value.double() - exact_kl).abs() / exact_kl).item()
-    for name, value in bf16_results.items()
+    name: relative_error(value, exact_kl) for name, value in bf16_results.items()
+}
+# the bfloat16 terms summed in float64: the arithmetic's error, not the output's
+bf16_terms_error = relative_error(
+    kl_terms(student, teacher).double().sum() / shape[0], exact_kl
+)
+# computed in float64, rounded to bfloat16 on its way back to the logits
+exact_gradient = student_gradient(
+    lambda s: mean_kl(s.double(), teacher.double()), student
+)
+gradient_errors = {
+    "computed in bfloat16": relative_error(
+        student_gradient(lambda s: mean_kl(s, teacher), student), exact_gradient
+    ),
+    "computed in float32": relative_error(
+        student_gradient(lambda s: mean_kl(s.float(), teacher.float()), student),
+        exact_gradient,
+    ),
 }
 
 # %% active="ipynb"
-# print(f"{'float64 reference':>20}: {exact_kl.item():.6f}")
+# print(f"float64 reference: {exact_kl.item():.6f},"
+#       f" rounded to bfloat16: {exact_kl.bfloat16().item():.6f}")
 # for name, value in bf16_results.items():
-#     print(f"{name:>20}: {value.item():.6f} ({value.dtype}),"
+#     print(f"{name}: {value.item():.6f} ({value.dtype}),"
 #           f" relative error {bf16_errors[name]:.1e}")
+# print(f"bfloat16 terms summed in float64: relative error {bf16_terms_error:.1e}")
+# print("gradient, relative error against float64 rounded to bfloat16:",
+#       ", ".join(f"{name} {error:.1e}" for name, error in gradient_errors.items()))
+
+# %% [markdown]
+# The bfloat16 result's own error (first lines) is only its final rounding on
+# this seed; the terms it summed (the "terms summed in float64" line) and its
+# gradient are off by far more than the float32 upcast's, whose gradient differs
+# from the best bfloat16 answer only where an element rounds the other way.
 
 # %% [markdown]
 # ## Row chunks
@@ -114,10 +167,13 @@ n_chunks = -(-n_tokens // rows_per_chunk)
 #
 # ## What to remember
 #
-# - `F.kl_div` on bfloat16 log-probabilities computes in bfloat16: upcast the
+# - `F.kl_div` on bfloat16 log-probabilities computes in bfloat16, and its terms
+#   and gradient lose accuracy that its rounded result can hide: upcast the
 #   logits to float32 first (`student.float().log_softmax(dim=-1)`), or use the
 #   [chunked KL](large_vocab.py), which does.
-# - Chunking rows, as on the previous page, works on any device; fused kernels
-#   tile the vocabulary inside a row and write the gradient in the forward pass.
+# - Chunking rows, as on the previous page, works on any device; Liger-Kernel's
+#   kernels tile the vocabulary inside a row, and its JSD and fused-linear-JSD
+#   kernels write the gradient in the forward pass (`LigerKLDIVLoss` has a
+#   separate backward kernel).
 # - Liger's fused linear JSD never builds the logits but still allocates a
 #   (tokens, vocabulary) float32 loss buffer.
