@@ -21,14 +21,18 @@
 # Adam on $(\mu, s)$, as on the forward-vs-reverse page. The losses:
 #
 # - squared error, the mean over the grid of $(q(x) - p(x))^2$: a discretised
-#   $\int (q - p)^2$, the squared $L^2$ distance between the densities, which is a
-#   metric;
+#   $\int (q - p)^2$, the squared $L^2$ distance between the densities (its square
+#   root is a metric; the square itself breaks the triangle inequality);
 # - one minus the cosine similarity of the two densities seen as vectors: at least
 #   0, and 0 only when $Q = P$, for densities of mass 1.
 #
 # Neither is an $f$-divergence (an average under $P$ of a function of $q/p$, as
-# the KL is): they depend on the densities' values, not only on their ratio, so
-# stretching the $x$ axis changes them and leaves every KL unchanged.
+# the KL is): they depend on the densities' values, not only on their ratio. An
+# increasing change of variable $y = g(x)$ divides both densities by $g'(x)$:
+# their ratio, so every KL, is unchanged. Stretching the axis, $y = a x$,
+# multiplies the squared $L^2$ distance by $1/a$ and leaves the cosine unchanged
+# (the inner product and both squared norms are multiplied by $1/a$); a nonlinear
+# $g$ changes the cosine too (printed below the set-up, for $P$ and `Q_EXAMPLE`).
 
 # %%
 import math
@@ -64,6 +68,32 @@ def cosine_distance(log_q):  # 1 − cos(q, p), the densities seen as vectors
     return 1 - F.cosine_similarity(log_q.exp(), p.expand_as(log_q), dim=-1)
 
 
+Q_EXAMPLE = (0.0, 3.0)  # (mu, sigma) of a Q to compare with P
+CHANGES_OF_VARIABLE = {  # y = g(x): its name, and dy/dx on the grid
+    "y = x": torch.ones_like(x),
+    "y = 3x": torch.full_like(x, 3.0),
+    "y = x/2": torch.full_like(x, 0.5),
+    "y = x + x³/100": 1 + 3 * x**2 / 100,
+}
+
+
+def after_change_of_variable(log_q, dy_dx):
+    """Squared L², 1 − cos and KL(P‖Q) of the densities of y = g(x), from the x
+    grid: a density f becomes f / g'(x), and dy = g'(x) dx."""
+    q_x, p_x = log_q.exp() / dx, p / dx
+
+    def inner(f, h):  # ∫ f_Y h_Y dy = ∫ f h / g'(x) dx
+        return (f * h / dy_dx).sum() * dx
+
+    squared_l2 = inner(q_x - p_x, q_x - p_x)
+    cosine = inner(q_x, p_x) / (inner(q_x, q_x) * inner(p_x, p_x)).sqrt()
+    kl_pq = (torch.xlogy(p, p) - p * log_q).sum()  # q_Y / p_Y = q / p: g' cancels
+    return squared_l2, 1 - cosine, kl_pq
+
+
+mu_example, sigma_example = torch.tensor(Q_EXAMPLE, dtype=DTYPE)
+log_q_example = log_q_on_grid(mu_example, sigma_example.log())
+
 LOSSES = {"MSE": density_mse, "cosine": cosine_distance}
 STARTS = [(-2.0, 2.0), (6.0, 2.0), (0.0, 5.0)]  # (mu, sigma) of each fit's start
 STEPS, LR = 1200, 0.1
@@ -96,6 +126,12 @@ def largest_recent_move(trajectory, last_steps=100):
     recent = trajectory[-last_steps - 1 :, :, :2]
     return (recent - recent[-1]).abs().amax()
 
+
+# %% active="ipynb"
+# for name, dy_dx in CHANGES_OF_VARIABLE.items():
+#     squared_l2, distance, kl_pq = after_change_of_variable(log_q_example, dy_dx)
+#     print(f"{name:>14}: squared L² {squared_l2:.4f}, 1 − cos {distance:.6f},"
+#           f" KL(P‖Q) {kl_pq:.6f}")
 
 # %% [markdown]
 # ## Where the fits end
@@ -196,8 +232,8 @@ PEAK_SIGMA = math.sqrt(2 ** (-1 / 3) / (1 - 2 ** (-1 / 3)))
 # ## What to remember
 #
 # - Squared error and cosine similarity compare densities as curves: they are not
-#   $f$-divergences, and their optima are neither moment matching nor the
-#   reverse KL's.
+#   $f$-divergences. Squared error's optima are neither moment matching nor the
+#   reverse KL's; cosine's optimum on a peak is the reverse KL's, the peak itself.
 # - Both have several optima: where a fit ends depends on where it starts, and the
 #   centred optimum of squared error is not its best.
 # - Check closed forms where they exist: on a peak squared error's width is

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 from torch.testing import assert_close
 
@@ -57,14 +59,106 @@ def test_mse_on_the_grid_is_the_squared_l2_distance_over_the_grid_length():
     assert_close(riemann.item(), l2_squared(*q_params, *p_params), rtol=1e-6, atol=0)
 
 
-def test_stretching_x_changes_squared_l2_and_leaves_kl_unchanged():
-    stretch = 3.0
-    plain = l2_squared(0.0, 1.0, 1.0, 2.0)
-    stretched = l2_squared(0.0, stretch, stretch, 2 * stretch)
-    assert_close(stretched, plain / stretch, rtol=1e-12, atol=0)  # ∫ scales by 1/c
-    kl = kl_divergence(Normal(0.0, 1.0), Normal(1.0, 2.0))
-    kl_stretched = kl_divergence(Normal(0.0, stretch), Normal(stretch, 2 * stretch))
-    assert_close(kl_stretched, kl, rtol=1e-6, atol=0)
+def cosine_closed_form(mu_a, sigma_a, mu_b, sigma_b):
+    """cos between two Gaussian densities: ∫ q p / √(∫ q² ∫ p²), in closed form."""
+    qq = 1 / (2 * sigma_a * math.sqrt(math.pi))
+    pp = 1 / (2 * sigma_b * math.sqrt(math.pi))
+    qp = (qq + pp - l2_squared(mu_a, sigma_a, mu_b, sigma_b)) / 2
+    return qp / math.sqrt(qq * pp)
+
+
+@settings(max_examples=50)
+@given(
+    stretch=st.floats(0.1, 10.0),
+    mu_a=st.floats(-5, 5),
+    sigma_a=st.floats(0.5, 5),
+    mu_b=st.floats(-5, 5),
+    sigma_b=st.floats(0.5, 5),
+)
+def test_stretching_x_scales_squared_l2_by_one_over_a_and_keeps_cosine_and_kl(
+    stretch, mu_a, sigma_a, mu_b, sigma_b
+):
+    a = stretch
+    plain = (mu_a, sigma_a, mu_b, sigma_b)
+    stretched = (a * mu_a, a * sigma_a, a * mu_b, a * sigma_b)
+    assert_close(l2_squared(*stretched), l2_squared(*plain) / a, rtol=1e-9, atol=0)
+    assert_close(
+        cosine_closed_form(*stretched), cosine_closed_form(*plain), rtol=1e-9, atol=0
+    )
+    kl = kl_divergence(Normal(mu_a, sigma_a), Normal(mu_b, sigma_b))
+    kl_stretched = kl_divergence(
+        Normal(a * mu_a, a * sigma_a), Normal(a * mu_b, a * sigma_b)
+    )
+    assert_close(kl_stretched, kl, rtol=1e-5, atol=1e-6)
+
+
+def test_stretching_on_the_page_scales_squared_l2_and_keeps_cosine_and_kl():
+    identity = page.after_change_of_variable(
+        page.log_q_example, page.CHANGES_OF_VARIABLE["y = x"]
+    )
+    for name, a in [("y = 3x", 3.0), ("y = x/2", 0.5)]:
+        squared_l2, distance, kl_pq = page.after_change_of_variable(
+            page.log_q_example, page.CHANGES_OF_VARIABLE[name]
+        )
+        assert_close(squared_l2, identity[0] / a, rtol=1e-12, atol=0)
+        assert_close(distance, identity[1], rtol=1e-12, atol=0)
+        assert_close(kl_pq, identity[2], rtol=1e-12, atol=0)
+    mu, sigma = page.Q_EXAMPLE  # the page's squared L² is the closed form's
+    reference = (
+        1 / (2 * sigma * math.sqrt(math.pi))
+        - 2 * mixture_overlap(mu, sigma)
+        + mixture_self_overlap()
+    )
+    assert_close(identity[0].item(), reference, rtol=1e-6, atol=0)
+
+
+def mixture_overlap(mu, sigma):
+    """∫ N(mu, σ²) p dx for the page's P = ½ N(−5, 1) + ½ N(10, 1)."""
+    return sum(
+        0.5
+        * math.exp(-((mu - m) ** 2) / (2 * (sigma**2 + 1)))
+        / math.sqrt(2 * math.pi * (sigma**2 + 1))
+        for m in (-5.0, 10.0)
+    )
+
+
+def mixture_self_overlap():
+    return 0.5 * mixture_overlap(-5.0, 1.0) + 0.5 * mixture_overlap(10.0, 1.0)
+
+
+def inverse_of_cubic(y):
+    """x with x + x³/100 = y, by Newton's method (g is increasing: one root)."""
+    x = y.clone()
+    for _ in range(100):
+        x = x - (x + x**3 / 100 - y) / (1 + 3 * x**2 / 100)
+    return x
+
+
+def test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl():
+    # independent reference: the densities of y on a uniform grid in y
+    y = torch.arange(-700.0, 700.0, 0.005, dtype=F64)
+    x_of_y = inverse_of_cubic(y)
+    assert_close(x_of_y + x_of_y**3 / 100, y, rtol=1e-12, atol=1e-9)
+    log_dy_dx = torch.log1p(3 * x_of_y**2 / 100)
+    q_density = Normal(*page.Q_EXAMPLE)
+    log_p_y = page.target.log_prob(x_of_y) - log_dy_dx
+    log_q_y = q_density.log_prob(x_of_y) - log_dy_dx
+    p_y, q_y = log_p_y.exp(), log_q_y.exp()
+    dy = 0.005
+    cosine = (q_y * p_y).sum() / ((q_y**2).sum() * (p_y**2).sum()).sqrt()
+    kl_pq = (p_y * (log_p_y - log_q_y)).sum() * dy
+    squared_l2 = ((q_y - p_y) ** 2).sum() * dy
+    on_page = page.after_change_of_variable(
+        page.log_q_example, page.CHANGES_OF_VARIABLE["y = x + x³/100"]
+    )
+    assert_close(on_page[0], squared_l2, rtol=1e-6, atol=0)
+    assert_close(on_page[1], 1 - cosine, rtol=1e-6, atol=0)
+    assert_close(on_page[2], kl_pq, rtol=1e-6, atol=0)
+    identity = page.after_change_of_variable(
+        page.log_q_example, page.CHANGES_OF_VARIABLE["y = x"]
+    )
+    assert abs(on_page[1] - identity[1]) > 1e-3  # the cosine changed
+    assert_close(on_page[2], identity[2], rtol=1e-9, atol=0)  # the KL did not
 
 
 def test_cosine_distance_is_zero_only_when_q_is_p():
@@ -144,3 +238,105 @@ def test_grid_holds_the_mass_of_the_widest_q_on_the_way(fits):
 def test_a_start_with_sigma_not_positive_is_refused():
     with pytest.raises(ValueError, match="sigma > 0"):
         page.fit_gaussians(page.LOSSES, [(0.0, -1.0)])
+
+
+def l2_on_the_grid(f, h):
+    """∫ (f − h)² dx of two grid-cell probability vectors, as densities."""
+    return ((f - h) / page.dx).pow(2).sum() * page.dx
+
+
+def test_squared_l2_breaks_the_triangle_inequality_and_its_root_keeps_it():
+    left, right = (
+        Normal(torch.tensor(m, dtype=F64), 1.0).log_prob(page.x).exp() * page.dx
+        for m in (-5.0, 10.0)
+    )
+    # P is the midpoint of its two peaks: the square fails where the root holds
+    d_lr, d_lp, d_pr = (
+        l2_on_the_grid(*pair)
+        for pair in [(left, right), (left, page.p), (page.p, right)]
+    )
+    assert d_lr > 1.5 * (d_lp + d_pr)  # twice, in fact
+    assert d_lr.sqrt() <= (d_lp.sqrt() + d_pr.sqrt()) * (1 + 1e-12)
+
+
+@settings(max_examples=50)
+@given(
+    params=st.lists(
+        st.tuples(st.floats(-10, 10), st.floats(0.2, 5)), min_size=3, max_size=3
+    )
+)
+def test_the_root_of_squared_l2_is_a_metric_on_gaussians(params):
+    (a, b, c) = params
+    ab, bc, ac = (
+        math.sqrt(max(l2_squared(*u, *v), 0.0)) for u, v in [(a, b), (b, c), (a, c)]
+    )
+    assert ac <= ab + bc + 1e-12
+
+
+def test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma():
+    mus = torch.arange(-15.0, 20.01, 0.5, dtype=F64)
+    sigmas = torch.arange(0.5, 30.01, 0.1, dtype=F64)
+    mu, sigma = (t.reshape(-1, 1) for t in torch.meshgrid(mus, sigmas, indexing="ij"))
+    mse = torch.cat(
+        [
+            page.density_mse(page.log_q_on_grid(m, s.log()))
+            for m, s in zip(mu.split(2000), sigma.split(2000), strict=True)
+        ]
+    )
+    best = mse.argmin()
+    assert mu[best].item() in (-5.0, 10.0)  # on a peak
+    assert abs(sigma[best].item() - page.PEAK_SIGMA) <= 0.05 + 1e-9  # half a step
+    centred = (mu == 2.5).flatten()
+    assert mse[centred].min() > mse[best]
+
+
+def lbfgs_fit(loss, mu, sigma):
+    """(mu, sigma) at convergence of LBFGS on (mu, log sigma) from (mu, sigma)."""
+    mu = torch.tensor([[mu]], dtype=F64, requires_grad=True)
+    log_sigma = torch.tensor([[math.log(sigma)]], dtype=F64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [mu, log_sigma],
+        max_iter=500,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss(page.log_q_on_grid(mu, log_sigma)).sum()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return mu.item(), log_sigma.exp().item()
+
+
+def reverse_kl(log_q):
+    """KL(Q‖P) on the page's grid, from log P computed by the mixture's log_prob."""
+    log_p = page.target.log_prob(page.x) + math.log(page.dx)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)  # log_q is finite
+
+
+@pytest.mark.parametrize("start", [(-4.0, 1.5), (-6.0, 0.7), (9.0, 2.0)])
+def test_cosines_optimum_on_a_peak_is_the_reverse_kls_the_peak_itself(start):
+    cosine = lbfgs_fit(page.cosine_distance, *start)
+    reverse = lbfgs_fit(reverse_kl, *start)
+    peak = -5.0 if start[0] < 2.5 else 10.0
+    assert_close(cosine, (peak, 1.0), rtol=0, atol=1e-6)
+    assert_close(reverse, (peak, 1.0), rtol=0, atol=1e-6)
+
+
+def test_squared_errors_optima_are_neither_moment_matching_nor_reverse_kls(
+    fits, on_a_peak
+):
+    optima = torch.cat([end_points(fits, "MSE")[:1], on_a_peak[-1, :, :2]])
+    for mu, sigma in optima.tolist():
+        assert abs(sigma - SIGMA_STAR) > 1  # moment matching: (2.5, σ*)
+        mu_t = torch.tensor([[mu]], dtype=F64, requires_grad=True)
+        log_sigma = torch.tensor([[math.log(sigma)]], dtype=F64, requires_grad=True)
+        gradient = torch.autograd.grad(
+            reverse_kl(page.log_q_on_grid(mu_t, log_sigma)).sum(), [mu_t, log_sigma]
+        )
+        # not a stationary point of the reverse KL
+        assert torch.cat([g.flatten() for g in gradient]).norm() > 0.1
