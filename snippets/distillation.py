@@ -20,11 +20,11 @@
 #
 # Student first, in log space, each normalised over the classes with `dim=-1`:
 # without a `dim`, `log_softmax` picks dim 0 for 3-d input, the batch, with only
-# a deprecation warning. `.float()` comes before the division: bfloat16 or float16
-# logits divided by $T$ and normalised in their own dtype give a loss off by
-# percents. The factor $T^2$ is not decoration: without it the
-# gradient shrinks as $1/T^2$ once $T$ is large, so every change of $T$ would
-# silently rescale the distillation term.
+# a deprecation warning. `.float()` comes before the division: bfloat16 logits
+# divided by $T$ and normalised in bfloat16 give a loss off by percents. The
+# factor $T^2$ is not decoration: without it the gradient shrinks as $1/T^2$ once
+# $T$ is large, so every change of $T$ would silently rescale the distillation
+# term.
 #
 # On this page you will write the loss two equivalent ways, combine it with the
 # cross-entropy on labels, measure its gradient against temperature, average it
