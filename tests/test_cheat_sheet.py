@@ -145,10 +145,10 @@ def test_cheat_sheet_row_computes_what_it_says(
     elif ESTIMATES in computes:
         # unbiased: the estimate averaged over Q's outcomes, weighted exactly
         mean_over_q = (tensors["q"].double() * result.double()).sum(dim=-1)
-        rtol, atol = TOLERANCES[dtype]
+        rtol, atol = TOLERANCES[result.dtype]  # the dtype it computes in
         assert_close(mean_over_q, expected[computes], rtol=rtol, atol=atol)
     else:
-        rtol, atol = TOLERANCES[dtype]
+        rtol, atol = TOLERANCES[result.dtype]  # the dtype it computes in
         assert_close(result.double(), expected[computes], rtol=rtol, atol=atol)
 
 
@@ -295,3 +295,25 @@ def test_cross_entropy_reads_classes_from_dim_1_so_3d_input_must_be_flattened():
     flat = evaluate(call, {"logits_q": logits_q.flatten(0, 1), "p": p.flatten(0, 1)})
     expected = entropy_from_logits(logits_p) + kl_from_logits(logits_p, logits_q)
     assert_close(flat.double(), expected.flatten(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.5, 2.0, 3.0])
+def test_distillation_row_is_exact_for_half_precision_logits(dtype, temperature):
+    # a student near its teacher, 32k classes: the KL is small, rounding is not
+    generator = torch.Generator().manual_seed(8)
+    logits_p = 5 * torch.randn(4, 32_000, generator=generator)
+    logits_q = logits_p + 0.3 * torch.randn(4, 32_000, generator=generator)
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    (call,) = [c for what, c, _ in cheat_sheet_rows() if what.startswith("T²")]
+    result = evaluate(
+        call, {"logits_q": logits_q, "logits_p": logits_p, "T": temperature}
+    )
+    expected = (
+        temperature**2
+        * kl_from_logits(
+            logits_p.double() / temperature, logits_q.double() / temperature
+        ).mean()
+    )
+    assert result.dtype == torch.float32
+    assert_close(result.double(), expected, rtol=1e-4, atol=1e-6)
