@@ -3,13 +3,15 @@
 #
 # Fit a single Gaussian $Q$ to a target $P$ with two well separated peaks and the
 # direction of the KL decides what you get. The **forward** KL
-# $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: from every start, $Q$ stretches
-# over both peaks and matches $P$'s mean and variance exactly. The **reverse** KL
-# $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: its global minimum sits on
-# one peak, at a divergence just under $\log 2$, and fits started narrow reach the
-# peak on their side. That is not a guarantee: the reverse KL has a third local
-# minimum, a wide Gaussian between the peaks, and fits started wide near the middle
-# end there. The reverse KL is the direction variational inference minimises
+# $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: over Gaussians its only minimum is
+# $Q$ stretched over both peaks with $P$'s mean and variance, and the fits from
+# this page's starts reach it. The **reverse** KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is
+# called *mode-seeking*: its two global minima sit on the peaks, equal by symmetry,
+# at a divergence just under $\log 2$, and fits started narrow and to one side of
+# the middle reach the peak on their side. That is not a guarantee: the reverse KL
+# has a third local minimum, a wide Gaussian between the peaks, where fits started
+# wider near the middle end, and which minimum a start reaches depends on the
+# optimiser too. The reverse KL is the direction variational inference minimises
 # (maximising the ELBO minimises $D_{\mathrm{KL}}(Q\,\|\,P)$), which is why VI is
 # said to seek modes; Bishop's *Pattern Recognition and Machine Learning*, section
 # 10.1.2 and Fig. 10.3, draws the same two fits.
@@ -251,14 +253,16 @@ def video_player(path):
 # video_player("forward_kl.mp4")
 
 # %% [markdown]
-# ## Reverse KL from narrow starts: one peak, at log 2
+# ## Reverse KL from starts to one side: one peak, at log 2
 #
 # The reverse KL averages $\log \frac{q}{p}$ under $Q$, so it punishes $Q$ for any
 # mass where $P$ has little, and does not care what $Q$ leaves out. Settled on one
 # component, $q = \mathcal{N}(-5, 1)$ say, and with the peaks this far apart, $p$
 # is $\tfrac12 q$ wherever $q$ has mass, plus a sliver of the other peak's tail,
 # so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$.
-# From the three starts of `STARTS` the fits end on a peak, as printed below.
+# The three starts of `STARTS` lie to one side of the middle, $\mu = 2.5$, and
+# their fits end on the peak on that side, as printed below. By symmetry the two
+# peaks are equally good: each is a global minimum.
 
 # %% active="ipynb"
 # print(f"log 2 = {math.log(2):.6f}")
@@ -272,11 +276,12 @@ def video_player(path):
 # video_player("reverse_kl.mp4")
 
 # %% [markdown]
-# Narrow starts are not the whole story. Started wider and nearer the middle, say
-# at $(\mu, \sigma) = (2, 4)$, the reverse KL stops on a third minimum: a wide
-# Gaussian centred between the peaks, covering both, at a divergence far above
-# $\log 2$. Which starts end there, why it is a true minimum and what the
-# landscape looks like are on
+# Starts to one side are not the whole story. Started wider and nearer the
+# middle, say at $(\mu, \sigma) = (2, 4)$, the reverse KL stops on a third
+# minimum: a wide Gaussian centred between the peaks, covering both, at a
+# divergence far above $\log 2$. Which starts end there (narrow ones close to
+# the middle too), how the optimiser changes that, why it is a true minimum and
+# what the landscape looks like are on
 # [Is reverse KL always mode-seeking?](reverse_kl_minima.py).
 
 # %% [markdown]
@@ -331,13 +336,16 @@ def video_player(path):
 # ## What to remember
 #
 # - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$, of one distribution given as grid
-#   log-probabilities is `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`;
-#   it covers every mode of $P$, and over Gaussians matches $P$'s mean and variance.
+#   log-probabilities is `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`
+#   (finite `log_p`; if $P$ has zeros, pass `p` with `log_target=False`:
+#   `F.kl_div(log_q, p, reduction="sum", log_target=False)`); it covers every mode
+#   of $P$, and over Gaussians its only minimum matches $P$'s mean and variance.
 # - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, the direction of variational
-#   inference, has its global minimum on one mode, and narrow starts lock onto the
-#   mode on their side: "mode-seeking" describes those. It is not a guarantee: it
-#   has other local minima, here one covering both modes, which wide central starts
-#   reach ([its three minima](reverse_kl_minima.py)).
+#   inference, has its global minima on the modes, and narrow starts to one side
+#   of the middle lock onto the mode on that side: "mode-seeking" describes those.
+#   It is not a guarantee: it has other local minima, here one covering both modes,
+#   which wider central starts reach, and the optimiser decides too
+#   ([its three minima](reverse_kl_minima.py)).
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
 #   spacing, and a mixture's weights make its mass 1.
 # - Optimise $\log \sigma$, run to convergence, and check it: the distance to where
