@@ -2,7 +2,7 @@
 # # A common set-up for the two-peak fit, and what it gets wrong
 #
 # The experiment of [Forward vs reverse KL](forward_reverse.py), one Gaussian $Q$
-# fitted to a target $P$ with two peaks, is often run with a set-up that adds the
+# fitted to a target $P$ with two peaks, can be run with a set-up that adds the
 # two densities, passes density values to `F.kl_div` as if they were
 # probabilities, keeps its default `"mean"` reduction, and stops a short Adam run
 # on $\sigma$ itself. Does that matter, if the minimiser is the same? Yes: the
