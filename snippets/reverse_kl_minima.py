@@ -3,15 +3,18 @@
 #
 # The reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: a single
 # Gaussian $Q$ fitted with it to a target $P$ with two well separated peaks settles
-# on one peak. Is that guaranteed? No. Its global minimum sits on a peak, and fits
-# started narrow reach the peak on their side, but it has a third local minimum: a
-# wide Gaussian centred between the peaks, covering both, at a divergence far above
-# the peaks' $\log 2$, where fits started wide near the middle stop. "Mode-seeking"
-# describes the global minimum and narrow starts, not every fit. On this page you
-# will fit the reverse KL from a grid of starts and see which minimum each reaches,
-# check that the covering Gaussian is a true minimum, find the width at which the
-# middle turns from a ridge into a valley, and see the landscapes of both KL
-# directions.
+# on one peak. Is that guaranteed? No. Its two global minima sit on the peaks,
+# equal by symmetry, and fits started narrow and to one side of the middle reach
+# the peak on that side, but it has a third local minimum: a wide Gaussian centred
+# between the peaks, covering both, at a divergence far above the peaks' $\log 2$,
+# where fits started wider near the middle stop. Which minimum a start reaches is a
+# property of the optimiser too: from wider starts still, Adam at this page's
+# learning rate can rush past the covering minimum onto a peak, even the far one.
+# "Mode-seeking" describes the global minima and narrow starts, not every fit. On
+# this page you will fit the reverse KL from a grid of starts and see which minimum
+# each reaches, check that the covering Gaussian is a true minimum, find the width
+# at which the middle turns from a ridge into a valley, and see the landscapes of
+# both KL directions.
 
 # %% [markdown]
 # ## The set-up, from the forward-vs-reverse page
@@ -145,16 +148,47 @@ def minimum_reached(mu, sigma):
 
 # %% [markdown]
 # Narrow starts go to the peak on their side of the middle, where the divergence
-# is just under $\log 2$. Wide starts near the middle stop on the covering
+# is just under $\log 2$. Wider starts near the middle stop on the covering
 # Gaussian instead, at a divergence many times larger.
 #
+# ## Starts the grid leaves out: near the middle, and wider still
+#
+# Which minimum a start reaches is decided by the start, the loss surface and the
+# optimiser together. `OTHER_STARTS` adds a start of $\sigma = 2$ just left of the
+# middle, and four starts wider than any in the grid, fitted the same way (Adam,
+# `STEPS` steps at learning rate `LR`).
+# The first is narrow, but $Q$ widens past the ridge between the peaks (see the
+# next section) before $\mu$ leaves the middle, and it stops on the covering
+# Gaussian. Of the wide starts, Adam's first steps narrow some fast: on the way
+# down $\sigma$ drops below that ridge's width and the fit runs onto a peak, the
+# far one when it starts off-centre the other way. Change the optimiser and the
+# basins change: in the tests, Adam at a tenth of `LR`, run five times as long,
+# takes all four wide starts to the covering minimum (not run here, to keep the
+# page fast).
+
+# %%
+OTHER_STARTS = [(2.4, 2.0), (1.0, 12.0), (2.0, 12.0), (3.0, 12.0), (4.0, 12.0)]
+
+# %% active="ipynb"
+# other_fits = fit_gaussians({"reverse KL": reverse_kl}, OTHER_STARTS)["reverse KL"]
+# narrowest = other_fits[:, :, 1].amin(dim=0)  # smallest sigma on each path
+# for (mu0, sigma0), (mu, sigma, kl), low in zip(
+#     OTHER_STARTS, other_fits[-1], narrowest
+# ):
+#     print(f"from ({mu0:g}, {sigma0:g}): {minimum_reached(mu, sigma)},"
+#           f" mu = {mu:.4f}, sigma = {sigma:.4f}, KL(Q‖P) = {kl:.4f};"
+#           f" narrowest on the way: sigma = {low:.2f}")
+
+# %% [markdown]
 # ## The covering Gaussian is a true minimum
 #
 # It is not a saddle the fits crawl across: both eigenvalues of the Hessian of the
 # reverse KL in $(\mu, \log\sigma)$ there are positive (printed below). Along
 # $\mu$, the middle $\mu = 2.5$ is a ridge for narrow $Q$ and a valley floor for
 # wide $Q$; the curvature changes sign at the $\sigma$ printed below. For
-# unit-variance peaks a distance $d$ apart it is close to $d/\sqrt{2\pi}$: the
+# equal-weight, unit-variance peaks a distance $d$ apart (here 15) it is close to
+# $d/\sqrt{2\pi}$ once they are well separated, $d \gtrsim 4$, and smaller for
+# closer peaks (at $d \le 2$ the target has a single peak): the
 # curvature along $\mu$ at the middle is $1 - d^2\,\mathbb{E}_Q[r(1-r)]$, with $r$
 # the left peak's share of $p(x)$, and $\mathbb{E}_Q[r(1-r)] \approx
 # q(\mu)/d = 1/(d\,\sigma\sqrt{2\pi})$ when $Q$ is much wider than the $1/d$ over
@@ -237,7 +271,7 @@ def loss_landscape(loss, mus, sigmas):
 #
 # $P$ with the reverse KL's three minima; the last line prints how many standard
 # deviations of the widest $Q$ drawn on this page (starts and the forward fits'
-# overshoots included) the grid holds on each side.
+# overshoots and the wide starts included) the grid holds on each side.
 
 # %% active="ipynb" alt="P with the three minima of the reverse KL"
 # ends = {
@@ -252,7 +286,7 @@ def loss_landscape(loss, mus, sigmas):
 # ax.set(xlim=(-25, 30), xlabel="x", ylabel="density")
 # ax.legend(fontsize=7)
 # plt.show()
-# widest = max(t[:, :, 1].max() for t in grid_fits.values())
+# widest = max(t[:, :, 1].max() for t in [*grid_fits.values(), other_fits])
 # reach = min(mu_star - X_MIN, X_MAX - mu_star) / widest
 # print(f"widest Q: sigma = {widest:.2f}; the grid holds {reach:.2f} of them each side")
 
@@ -262,11 +296,15 @@ def loss_landscape(loss, mus, sigmas):
 # - The reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, of one distribution on a grid is
 #   `F.kl_div(log_p, log_q, reduction="sum", log_target=True)`, the target and
 #   input of the forward KL swapped.
-# - Its global minimum sits on one mode, and narrow starts reach the mode on their
-#   side: that is what "mode-seeking" describes.
+# - Its global minima sit on the modes (here two, equal by symmetry), and narrow
+#   starts to one side of the middle reach the mode on that side: that is what
+#   "mode-seeking" describes.
 # - It can have other local minima: here a wide Gaussian covering both modes, a
-#   true minimum (positive-definite Hessian) that wide starts near the middle
-#   reach, at a divergence far above the modes'. "Mode-seeking" is not a guarantee.
-# - Between two unit-variance modes a distance $d$ apart, the middle is a ridge for
-#   narrow $Q$ and a valley for $Q$ wider than about $d/\sqrt{2\pi}$.
+#   true minimum (positive-definite Hessian) that wider starts near the middle
+#   reach, at a divergence far above the modes'. "Mode-seeking" is not a guarantee,
+#   and which minimum a start reaches depends on the optimiser and its learning
+#   rate too.
+# - Between two well-separated (distance $d \gtrsim 4$), equal-weight,
+#   unit-variance modes, the middle is a ridge for narrow $Q$ and a valley for $Q$
+#   wider than about $d/\sqrt{2\pi}$; closer modes turn at a smaller width.
 # - Fit from several starts, narrow and wide, and compare the divergences reached.
