@@ -159,9 +159,10 @@ def minimum_reached(mu, sigma):
 # `STEPS` steps at learning rate `LR`).
 # The first is narrow, but $Q$ widens past the ridge between the peaks (see the
 # next section) before $\mu$ leaves the middle, and it stops on the covering
-# Gaussian. Of the wide starts, Adam's first steps narrow some fast: on the way
-# down $\sigma$ drops below that ridge's width and the fit runs onto a peak, the
-# far one when it starts off-centre the other way. Change the optimiser and the
+# Gaussian. Of the wide starts, Adam's first steps narrow two so fast that
+# $\sigma$ drops to about a peak's width (the narrowest $\sigma$ on each path is
+# printed), far below that ridge's width, and the fit runs onto a peak: the far
+# one, on the other side of the middle from its start. Change the optimiser and the
 # basins change: in the tests, Adam at a tenth of `LR`, run five times as long,
 # takes all four wide starts to the covering minimum (not run here, to keep the
 # page fast).

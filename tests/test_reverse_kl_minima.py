@@ -126,15 +126,15 @@ def test_takeaway_reverse_kl_of_one_row_is_the_swapped_call_with_reduction_sum()
     assert_close(copied, by_quadrature, rtol=1e-6, atol=0)
 
 
-def test_grid_holds_more_than_four_and_a_half_sigma_of_the_widest_q_on_the_page(
+def test_grid_holds_more_than_five_sigma_of_the_widest_q_on_the_page(
     grid_fits, other_fits
 ):
     widest = max(t[:, :, 1].max() for t in [*grid_fits.values(), other_fits])
     assert widest >= 12.0  # the wide starts of OTHER_STARTS count
     reach = min(page.mu_star - page.X_MIN, page.X_MAX - page.mu_star) / widest
-    assert reach > 4.5
+    assert reach > 5
     mass = page.log_q_on_grid(torch.tensor(2.5, dtype=F64), widest.log()).exp().sum()
-    assert mass > 1 - 1e-5
+    assert mass > 1 - 1e-6
 
 
 def test_reverse_kl_grid_starts_reach_the_minimum_the_table_names(reverse_fits):
@@ -167,12 +167,14 @@ def test_other_starts_reach_the_minima_the_page_names(other_fits):
         (3.0, 12.0): (-5.0, 1.0),  # the far peak: started right of the middle
         (4.0, 12.0): cover,
     }
-    ridge_width = page.ridge_to_valley_sigma()
     for i, start in enumerate(page.OTHER_STARTS):
         mu, sigma, _ = other_fits[-1, i].tolist()
         assert_close((mu, sigma), expected[start], rtol=0, atol=1e-4)
-        if expected[start] != cover:  # narrowed below the ridge's width on the way
-            assert other_fits[:, i, 1].min() < ridge_width
+        narrowest = other_fits[:, i, 1].min()
+        if expected[start] != cover:  # narrowed to about a peak's width on the way
+            assert narrowest < 1.5
+        else:  # never that narrow
+            assert narrowest > 1.5
     assert page.largest_recent_move(other_fits) < 1e-9
 
 
