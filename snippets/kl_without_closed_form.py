@@ -179,10 +179,12 @@ def monte_carlo_errors():
 # The mixture has no `rsample` (`has_rsample` is false): `sample` still gives an
 # unbiased value of the KL, but no gradient. The score function gives one: since
 # $\mathbb{E}_p[\nabla_\theta \log p_\theta] = 0$,
-# $\nabla_\theta D_{\mathrm{KL}}(p_\theta\,\|\,q) = \mathbb{E}_{x \sim
+#
+# $$\nabla_\theta D_{\mathrm{KL}}(p_\theta\,\|\,q) = \mathbb{E}_{x \sim
 # p_\theta}\big[(\log p_\theta(x) - \log q(x))\,\nabla_\theta \log
-# p_\theta(x)\big]$, the gradient of a surrogate whose log-ratio is detached. It
-# is unbiased and usually noisier than `rsample`. Below it is checked against the
+# p_\theta(x)\big],$$
+#
+# the gradient of a surrogate whose log-ratio is detached. It is unbiased and usually noisier than `rsample`. Below it is checked against the
 # gradient of the registered quadrature, with respect to the components' means.
 
 

@@ -20,9 +20,13 @@
 # ## Per token, in a padded batch
 #
 # The KL between sequence distributions splits by the chain rule into per-position
-# KLs: $D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})_{\text{seq}} =
+# KLs:
+#
+# $$D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})_{\text{seq}} =
 # \mathbb{E}_{y \sim \pi_\theta}\big[\sum_t D_{\mathrm{KL}}\big(\pi_\theta(\cdot
-# \mid y_{<t})\,\|\,\pi_{\text{ref}}(\cdot \mid y_{<t})\big)\big]$. Each
+# \mid y_{<t})\,\|\,\pi_{\text{ref}}(\cdot \mid y_{<t})\big)\big].$$
+#
+# Each
 # per-position KL is exact from the two logits tables (verl lists it as `"full"`);
 # $k_1$ and $k_3$ of the sampled token are its one-sample estimates. PPO-style RLHF
 # subtracts $\beta k_1$ per token from the reward and adds the task score at each
