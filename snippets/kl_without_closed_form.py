@@ -184,8 +184,9 @@ def monte_carlo_errors():
 # p_\theta}\big[(\log p_\theta(x) - \log q(x))\,\nabla_\theta \log
 # p_\theta(x)\big],$$
 #
-# the gradient of a surrogate whose log-ratio is detached. It is unbiased and usually noisier than `rsample`. Below it is checked against the
-# gradient of the registered quadrature, with respect to the components' means.
+# the gradient of a surrogate whose log-ratio is detached. It is unbiased and
+# usually noisier than `rsample`. Below it is checked against the gradient of the
+# registered quadrature, with respect to the components' means.
 
 
 # %%
