@@ -46,7 +46,14 @@ SCROLL_THROUGH = """async () => {
 
 BROKEN_IMAGES = """async () => {
   const images = [...document.images];
-  await Promise.all(images.map((image) => image.decode().catch(() => {})));
+  // a lazy image the scroll did not reach never settles its decode(): load every
+  // image now, and give each ten seconds, so a slow machine fails, never hangs
+  const settled = (image) => Promise.race([
+    image.decode().catch(() => {}),
+    new Promise((resolve) => setTimeout(resolve, 10000)),
+  ]);
+  images.forEach((image) => { image.loading = "eager"; });
+  await Promise.all(images.map(settled));
   return images.filter((image) => !image.complete || image.naturalWidth === 0)
                .map((image) => image.src);
 }"""
