@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 from torch.testing import assert_close
 
+from snippets import forward_reverse
 from snippets import mse_cosine as page
 
 SIGMA_STAR = math.sqrt(57.25)  # the forward-KL fit's width
@@ -340,3 +341,23 @@ def test_squared_errors_optima_are_neither_moment_matching_nor_reverse_kls(
         )
         # not a stationary point of the reverse KL
         assert torch.cat([g.flatten() for g in gradient]).norm() > 0.1
+
+
+def test_set_up_is_the_forward_reverse_pages():
+    # the page copies forward_reverse's grid and target so that it runs alone
+    assert (page.X_MIN, page.X_MAX, page.dx, page.DTYPE) == (
+        forward_reverse.X_MIN,
+        forward_reverse.X_MAX,
+        forward_reverse.dx,
+        forward_reverse.DTYPE,
+    )
+    assert_close(page.x, forward_reverse.x, rtol=0, atol=0)
+    assert_close(page.p, forward_reverse.p, rtol=0, atol=0)
+    mu = torch.tensor([[-3.0], [2.5]], dtype=page.DTYPE)
+    log_sigma = torch.tensor([[0.5], [2.0]], dtype=page.DTYPE)
+    assert_close(
+        page.log_q_on_grid(mu, log_sigma),
+        forward_reverse.log_q_on_grid(mu, log_sigma),
+        rtol=0,
+        atol=0,
+    )
