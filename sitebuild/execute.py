@@ -167,6 +167,9 @@ async def _execute_one(source: Path, directory: Path) -> float:
         timeout=CELL_TIMEOUT_S,
         allow_errors=False,
         record_timing=False,  # no timestamps in the published notebook
+        # Every output is in once the last cell replied; a graceful shutdown
+        # then waits ~1.5 s per page for the kernel to tear torch down.
+        shutdown_kernel="immediate",
     )
     started = time.perf_counter()
     try:
