@@ -12,6 +12,7 @@ modules it imports (they shape the notebook handed to the renderer).
 import ast
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from sitebuild import admonitions
+from sitebuild import admonitions, forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("mkdocs.plugins.sitebuild")
@@ -100,9 +102,14 @@ def imported_project_files(source: Path, root: Path = ROOT) -> set[Path]:
 
 
 def execute_pages(
-    sources: list[Path], cache_dir: Path, workers: int | None = None
+    sources: list[Path],
+    cache_dir: Path,
+    workers: int | None = None,
+    forked: bool = sys.platform == "linux",
 ) -> dict[Path, ExecutedPage]:
-    """Execute the pages whose outputs are not cached, ``workers`` at a time."""
+    """Execute the pages whose outputs are not cached, ``workers`` at a time, in
+    kernels ``forked`` from one that has imported torch (sitebuild.forkserver)
+    or started afresh: both give the same bytes."""
     workers = workers or os.cpu_count() or 1
     planned = {
         source: cache_dir / f"{source.stem}-{cache_key(source)}" for source in sources
@@ -110,7 +117,10 @@ def execute_pages(
     stale = [
         source for source, directory in planned.items() if not _complete(directory)
     ]
-    timings = _run(_execute_all(stale, planned, workers)) if stale else {}
+    timings = {}
+    if stale:
+        with _kernels(forked) as (kernel_manager, env):
+            timings = _run(_execute_all(stale, planned, workers, kernel_manager, env))
     for source, seconds in timings.items():
         log.info(f"executed {_shown(source)} in {seconds:.1f} s")
     _remove_outdated(cache_dir, planned)
@@ -131,12 +141,31 @@ def _run(coroutine):
         return thread.submit(asyncio.run, coroutine).result()
 
 
-async def _execute_all(stale, planned, workers) -> dict[Path, float]:
+class ForkedKernelManager(AsyncKernelManager):
+    """Starts ipykernel through sitebuild.forkserver instead of a new Python."""
+
+    def format_kernel_cmd(self, extra_arguments=None):
+        command = super().format_kernel_cmd(extra_arguments)
+        assert command[1:3] == ["-m", "ipykernel_launcher"], command
+        return [command[0], "-m", "sitebuild.forkserver", "launch", *command[3:]]
+
+
+@contextlib.contextmanager
+def _kernels(forked: bool):
+    """The kernel manager to run pages with, and the environment to run them in."""
+    if not forked:
+        yield AsyncKernelManager, kernel_environment()
+        return
+    with forkserver.running(kernel_environment()) as env:
+        yield ForkedKernelManager, env
+
+
+async def _execute_all(stale, planned, workers, kernel_manager, env):
     semaphore = asyncio.Semaphore(workers)
 
     async def run(source):
         async with semaphore:
-            return await _execute_one(source, planned[source])
+            return await _execute_one(source, planned[source], kernel_manager, env)
 
     results = await asyncio.gather(
         *(run(source) for source in stale), return_exceptions=True
@@ -151,7 +180,7 @@ async def _execute_all(stale, planned, workers) -> dict[Path, float]:
     return dict(zip(stale, results, strict=True))
 
 
-async def _execute_one(source: Path, directory: Path) -> float:
+async def _execute_one(source: Path, directory: Path, kernel_manager, env) -> float:
     shutil.rmtree(directory, ignore_errors=True)
     media = directory / "media"
     media.mkdir(parents=True)
@@ -164,6 +193,7 @@ async def _execute_one(source: Path, directory: Path) -> float:
     client = NotebookClient(
         notebook,
         kernel_name="python3",
+        kernel_manager_class=kernel_manager,
         timeout=CELL_TIMEOUT_S,
         allow_errors=False,
         record_timing=False,  # no timestamps in the published notebook
@@ -173,7 +203,7 @@ async def _execute_one(source: Path, directory: Path) -> float:
     )
     started = time.perf_counter()
     try:
-        await client.async_execute(cwd=str(media), env=kernel_environment())
+        await client.async_execute(cwd=str(media), env=env)
     except CellExecutionError as error:
         raise PageExecutionError(f"a cell raised\n{error}") from None
     seconds = time.perf_counter() - started

@@ -86,21 +86,3 @@ def test_processed_html_key_covers_requirements(tmp_path, monkeypatch):
     before = postprocess._key("<p>$x$</p>", "page.py", [], None)
     requirements.write_text("latex2mathml==2.0\n")
     assert postprocess._key("<p>$x$</p>", "page.py", [], None) != before
-
-
-def test_two_clean_executions_give_the_same_bytes(tmp_path):
-    page = ROOT / "snippets" / "kl_definition.py"  # random draws and a figure
-    first = execute.execute_pages([page], tmp_path / "first")[page]
-    second = execute.execute_pages([page], tmp_path / "second")[page]
-    assert not first.cached and not second.cached
-    produced = sorted(
-        path.relative_to(first.directory) for path in first.directory.rglob("*")
-    )
-    assert produced == sorted(
-        path.relative_to(second.directory) for path in second.directory.rglob("*")
-    )
-    for relative in produced:
-        if (first.directory / relative).is_file() and relative.name != "done.json":
-            assert (first.directory / relative).read_bytes() == (
-                second.directory / relative
-            ).read_bytes(), relative
