@@ -20,7 +20,9 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import nbformat
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from traitlets import default
 
 from sitebuild import admonitions, forkserver
 
@@ -141,7 +144,22 @@ def _run(coroutine):
         return thread.submit(asyncio.run, coroutine).result()
 
 
-class ForkedKernelManager(AsyncKernelManager):
+class LocalKernelManager(AsyncKernelManager):
+    """A kernel reached through Unix sockets, not TCP ports: with many kernels
+    starting at once (pages, and tests that build sites beside them), a port
+    picked as free could be taken before the kernel bound it, and the kernel died."""
+
+    @default("transport")
+    def _transport_default(self):
+        return "ipc"
+
+    @default("ip")  # the sockets' path prefix; absolute, as the kernel has its cwd
+    def _ip_default(self):
+        scratch = Path(tempfile.gettempdir())
+        return str(scratch / f"sitebuild-kernel-{uuid.uuid4().hex[:12]}")
+
+
+class ForkedKernelManager(LocalKernelManager):
     """Starts ipykernel through sitebuild.forkserver instead of a new Python."""
 
     def format_kernel_cmd(self, extra_arguments=None):
@@ -154,7 +172,7 @@ class ForkedKernelManager(AsyncKernelManager):
 def _kernels(forked: bool):
     """The kernel manager to run pages with, and the environment to run them in."""
     if not forked:
-        yield AsyncKernelManager, kernel_environment()
+        yield LocalKernelManager, kernel_environment()
         return
     with forkserver.running(kernel_environment()) as env:
         yield ForkedKernelManager, env

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 
 SOCKET_VARIABLE = "SITEBUILD_FORKSERVER"  # the kernel environment names the server
 READY = b"ready"
@@ -83,8 +84,10 @@ def _become_kernel(args: list[str], cwd: str, env: dict, launcher: int) -> None:
 
     try:
         IPKernelApp.launch_instance(argv=args)
-    finally:
-        os._exit(0)
+    except BaseException:  # SystemExit included: say why before leaving
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
 
 
 def _exit_with(pid: int) -> None:

@@ -4,6 +4,7 @@ indistinguishable from a fresh kernel for the page."""
 import json
 import os
 import sys
+import tempfile
 import time
 
 import nbformat
@@ -37,9 +38,13 @@ print(json.dumps({
 """
 
 
-def page_output(page: execute.ExecutedPage) -> dict:
+def page_text(page: execute.ExecutedPage) -> str:
     notebook = json.loads(page.download.read_text())
-    return json.loads("".join(notebook["cells"][0]["outputs"][0]["text"]))
+    return "".join(notebook["cells"][0]["outputs"][0]["text"])
+
+
+def page_output(page: execute.ExecutedPage) -> dict:
+    return json.loads(page_text(page))
 
 
 def executed(tmp_path, name, code, forked):
@@ -123,3 +128,19 @@ def test_two_clean_executions_give_the_same_bytes(three_clean_executions):
 def test_forked_and_fresh_kernels_give_the_same_bytes(three_clean_executions):
     forked, fresh = three_clean_executions["first"], three_clean_executions["fresh"]
     assert produced_bytes(forked) == produced_bytes(fresh)
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "fresh"])
+def test_kernels_listen_on_unix_sockets_that_are_removed_after(
+    tmp_path, monkeypatch, forked
+):
+    # A TCP port picked as free can be taken by another kernel (pages and the
+    # tests' builds start many at once) before this one binds it: then a kernel
+    # died, or the build hung sending to the wrong socket. Socket files can't clash.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    code = "# %%\nfrom ipykernel.kernelapp import IPKernelApp\n"
+    code += "print(IPKernelApp.instance().transport)\n"
+    page = executed(tmp_path, "sockets", code, forked=forked)
+    assert page_text(page) == "ipc\n"
+    assert not list((tmp_path / "scratch").glob("sitebuild-kernel-*"))
