@@ -156,7 +156,7 @@ class LocalKernelManager(AsyncKernelManager):
     @default("ip")  # the sockets' path prefix; absolute, as the kernel has its cwd
     def _ip_default(self):
         scratch = Path(tempfile.gettempdir())
-        return str(scratch / f"sitebuild-kernel-{uuid.uuid4().hex[:12]}")
+        return str(scratch / f"kernel-{uuid.uuid4().hex[:12]}")  # ≤ 107 bytes
 
 
 class ForkedKernelManager(LocalKernelManager):

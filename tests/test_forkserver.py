@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -137,10 +138,13 @@ def test_kernels_listen_on_unix_sockets_that_are_removed_after(
     # A TCP port picked as free can be taken by another kernel (pages and the
     # tests' builds start many at once) before this one binds it: then a kernel
     # died, or the build hung sending to the wrong socket. Socket files can't clash.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
-    (tmp_path / "scratch").mkdir()
+    scratch = Path(tempfile.mkdtemp(prefix="kl-"))  # short: socket paths are
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # at most 107 bytes
     code = "# %%\nfrom ipykernel.kernelapp import IPKernelApp\n"
-    code += "print(IPKernelApp.instance().transport)\n"
+    code += "app = IPKernelApp.instance()\nprint(app.transport, app.ip)\n"
     page = executed(tmp_path, "sockets", code, forked=forked)
-    assert page_text(page) == "ipc\n"
-    assert not list((tmp_path / "scratch").glob("sitebuild-kernel-*"))
+    transport, prefix = page_text(page).split()
+    assert transport == "ipc"
+    assert Path(prefix).parent == scratch
+    assert not list(scratch.iterdir())
+    scratch.rmdir()
