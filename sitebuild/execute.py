@@ -122,7 +122,8 @@ def execute_pages(
     ]
     timings = {}
     if stale:
-        with _kernels(forked) as (kernel_manager, env):
+        preload = preload_for(stale) if forked else []
+        with _kernels(preload) as (kernel_manager, env):
             timings = _run(_execute_all(stale, planned, workers, kernel_manager, env))
     for source, seconds in timings.items():
         log.info(f"executed {_shown(source)} in {seconds:.1f} s")
@@ -165,16 +166,30 @@ class ForkedKernelManager(LocalKernelManager):
     def format_kernel_cmd(self, extra_arguments=None):
         command = super().format_kernel_cmd(extra_arguments)
         assert command[1:3] == ["-m", "ipykernel_launcher"], command
-        return [command[0], "-m", "sitebuild.forkserver", "launch", *command[3:]]
+        return [command[0], str(forkserver.HERE), "launch", *command[3:]]
+
+
+def preload_for(sources: list[Path], root: Path = ROOT) -> list[str]:
+    """What a fork server should import for these pages: torch's heavy modules
+    if any of them imports torch (directly or through this checkout's modules)."""
+    imported = set()
+    helpers = (path for page in sources for path in imported_project_files(page, root))
+    for path in {*sources, *helpers}:
+        imported |= {
+            name.split(".")[0] for name in _imported_module_names(_python_code(path))
+        }
+    return forkserver.TORCH if "torch" in imported else []
 
 
 @contextlib.contextmanager
-def _kernels(forked: bool):
-    """The kernel manager to run pages with, and the environment to run them in."""
-    if not forked:
+def _kernels(preload: list[str]):
+    """The kernel manager to run pages with, and the environment to run them in:
+    forked from a server that has imported ``preload``, or, with nothing worth
+    preloading, fresh."""
+    if not preload:
         yield LocalKernelManager, kernel_environment()
         return
-    with forkserver.running(kernel_environment()) as env:
+    with forkserver.running(kernel_environment(), preload) as env:
         yield ForkedKernelManager, env
 
 

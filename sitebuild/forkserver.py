@@ -1,26 +1,30 @@
-"""Jupyter kernels forked from a process that has imported torch already.
+"""Processes forked from one that has imported torch already.
 
-Every page runs in a kernel of its own, and a fresh interpreter spends ~2.5 s of
-CPU importing torch (and, for pages with an optimizer, torch._dynamo) before the
-page's first line. A fork server imports them once; each kernel is a fork of it,
-so it starts with those modules loaded and nothing else: no variable, no seed,
-no figure of another page. Linux only (execute.py falls back to plain kernels).
+A fresh interpreter spends ~2.5 s of CPU importing torch (and, for code with an
+optimizer, torch._dynamo) before its first line; with twenty pages, each run by
+the build in a kernel of its own and by the tests as a copied script, that was
+most of the time. A fork server imports them once; each kernel or script runs in
+a fork of it, so it starts with those modules loaded and nothing else: no
+variable, no seed, no figure of another page. Linux only: the build falls back
+to plain kernels elsewhere. The server uses nothing outside the standard library
+until it preloads, so it runs as ``python -I`` for copied scripts too.
 
-Two processes per kernel, because Jupyter manages a kernel as a child process:
-
-- ``python -m sitebuild.forkserver serve SOCKET FD`` imports the heavy modules,
-  writes to file descriptor FD that it is ready, then forks one kernel for each
-  request on the Unix socket SOCKET;
-- ``python -m sitebuild.forkserver launch ARGS...`` is what Jupyter starts in
+- ``python sitebuild/forkserver.py serve SOCKET FD MODULE...`` imports MODULEs,
+  writes to file descriptor FD that it is ready, then forks a child for each
+  request on the Unix socket SOCKET: a Jupyter kernel, or a script.
+- ``python sitebuild/forkserver.py launch ARGS...`` is what Jupyter starts in
   place of ``python -m ipykernel_launcher ARGS...``: it asks the server for a
   kernel, passes signals on to it, and exits when it ends. When Jupyter kills
   the launcher, the kernel notices and exits too.
+- ``run_script`` runs a script in a fork, as ``python -I script`` would.
 """
 
+import atexit
 import contextlib
 import importlib.util
 import json
 import os
+import runpy
 import select
 import signal
 import socket
@@ -29,27 +33,25 @@ import sys
 import tempfile
 import threading
 import traceback
+from pathlib import Path
 
 SOCKET_VARIABLE = "SITEBUILD_FORKSERVER"  # the kernel environment names the server
 READY = b"ready"
-# Imported once, before any fork: what most pages import, and what the first
-# optimizer step or dispatch mode imports (torch._dynamo, ~1.5 s on its own).
-# Not ipykernel: its settings read the environment Jupyter gives each kernel
+HERE = Path(__file__).resolve()
+# What kernels preload: what most pages import, and what the first optimizer
+# step or dispatch mode imports (torch._dynamo, ~1.5 s on its own). Not
+# ipykernel: its settings read the environment Jupyter gives each kernel
 # (JPY_PARENT_PID) when their classes are defined, so it is imported after.
-PRELOADED = [
-    "torch",
-    "torch._dynamo",
-    "torch.distributions",
-    "torch.nn.functional",
-    "numpy",
-]
+TORCH = ["torch", "torch._dynamo", "torch.distributions", "torch.nn.functional"]
 
 
-def serve(socket_path: str, ready_fd: str) -> None:
-    """Preload, say READY on ``ready_fd``, then fork a kernel per request."""
-    for module in PRELOADED:
-        __import__(module)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps nothing here
+def serve(socket_path: str, ready_fd: str, *modules: str) -> None:
+    """Preload ``modules``, say READY on ``ready_fd``, then fork per request."""
+    if sys.path and os.path.realpath(sys.path[0]) == str(HERE.parent):
+        del sys.path[0]  # the directory of this file, not of the code to run
+    for module in modules:
+        importlib.import_module(module)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the children reap themselves
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen()
@@ -57,27 +59,35 @@ def serve(socket_path: str, ready_fd: str) -> None:
     os.close(int(ready_fd))
     while True:
         connection, _ = server.accept()
-        with connection:
-            request = json.loads(_read_all(connection))
-            assert threading.active_count() == 1, "fork only a single thread"
-            pid = os.fork()
-            if pid == 0:
-                connection.close()  # else the launcher waits for its end
-                server.close()
-                _become_kernel(**request)  # never returns
+        request = json.loads(_read_until_shut(connection))
+        assert threading.active_count() == 1, "fork only a single thread"
+        pid = os.fork()
+        if pid == 0:
+            server.close()
+            _in_the_child(connection, **request)  # never returns
+        if request["kind"] == "kernel":
             connection.sendall(json.dumps({"pid": pid}).encode())
+        connection.close()  # a script's child answers on it when it ends
 
 
-def _become_kernel(args: list[str], cwd: str, env: dict, launcher: int) -> None:
-    """In the fork: the state ``python -m ipykernel_launcher ARGS`` would start
-    from in ``cwd`` with ``env``, then the kernel, until it or the launcher ends."""
+def _in_the_child(connection, kind: str, cwd: str, env: dict, **request) -> None:
+    """The state a new process would start from in ``cwd`` with ``env``."""
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # pages run subprocesses (ffmpeg)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    del os.environ[SOCKET_VARIABLE]  # the page sees the environment it would see
-    del sys.path[0]  # the server's directory; ipykernel_launcher drops its own
+    os.environ.pop(SOCKET_VARIABLE, None)  # the page sees what it would see
+    if kind == "kernel":
+        connection.close()  # the launcher reads its kernel's pid to the end
+        _become_kernel(**request)
+    else:
+        _run_script_here(connection, **request)
+
+
+def _become_kernel(args: list[str], launcher: int) -> None:
+    """The kernel ``python -m ipykernel_launcher ARGS`` would start, until it or
+    the launcher ends."""
     sys.argv = [importlib.util.find_spec("ipykernel_launcher").origin, *args]
     _exit_with(launcher)
     from ipykernel.kernelapp import IPKernelApp
@@ -101,15 +111,33 @@ def _exit_with(pid: int) -> None:
     threading.Thread(target=wait_then_exit, daemon=True).start()
 
 
+def _run_script_here(connection, script: str, stdout: str, stderr: str) -> None:
+    """Run ``script`` as ``__main__``, its output to the files ``stdout`` and
+    ``stderr``; answer its exit status on ``connection``, then exit."""
+    for fd, path in [(1, stdout), (2, stderr)]:
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [script]
+    status = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit:  # as the interpreter reports it
+        status = exit.code if isinstance(exit.code, int) else exit.code is not None
+        if not isinstance(exit.code, int | None):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    connection.sendall(json.dumps({"status": int(status)}).encode())
+    os._exit(int(status))
+
+
 def launch(args: list[str]) -> None:
     """Start a forked kernel with ipykernel's arguments ``args``; wait for it."""
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(os.environ[SOCKET_VARIABLE])
-    request = {"args": args, "cwd": os.getcwd(), "env": dict(os.environ)}
-    request["launcher"] = os.getpid()
-    client.sendall(json.dumps(request).encode())
-    client.shutdown(socket.SHUT_WR)
-    kernel = json.loads(_read_all(client))["pid"]
+    request = {"kind": "kernel", "args": args, "launcher": os.getpid()}
+    kernel = _ask(os.environ[SOCKET_VARIABLE], request)["pid"]
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _, kernel=kernel: os.kill(kernel, signum))
     ended = os.pidfd_open(kernel)
@@ -121,17 +149,40 @@ def launch(args: list[str]) -> None:
             continue
 
 
+def run_script(socket_path: str, script: Path, env: dict, timeout: float) -> tuple:
+    """Run ``script`` in a fork, in its directory with ``env``, as ``python -I
+    script`` would. Returns its exit status, stdout and stderr."""
+    output = {name: script.with_suffix(f".{name}") for name in ("stdout", "stderr")}
+    request = {"kind": "script", "script": str(script), "cwd": str(script.parent)}
+    request |= {"env": env, **{name: str(path) for name, path in output.items()}}
+    answer = _ask(socket_path, request, timeout)
+    status = answer.get("status", "killed by a signal")
+    return status, output["stdout"].read_text(), output["stderr"].read_text()
+
+
+def _ask(socket_path: str, request: dict, timeout: float | None = None) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(socket_path)
+        request.setdefault("cwd", os.getcwd())
+        request.setdefault("env", dict(os.environ))
+        client.sendall(json.dumps(request).encode())
+        client.shutdown(socket.SHUT_WR)
+        answer = _read_until_shut(client)
+    return json.loads(answer) if answer else {}
+
+
 @contextlib.contextmanager
-def running(env: dict[str, str]):
-    """A fork server started with ``env``; yields ``env`` plus what a launcher
-    needs to find it. Stopped on exit; its kernels are stopped by Jupyter."""
-    with tempfile.TemporaryDirectory(prefix="sitebuild-forkserver-") as scratch:
+def running(env: dict[str, str], preload: list[str], isolated: bool = False):
+    """A fork server that has imported ``preload``, started with ``env`` (and
+    ``-I`` when ``isolated``); yields ``env`` plus what a launcher needs to find
+    it. Stopped on exit; Jupyter stops its kernels."""
+    with tempfile.TemporaryDirectory(prefix="forkserver-") as scratch:
         socket_path = os.path.join(scratch, "socket")
         ready_read, ready_write = os.pipe()
-        command = [sys.executable, "-m", "sitebuild.forkserver", "serve", socket_path]
-        server = subprocess.Popen(
-            [*command, str(ready_write)], env=env, pass_fds=[ready_write]
-        )
+        python = [sys.executable, "-I"] if isolated else [sys.executable]
+        command = [*python, str(HERE), "serve", socket_path, str(ready_write)]
+        server = subprocess.Popen([*command, *preload], env=env, pass_fds=[ready_write])
         os.close(ready_write)
         try:
             with os.fdopen(ready_read, "rb") as ready:
@@ -143,7 +194,7 @@ def running(env: dict[str, str]):
             server.wait()
 
 
-def _read_all(connection: socket.socket) -> bytes:
+def _read_until_shut(connection: socket.socket) -> bytes:
     chunks = []
     while chunk := connection.recv(65536):
         chunks.append(chunk)
@@ -157,4 +208,4 @@ if __name__ == "__main__":
     elif command == "launch":
         launch(rest)
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} serve SOCKET FD | launch ARGS...")
+        raise SystemExit(f"usage: {sys.argv[0]} serve SOCKET FD MODULE...|launch ARGS")

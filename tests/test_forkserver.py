@@ -26,7 +26,9 @@ WHAT_A_PAGE_SEES = """\
 # %%
 import json, os, subprocess, sys
 from pathlib import Path
+import torch  # the build forks kernels for pages that import torch
 print(json.dumps({
+    "forked": os.getppid() != int(os.environ["JPY_PARENT_PID"]),
     "argv[0]": sys.argv[0],
     "argv after the connection file": sys.argv[3:],
     "path": sys.path,
@@ -70,8 +72,9 @@ def assert_ended(pid: int, within_s: float = 5.0) -> None:
 def test_a_forked_kernel_shows_the_page_what_a_fresh_kernel_shows(tmp_path):
     forked = executed(tmp_path, "what_a_page_sees", WHAT_A_PAGE_SEES, forked=True)
     fresh = executed(tmp_path, "what_a_page_sees", WHAT_A_PAGE_SEES, forked=False)
-    seen = page_output(forked)
-    assert seen == page_output(fresh)
+    seen, seen_fresh = page_output(forked), page_output(fresh)
+    assert seen.pop("forked") and not seen_fresh.pop("forked")
+    assert seen == seen_fresh
     assert seen["exit status of a subprocess"] == 3  # SIGCHLD is not ignored
     assert "SITEBUILD_FORKSERVER" not in seen["environment"]
 
@@ -81,7 +84,7 @@ def test_a_forked_kernel_ends_with_its_launcher_while_the_server_runs(tmp_path):
     # the kernel must not linger (holding its memory) until the build ends.
     cell = nbformat.v4.new_code_cell("import os\nos.getpid()")
     notebook = nbformat.v4.new_notebook(cells=[cell])
-    with forkserver.running(execute.kernel_environment()) as env:
+    with forkserver.running(execute.kernel_environment(), ["torch"]) as env:
         NotebookClient(
             notebook,
             kernel_name="python3",
@@ -93,7 +96,7 @@ def test_a_forked_kernel_ends_with_its_launcher_while_the_server_runs(tmp_path):
 
 def test_a_page_that_hangs_fails_naming_it_and_leaves_no_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(execute, "CELL_TIMEOUT_S", 3)
-    hangs = "# %%\nimport os, time\nopen('pid', 'w').write(str(os.getpid()))\n"
+    hangs = "# %%\nimport os, time, torch\nopen('pid', 'w').write(str(os.getpid()))\n"
     hangs += "time.sleep(600)\n"
     with pytest.raises(execute.PageExecutionError, match="snippets/hangs.py"):
         executed(tmp_path, "hangs", hangs, forked=True)
@@ -140,7 +143,7 @@ def test_kernels_listen_on_unix_sockets_that_are_removed_after(
     # died, or the build hung sending to the wrong socket. Socket files can't clash.
     scratch = Path(tempfile.mkdtemp(prefix="kl-"))  # short: socket paths are
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # at most 107 bytes
-    code = "# %%\nfrom ipykernel.kernelapp import IPKernelApp\n"
+    code = "# %%\nimport torch\nfrom ipykernel.kernelapp import IPKernelApp\n"
     code += "app = IPKernelApp.instance()\nprint(app.transport, app.ip)\n"
     page = executed(tmp_path, "sockets", code, forked=forked)
     transport, prefix = page_text(page).split()
@@ -148,3 +151,18 @@ def test_kernels_listen_on_unix_sockets_that_are_removed_after(
     assert Path(prefix).parent == scratch
     assert not list(scratch.iterdir())
     scratch.rmdir()
+
+
+def test_torch_is_preloaded_only_for_pages_that_import_it(tmp_path):
+    # A small site's pages (the tests build several) gain nothing from a server
+    # that spends ~3 s importing torch; a page that imports it through a helper
+    # module of the checkout does.
+    (tmp_path / "snippets").mkdir()
+    plain = tmp_path / "snippets" / "plain.py"
+    plain.write_text("# %%\nprint(1)\n")
+    helper = tmp_path / "snippets" / "_helper.py"
+    helper.write_text("import torch.nn.functional as F\n")
+    indirect = tmp_path / "snippets" / "indirect.py"
+    indirect.write_text("# %%\nfrom snippets._helper import F\n")
+    assert execute.preload_for([plain], tmp_path) == []
+    assert execute.preload_for([plain, indirect], tmp_path) == forkserver.TORCH

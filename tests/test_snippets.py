@@ -12,6 +12,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from sitebuild import forkserver
 from sitebuild.pages import shown_code_cells, snippet_pages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,19 +68,21 @@ def test_importing_a_snippet_prints_plots_and_writes_nothing(imports, name):
     assert report["files"] == [], "import wrote files"
 
 
-def run_as_shown(page: Path, workdir: Path) -> subprocess.CompletedProcess:
-    """The page's shown code cells, joined, in a fresh interpreter that has the
-    requirements but nothing from this checkout (-I, another directory)."""
+COPIED_ENVIRONMENT = {"MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}
+PRELOADED = [*forkserver.TORCH, "numpy", "matplotlib.pyplot"]
+
+
+def run_as_shown(page: Path, workdir: Path, server: str) -> tuple[int, str]:
+    """The page's shown code cells, joined, run as ``python -I`` runs a script in
+    another directory: with the requirements and nothing from this checkout. It
+    runs in a fork of such an interpreter that has imported torch, numpy and
+    matplotlib, and nothing else (sitebuild/forkserver.py): the imports are the
+    costly part, and the code still has to import every name it uses."""
     script = workdir / f"copied_from_{page.stem}.py"
     script.write_text(shown_code(page))
-    return subprocess.run(
-        [sys.executable, "-I", script.name],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env={"MPLBACKEND": "Agg", "HOME": str(workdir), "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
+    env = COPIED_ENVIRONMENT | {"HOME": str(workdir)}
+    status, _, stderr = forkserver.run_script(server, script, env, timeout=600)
+    return status, stderr
 
 
 def shown_code(page: Path) -> str:
@@ -97,34 +100,63 @@ def passed_marker(page: Path) -> Path:
     return PASSED_RUNS / f"{page.stem}-{digest.hexdigest()[:16]}"
 
 
-def run_unless_passed(page: Path, workdir: Path) -> str | None:
+def run_unless_passed(page: Path, workdir: Path, server: str) -> str | None:
     """None when the page's code runs as shown; else the end of its traceback."""
     marker = passed_marker(page)
     if marker.exists():
         return None
-    result = run_as_shown(page, workdir)
-    if result.returncode != 0:
-        return result.stderr[-3000:]
+    status, stderr = run_as_shown(page, workdir, server)
+    if status != 0:
+        return f"exit status {status}\n{stderr[-3000:]}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return None
 
 
 @pytest.fixture(scope="module")
-def runs_as_shown(tmp_path_factory):
+def copy_server(tmp_path_factory):
+    """The fork server that copied code runs in (see run_as_shown)."""
+    home = COPIED_ENVIRONMENT | {"HOME": str(tmp_path_factory.mktemp("server"))}
+    with forkserver.running(home, PRELOADED, isolated=True) as env:
+        yield env[forkserver.SOCKET_VARIABLE]
+
+
+@pytest.fixture(scope="module")
+def runs_as_shown(tmp_path_factory, copy_server):
     """Every page run as shown, as many at once as there are cores."""
     workdirs = {page: tmp_path_factory.mktemp(page.stem) for page in PAGES}
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         futures = {
-            page: pool.submit(run_unless_passed, page, workdirs[page]) for page in PAGES
+            page: pool.submit(run_unless_passed, page, workdirs[page], copy_server)
+            for page in PAGES
         }
         return {page.stem: future.result() for page, future in futures.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_page_code_runs_as_shown_in_a_fresh_interpreter(runs_as_shown, name):
+def test_page_code_runs_as_shown_with_only_the_requirements(runs_as_shown, name):
     assert runs_as_shown[name] is None, runs_as_shown[name]
+
+
+COPY_MISTAKES = {
+    "a name used without its import": ("x = torch.zeros(2)", 1, "NameError"),
+    "an import from this checkout": ("import sitebuild", 1, "ModuleNotFoundError"),
+    "an exit status": ("raise SystemExit(3)", 3, ""),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", COPY_MISTAKES)
+def test_copied_code_fails_as_it_would_in_a_fresh_interpreter(
+    tmp_path, copy_server, mistake
+):
+    code, expected_status, expected_error = COPY_MISTAKES[mistake]
+    page = tmp_path / "page.py"
+    page.write_text(f"# %%\n{code}\n")
+    status, stderr = run_as_shown(page, tmp_path, copy_server)
+    assert status == expected_status
+    assert expected_error in stderr
 
 
 @pytest.mark.parametrize("page", PAGES, ids=NAMES)
