@@ -68,7 +68,10 @@ def test_importing_a_snippet_prints_plots_and_writes_nothing(imports, name):
     assert report["files"] == [], "import wrote files"
 
 
+# One thread, as the tests and the build's kernels: two copies run at once beside
+# them, and torch's thread pools, oversubscribed, made them run 5x slower.
 COPIED_ENVIRONMENT = {"MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}
+COPIED_ENVIRONMENT |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PRELOADED = [*forkserver.TORCH, "numpy", "matplotlib.pyplot"]
 
 
