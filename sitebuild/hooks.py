@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sitebuild import (  # noqa: E402
+    claims,
     execute,
     mathfont,
     notebook_html,
@@ -54,6 +55,9 @@ def on_files(files, config):
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     content = report.build_report(executed)
     files.append(File.generated(config, report.SITE_PATH, content=content))
+    titles = {source.stem: pages.title(source) for source in executed}
+    claims_page = claims.claims_page(ROOT, titles)
+    files.append(File.generated(config, claims.SITE_PATH, content=claims_page))
     return files
 
 
@@ -69,6 +73,11 @@ def on_nav(nav, config, files):
 
 
 def on_page_content(html, page, config, files):
+    if page.file.src_uri.endswith(".py"):
+        try:
+            html = claims.render(html, page.file.src_uri.removesuffix(".py"))
+        except claims.UnknownClaim as error:
+            raise PluginError(str(error)) from None
     html, characters = page_cache.process(
         html, page.file.src_uri, files, config.get("repo_url")
     )

@@ -29,3 +29,13 @@ def shown_code_cells(page: Path) -> list[str]:
         if cell.cell_type == "code"
         and HIDDEN_INPUT_TAG not in cell.metadata.get("tags", [])
     ]
+
+
+def title(page: Path) -> str:
+    """The page's first heading, as the reader sees it."""
+    for cell in jupytext.read(page).cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line.removeprefix("# ").strip()
+    return page.stem

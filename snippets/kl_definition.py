@@ -6,10 +6,16 @@
 # paid for modelling samples of $P$ with $Q$. In PyTorch, with a model's logits
 # `logits_q` and target probabilities `p` in rows,
 # `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")` computes its
-# mean over the rows: the model goes first, in log space. `kl_divergence` on two
-# `Categorical` distributions built with `logits=` agrees; built with `probs=`, it
-# does not once probabilities fall below float32's machine epsilon, as most of a
-# language model's vocabulary does.
+# mean over the rows: the model goes first, in log space.
+# {✓ test_headline_call_is_the_mean_kl_per_row} `kl_divergence` on two
+# `Categorical` distributions built with `logits=` agrees
+# {✓ test_kl_at_scale::
+# test_recommended_calls_match_float64_definition_in_value_and_gradient}; built
+# with `probs=`, it does not once probabilities fall below float32's machine
+# epsilon {✓ test_kl_at_scale::
+# test_probs_categorical_underestimates_below_eps_the_reviews_probe},
+# as most of a peaked model's 32,000-class vocabulary does
+# {✓ test_kl_at_scale::test_most_of_the_32k_vocabulary_lies_below_float32_eps}.
 #
 # On this page you will:
 #
@@ -34,13 +40,16 @@
 #
 # $$D_{\mathrm{KL}}(P\,\|\,Q) = \int p(x)\,\log\frac{p(x)}{q(x)}\,\mathrm{d}x$$
 #
-# With the natural logarithm the unit is the *nat* (PyTorch's unit everywhere);
-# divide by $\log 2$ for bits. Two conventions complete the definition:
+# With the natural logarithm the unit is the *nat*, the unit of every PyTorch call
+# on this page {✓ test_three_ways_agree_to_float32_precision}; divide by $\log 2$
+# for bits. Two conventions complete the definition:
 #
 # - $0 \cdot \log\frac{0}{q} = 0$: outcomes that $P$ never produces cost nothing
 #   (the limit of $t \log t$ as $t \to 0$);
+#   {✓ test_zero_probability_outcomes_contribute_nothing}
 # - $p \cdot \log\frac{p}{0} = +\infty$ for $p > 0$: if $Q$ rules out something
 #   that $P$ produces, the divergence is infinite.
+#   {✓ test_q_zero_where_p_positive_gives_infinite_kl}
 
 # %%
 import torch
@@ -59,10 +68,12 @@ def kl_by_definition(p, q):
 
 # %% [markdown]
 # `torch.xlogy(x, y)` computes $x \log y$ and returns 0 where $x = 0$ (unless $y$
-# is NaN: a NaN from upstream stays NaN), which is exactly the first convention;
+# is NaN: a NaN from upstream stays NaN), which is exactly the first convention
+# {✓ test_xlogy_returns_zero_where_x_is_zero_unless_y_is_nan};
 # where $p > 0$ and $q = 0$ it returns $-\infty$, so the divergence comes out
 # $+\infty$, the second. The formula as usually typed,
-# `p * (p / q).log()`, evaluates $0 \cdot (-\infty)$ where $p = 0$ and returns NaN:
+# `p * (p / q).log()`, evaluates $0 \cdot (-\infty)$ where $p = 0$ and returns NaN
+# {✓ test_naive_formula_returns_nan_when_p_has_a_zero}:
 
 # %%
 p_with_zero = torch.tensor([0.5, 0.5, 0.0])
@@ -82,8 +93,10 @@ kl_naive = (p_with_zero * (p_with_zero / q_positive).log()).sum()
 # ## A worked example: three outcomes
 #
 # Take a target $P$ and a model $Q$ over three outcomes. Each outcome contributes
-# $P(x) \log \frac{P(x)}{Q(x)}$: negative where $Q$ puts more mass than $P$,
-# positive where it puts less. The terms can be negative; their sum cannot.
+# $P(x) \log \frac{P(x)}{Q(x)}$ {✓ test_kl_by_definition_matches_the_sum_formula}:
+# negative where $Q$ puts more mass than $P$, positive where it puts less. The
+# terms can be negative; their sum cannot.
+# {✓ test_terms_can_be_negative_but_their_sum_cannot}
 
 # %%
 p = torch.tensor([0.7, 0.2, 0.1])
@@ -119,7 +132,8 @@ kl_qp = kl_by_definition(q, p)
 # %% [markdown]
 # ## Three calls, and the one that breaks at scale
 #
-# `F.kl_div` takes the **model's log-probabilities first** and the target second,
+# `F.kl_div` takes the **model's log-probabilities first** and the target second
+# {✓ test_three_ways_agree_to_float32_precision},
 # the reverse of the order in $D_{\mathrm{KL}}(P\,\|\,Q)$; `reduction="sum"` adds
 # up the terms. `kl_divergence` takes two distribution objects in the mathematical
 # order. Here `q` is given as probabilities, so `q.log()` is its log; a model's
@@ -136,12 +150,18 @@ kl_with_distributions = kl_divergence(Categorical(probs=p), Categorical(probs=q)
 # print(f"kl_divergence(P, Q):     {kl_with_distributions:.6f}")
 
 # %% [markdown]
-# The three agree here. They do not all agree on a language model's vocabulary:
+# The three agree here. {✓ test_three_ways_agree_to_float32_precision} They do not
+# all agree on a language model's vocabulary:
 # `Categorical` built with `probs=` clamps every probability below
-# `torch.finfo(dtype).eps` up to it, and on 32,000 classes its value and gradient
+# `torch.finfo(dtype).eps` {✓ test_machine_epsilon_named_in_the_prose_is_float32s} up
+# to it, and on 32,000 classes its value and gradient
 # are visibly wrong, while `F.kl_div` on `log_softmax` outputs and `Categorical`
 # built with `logits=` stay exact to rounding: the page
 # [KL at vocabulary scale](kl_at_scale.py) measures all three.
+# {✓ test_kl_at_scale::
+# test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient}
+# {✓ test_kl_at_scale::
+# test_recommended_calls_match_float64_definition_in_value_and_gradient}
 
 # %% [markdown]
 # ### Values versus gradients
@@ -149,12 +169,16 @@ kl_with_distributions = kl_divergence(Categorical(probs=p), Categorical(probs=q)
 # `torch.xlogy` fixes the *value* of $0 \cdot \log 0$, not its gradient. Train a
 # model through the definition and let one of its probabilities underflow to 0
 # where $P$ is 0 too: the derivative of $p \log q$ with respect to $q$ is
-# $p / q = 0/0$, NaN, and it reaches every logit through the softmax. `F.kl_div`
-# on `log_softmax` outputs never divides by $q$: its gradient with respect to the
-# model's log-probabilities is $-P$, finite. With respect to the *target* it is
-# not: the target's term `xlogy(target, target)` has no derivative at 0, and a
-# trainable target with a zero gets NaN there (more on
+# $p / q = 0/0$, NaN, and it reaches every logit through the softmax.
+# {✓ test_definition_gradient_is_nan_where_p_and_q_are_both_zero} `F.kl_div`
+# on `log_softmax` outputs gives the same value and never divides by $q$: its
+# gradient with respect to the model's log-probabilities is $-P$, finite.
+# {✓ test_kl_div_on_log_softmax_has_the_same_value_and_a_finite_gradient} With
+# respect to the *target* it is not: the target's term `xlogy(target, target)`
+# has no derivative at 0, and a trainable target with a zero gets NaN there (more on
 # [argument order](argument_order.py), where the target is a network's output).
+# {✓ test_kl_div_gradient_is_finite_for_log_probabilities_but_nan_for_a_zero_target}
+# {✓ test_kl_div_gradients_at_vocabulary_size_finite_for_input_nan_for_zero_target}
 
 # %%
 p_zero = torch.tensor([0.6, 0.4, 0.0])
@@ -188,7 +212,8 @@ kl_target_side = F.kl_div(
 # $$-D_{\mathrm{KL}}(P\,\|\,Q) = \mathbb{E}_P\left[\log \frac{Q}{P}\right]
 #   \le \log \mathbb{E}_P\left[\frac{Q}{P}\right] \le \log 1 = 0.$$
 #
-# Ten thousand random pairs of distributions over five outcomes:
+# Over ten thousand random pairs of distributions over five outcomes, none is
+# negative {✓ test_kl_is_never_negative}:
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
@@ -205,10 +230,12 @@ kl_batch = kl_by_definition(p_batch, q_batch)
 # ### Zero exactly when P = Q
 #
 # $D_{\mathrm{KL}}(P\,\|\,P)$ is exactly 0, even in floating point: the two sums
-# are the same numbers. Move a little mass and it becomes small but positive. The
+# are the same numbers. Move a little mass and it becomes small but positive.
+# {✓ test_kl_is_zero_iff_distributions_equal} The
 # "only when" holds down to rounding: two float32 distributions that differ by
-# about $10^{-7}$ can give 0 or a value just below it (more on the
+# less than $10^{-7}$ can give 0 or a value just below it (more on the
 # [numerical pitfalls](numerical_pitfalls.py) page).
+# {✓ test_distinct_float32_distributions_can_round_to_a_non_positive_kl}
 
 # %%
 kl_pp = kl_by_definition(p, p)
@@ -229,9 +256,10 @@ kl_close = kl_by_definition(p_close, q_close)
 # ### Asymmetric, and not a metric
 #
 # Swapping the arguments changes the value: the example above gives two different
-# numbers for $D_{\mathrm{KL}}(P\,\|\,Q)$ and $D_{\mathrm{KL}}(Q\,\|\,P)$. It also
+# numbers for $D_{\mathrm{KL}}(P\,\|\,Q)$ and $D_{\mathrm{KL}}(Q\,\|\,P)$.
+# {✓ test_kl_is_asymmetric} It also
 # breaks the triangle inequality: going from $A$ to $C$ directly can cost more than
-# going through $B$.
+# going through $B$. {✓ test_kl_breaks_the_triangle_inequality}
 
 # %%
 a = torch.tensor([0.1, 0.9])
@@ -246,11 +274,15 @@ kl_ab_plus_kl_bc = kl_by_definition(a, b) + kl_by_definition(b, c)
 # print(f"KL(A‖C) = {kl_ac:.4f}   KL(A‖B) + KL(B‖C) = {kl_ab_plus_kl_bc:.4f}")
 
 # %% [markdown]
-# If you need a symmetric quantity, the Jensen–Shannon divergence is symmetric,
-# and its square root is a metric:
+# If you need a symmetric quantity, use the Jensen–Shannon divergence:
 #
 # $$\mathrm{JS}(P, Q) = \tfrac12 D_{\mathrm{KL}}(P\,\|\,M)
 #   + \tfrac12 D_{\mathrm{KL}}(Q\,\|\,M), \qquad M = \tfrac12(P + Q)$$
+#
+# It is symmetric and its square root obeys the triangle inequality
+# {✓ test_jensen_shannon_is_symmetric_and_its_root_obeys_the_triangle_inequality};
+# it is at most $\log 2$, reached when the supports are disjoint
+# {✓ test_jensen_shannon_is_at_most_log_2_reached_by_disjoint_supports}.
 
 
 # %%
@@ -270,10 +302,14 @@ js_ab_plus_js_bc = js_divergence(a, b).sqrt() + js_divergence(b, c).sqrt()
 # ## Cross-entropy is entropy plus KL
 #
 # The cross-entropy $H(P, Q) = -\sum_x P(x) \log Q(x)$ is the entropy of the
-# target, $H(P)$, plus $D_{\mathrm{KL}}(P\,\|\,Q)$. $H(P)$ does not depend on $Q$,
-# so minimising one over $Q$ minimises the other, with the same gradient; but the
-# two losses do not share a default scale, which matters when you replace one by
-# the other: see [cross-entropy and KL](cross_entropy_kl.py).
+# target, $H(P)$, plus $D_{\mathrm{KL}}(P\,\|\,Q)$
+# {✓ test_cross_entropy_kl::test_cross_entropy_is_entropy_plus_kl}. $H(P)$ does
+# not depend on $Q$, so minimising one over $Q$ minimises the other, with the same
+# gradient {✓ test_cross_entropy_kl::
+# test_cross_entropy_and_kl_have_the_same_gradient}; but the two losses do not
+# share a default scale {✓ test_cross_entropy_kl::
+# test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes}, which matters
+# when you replace one by the other: see [cross-entropy and KL](cross_entropy_kl.py).
 
 # %% [markdown]
 # ## The continuous case
@@ -286,6 +322,7 @@ js_ab_plus_js_bc = js_divergence(a, b).sqrt() + js_divergence(b, c).sqrt()
 #
 # which `kl_divergence` implements for `Normal` pairs. Integrating the definition
 # numerically on a fine grid (in log space, with `log_prob`) gives the same value.
+# {✓ test_gaussian_kl_closed_form_library_and_integral_agree}
 
 
 # %%
@@ -316,14 +353,23 @@ kl_normal = kl_divergence(p_normal, q_normal)
 # %% [markdown]
 # ## What to remember
 #
-# - $D_{\mathrm{KL}}(P\,\|\,Q) = \sum_x P(x) \log\frac{P(x)}{Q(x)}$: never negative,
-#   zero only when $P = Q$, different when the arguments are swapped, not a metric.
+# - $D_{\mathrm{KL}}(P\,\|\,Q) = \sum_x P(x) \log\frac{P(x)}{Q(x)}$: never negative
+#   {✓ test_kl_is_never_negative} zero only when $P = Q$
+#   {✓ test_kl_is_zero_iff_distributions_equal}, different when the arguments are
+#   swapped {✓ test_kl_is_asymmetric}, not a metric
+#   {✓ test_kl_breaks_the_triangle_inequality}.
 # - From a model's logits:
 #   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`, the model's
-#   log-probabilities first, the target second; or `kl_divergence` on `Categorical`
-#   built with `logits=`. Not with `probs=` on a large vocabulary: it clamps
-#   probabilities below `torch.finfo(dtype).eps`, and value and gradient go wrong.
+#   log-probabilities first, the target second
+#   {✓ test_headline_call_is_the_mean_kl_per_row}; or `kl_divergence` on
+#   `Categorical` built with `logits=` {✓ test_kl_at_scale::
+#   test_recommended_calls_match_float64_definition_in_value_and_gradient}. Not with
+#   `probs=` on a large vocabulary: it clamps probabilities below
+#   `torch.finfo(dtype).eps`, and value and gradient go wrong {✓ test_kl_at_scale::
+#   test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient}.
 # - Compute a value from probabilities with `torch.xlogy`, not
-#   `p * (p / q).log()`, which returns NaN as soon as $P$ has a zero. Train through
-#   `F.kl_div` on `log_softmax` outputs: its gradient with respect to the model's
-#   log-probabilities stays finite; a trainable target with zeros gets NaN.
+#   `p * (p / q).log()`, which returns NaN as soon as $P$ has a zero
+#   {✓ test_naive_formula_returns_nan_when_p_has_a_zero}. Train through `F.kl_div`
+#   on `log_softmax` outputs: its gradient with respect to the model's logits stays
+#   finite; a trainable target with zeros gets NaN
+#   {✓ test_kl_div_gradients_at_vocabulary_size_finite_for_input_nan_for_zero_target}.

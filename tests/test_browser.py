@@ -265,3 +265,34 @@ def test_search_finds_prose_of_a_notebook_page(browser, site_url):
     hrefs = [link.get_attribute("href") for link in results.all()]
     assert any("numerical_pitfalls" in href for href in hrefs)
     page.close()
+
+
+LUMINANCE = """(element) => {
+  const [r, g, b] = getComputedStyle(element).backgroundColor
+      .match(/[\\d.]+/g).map(Number);
+  return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255;
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_a_claim_marker_opens_its_test_from_the_keyboard(
+    browser, site_url, viewport, scheme
+):
+    context = browser.new_context(viewport=viewport, color_scheme=scheme)
+    page = context.new_page()
+    page.goto(site_url + "/kl_definition/")
+    mark = page.locator(".claim-mark").first
+    card = page.locator("#" + mark.get_attribute("popovertarget"))
+    assert not card.is_visible()
+    mark.focus()
+    page.keyboard.press("Enter")
+    card.wait_for(state="visible")
+    assert "def test_" in card.locator("pre").inner_text()
+    box = card.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"]
+    background = card.evaluate(LUMINANCE)
+    assert background > 0.8 if scheme == "light" else background < 0.2
+    page.keyboard.press("Escape")
+    card.wait_for(state="hidden")
+    context.close()

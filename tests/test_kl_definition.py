@@ -15,6 +15,13 @@ FLOAT32 = {"rtol": 1e-6, "atol": 1e-7}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
 HEADLINE = 'F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")'
 
+# Not claims of a sentence: checks on the page's own text.
+SUPPORTING_TESTS = {
+    "test_headline_computes_from_logits_with_log_softmax_not_a_log_of_softmax": (
+        "guards the prose: the intro shows the tested headline call"
+    ),
+}
+
 QUOTED_IN_PROSE = {
     "xlogy(target, target)": "the target's term in torch.kl_div's source, quoted",
 }
@@ -36,6 +43,8 @@ def test_naive_formula_returns_nan_when_p_has_a_zero():
 
 def test_terms_can_be_negative_but_their_sum_cannot():
     assert (page.terms_pq < 0).any()
+    # negative exactly where Q puts more mass than P
+    assert torch.equal(page.terms_pq.sign(), (page.p - page.q).sign())
     assert page.kl_pq > 0
     assert_close(page.terms_pq.sum(), page.kl_pq, **FLOAT32)
 
@@ -64,6 +73,7 @@ def test_kl_is_zero_iff_distributions_equal():
 
 def test_distinct_float32_distributions_can_round_to_a_non_positive_kl():
     assert not torch.equal(page.p_close, page.q_close)
+    assert (page.p_close - page.q_close).abs().max() < 1e-7  # "less than 1e-7"
     assert -1e-6 < page.kl_close <= 0
 
 
@@ -76,6 +86,11 @@ def test_definition_gradient_is_nan_where_p_and_q_are_both_zero():
 def test_kl_div_on_log_softmax_has_the_same_value_and_a_finite_gradient():
     assert_close(page.kl_functional_loss, page.kl_definition_loss, **FLOAT32)
     assert page.grad_functional.isfinite().all()
+    # with respect to the log-probabilities the gradient is -P, zeros included
+    log_q = torch.tensor([0.5, 0.3, 0.2]).log().requires_grad_()
+    p = torch.tensor([0.6, 0.4, 0.0])
+    loss = F.kl_div(log_q, p, reduction="sum")
+    assert_close(torch.autograd.grad(loss, log_q)[0], -p, **FLOAT32)
 
 
 def test_kl_div_gradient_is_finite_for_log_probabilities_but_nan_for_a_zero_target():

@@ -1,0 +1,304 @@
+"""Claim markers: each checkable sentence of a page names the test that asserts it.
+
+In a page's Markdown cell, a claim ends with ``{✓ test_name}``: a test of the
+page's own test module (``tests/test_<page>.py``), or ``{✓ module::test_name}``
+for a test of another page's module. The build turns the marker into a ✓ button
+that opens (HTML popover, no script) the test's name, its tolerance, the sizes
+and dtypes it runs at, and its source; it fails on a marker no test answers,
+naming the page. ``tests/test_claims.py`` checks the other direction: every test
+of a page's module is a claim some marker names, unless the module lists it in
+``SUPPORTING_TESTS`` with the reason it is not one.
+"""
+
+import ast
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE_PATH = "claims.md"
+# A marker may wrap after ✓ or after ::, to keep the page's lines short.
+MARKER = re.compile(r"\{✓\s+(?:(?P<module>\w+)::\s*)?(?P<test>test_\w+)\}")
+TOLERANCE_NAMES = {"atol", "rtol", "abs", "rel", "tol", "tolerance"}
+
+
+class UnknownClaim(ValueError):
+    """A marker names a test that does not exist."""
+
+
+@dataclass(frozen=True)
+class ClaimTest:
+    module: str  # test_<page>
+    name: str  # test_...
+    source: str  # decorators and function, as written
+    tolerances: tuple[str, ...]  # "rtol=1e-6", as written in the test
+    runs_at: tuple[str, ...]  # "n_classes: [5, 32_000, 128_000]", as written
+
+    @property
+    def identifier(self) -> str:
+        return f"{self.module}::{self.name}"
+
+    @property
+    def anchor(self) -> str:
+        return f"claim-{self.name.removeprefix('test_').replace('_', '-')}"
+
+
+def module_for(page: str) -> str:
+    return f"test_{page}"
+
+
+def claim_tests(module: str, root: Path = ROOT) -> dict[str, ClaimTest]:
+    """Every test function of ``tests/<module>.py``, read from its source."""
+    path = root / "tests" / f"{module}.py"
+    if not path.is_file():
+        return {}
+    source = path.read_text()
+    tree = ast.parse(source)
+    constants = _module_constants(source, tree)
+    tests = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            tests[node.name] = ClaimTest(
+                module,
+                node.name,
+                _source_with_decorators(source, node),
+                _tolerances(source, node, constants),
+                _parameters(source, node, constants),
+            )
+    return tests
+
+
+def supporting_tests(module: str, root: Path = ROOT) -> dict[str, str]:
+    """Tests a module declares are not claims (``SUPPORTING_TESTS``), with why."""
+    path = root / "tests" / f"{module}.py"
+    if not path.is_file():
+        return {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(getattr(t, "id", None) == "SUPPORTING_TESTS" for t in targets):
+                return ast.literal_eval(node.value)
+    return {}
+
+
+def markers(markdown: str, page: str) -> list[tuple[str, str]]:
+    """(module, test) of every marker in ``markdown``, in order."""
+    return [
+        (match["module"] or module_for(page), match["test"])
+        for match in MARKER.finditer(markdown)
+    ]
+
+
+def resolve(module: str, test: str, page: str, root: Path = ROOT) -> ClaimTest:
+    found = claim_tests(module, root).get(test)
+    if found is None:
+        raise UnknownClaim(
+            f"{page}: the marker {{✓ {test}}} names no test: tests/{module}.py"
+            f" has no function {test}. Name an existing test (see `pytest"
+            f" --collect-only -q tests/{module}.py`), or write the test first."
+        )
+    return found
+
+
+def render(page_html: str, page: str, root: Path = ROOT) -> str:
+    """Markers replaced by buttons, each test's card added once after the page."""
+    cards, seen = {}, {}
+
+    def button(match: re.Match) -> str:
+        module = match["module"] or module_for(page)
+        test = resolve(module, match["test"], page, root)
+        cards[test.identifier] = test
+        seen[test.anchor] = seen.get(test.anchor, 0) + 1
+        label = f"Tested by {test.name}: show the test"
+        return (
+            f'<button type="button" class="claim-mark" popovertarget="{test.anchor}"'
+            f' id="{mark_id(test.anchor, seen[test.anchor])}"'
+            f' aria-label="{label}" title="{label}">✓</button>'
+        )
+
+    page_html = MARKER.sub(button, page_html)
+    return page_html + "".join(_card(test) for test in cards.values())
+
+
+def table_cell(text: str) -> str:
+    """``text`` in a Markdown table cell: TeX's ``\\|`` as ``\\Vert``, other
+    pipes escaped (an escaped ``\\|`` would end the cell)."""
+    return text.replace("\\|", "\\Vert ").replace("|", "\\|")
+
+
+def mark_id(anchor: str, occurrence: int) -> str:
+    """The id of the ``occurrence``-th marker of a test on a page (from 1)."""
+    return f"{anchor}-mark" + (f"-{occurrence}" if occurrence > 1 else "")
+
+
+def sentence_before(markdown: str, end: int) -> str:
+    """The sentence or list item a marker ending at ``end`` closes, as text: from
+    the last sentence end, list item, paragraph or earlier marker before it."""
+    text = markdown[:end]
+    while (trimmed := MARKER.sub("", text[-200:]).rstrip()) != text[-200:]:
+        text = text[: len(text) - 200] + trimmed if len(text) > 200 else trimmed
+    stops = [m.end() for m in re.finditer(r"[.!?]\s+|\n- |\n\n", text)]
+    stops += [m.end() for m in MARKER.finditer(text)]
+    text = text[max(stops, default=0) :]
+    text = re.sub(r"^[\s\-.;:,]+", "", text)
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r"\s+([;:,.])", r"\1", text).strip()
+
+
+def _card(test: ClaimTest) -> str:
+    rows = [
+        ("Test", f"<code>{test.module}.py::{test.name}</code>"),
+        ("Tolerance", _listed(test.tolerances, "none named: exact or a bound")),
+        ("Runs at", _listed(test.runs_at, "the inputs in its source, below")),
+    ]
+    table = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
+    code = html.escape(test.source).replace("\n", "&#10;")  # one line: no blank
+    return (
+        f'<div popover id="{test.anchor}" class="claim-card" role="dialog"'
+        ' aria-label="The test of this claim" data-search-exclude>'
+        f"<dl>{table}</dl>"
+        f'<pre><code class="language-python">{code}</code></pre>'
+        f'<button type="button" popovertarget="{test.anchor}"'
+        ' popovertargetaction="hide">Close</button></div>'
+    )
+
+
+def _listed(items: tuple[str, ...], otherwise: str) -> str:
+    if not items:
+        return otherwise
+    return ", ".join(f"<code>{html.escape(item)}</code>" for item in items)
+
+
+def _source_with_decorators(source: str, node: ast.FunctionDef) -> str:
+    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    lines = source.splitlines()[first - 1 : node.end_lineno]
+    return "\n".join(lines)
+
+
+def _module_constants(source: str, tree: ast.Module) -> dict[str, str]:
+    """``NAME = value`` at the top of a test module, as written."""
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            name = getattr(node.targets[0], "id", None)
+            if name and name.isupper():
+                constants[name] = ast.get_source_segment(source, node.value)
+    return constants
+
+
+def _written(source: str, node: ast.AST, constants: dict[str, str]) -> str:
+    """The expression as written; a module constant with its value."""
+    text = ast.get_source_segment(source, node) or ""
+    return f"{text} = {constants[text]}" if text in constants else text
+
+
+def _tolerances(source, node, constants) -> tuple[str, ...]:
+    found = []
+    for child in ast.walk(node):
+        if isinstance(child, ast.keyword) and child.arg in TOLERANCE_NAMES:
+            found.append(f"{child.arg}={_written(source, child.value, constants)}")
+        elif isinstance(child, ast.keyword) and child.arg is None:  # **FLOAT64
+            written = _written(source, child.value, constants)
+            if " = " in written and any(n in written for n in TOLERANCE_NAMES):
+                found.append(written)  # a module constant naming tolerances
+        elif isinstance(child, ast.Dict):
+            for key, value in zip(child.keys, child.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value in TOLERANCE_NAMES:
+                    found.append(f"{key.value}={_written(source, value, constants)}")
+    return tuple(dict.fromkeys(found))
+
+
+def _parameters(source, node, constants) -> tuple[str, ...]:
+    found = []
+    for decorator in node.decorator_list:
+        if not isinstance(decorator, ast.Call):
+            continue
+        name = ast.get_source_segment(source, decorator.func) or ""
+        if name.endswith("parametrize") and len(decorator.args) >= 2:
+            names = ast.get_source_segment(source, decorator.args[0]).strip("\"'")
+            found.append(f"{names}: {_written(source, decorator.args[1], constants)}")
+        elif name.endswith("given"):
+            found += [
+                f"{k.arg}: {_written(source, k.value, constants)}"
+                for k in decorator.keywords
+            ]
+    return tuple(found)
+
+
+def page_markers(page_path: Path) -> list[tuple[str, str, str]]:
+    """(module, test, sentence) of every marker in a snippet page's Markdown."""
+    import jupytext
+
+    found = []
+    page = page_path.stem
+    for cell in jupytext.read(page_path).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for match in MARKER.finditer(cell.source):
+            module = match["module"] or module_for(page)
+            sentence = sentence_before(cell.source, match.start())
+            found.append((module, match["test"], sentence))
+    return found
+
+
+def coverage_problems(root: Path, not_yet_marked: set[str]) -> list[str]:
+    """What breaks the promise, both ways: a marker naming no test, and a test of
+    a page's module that no marker names (unless listed in SUPPORTING_TESTS, or
+    the page is one of ``not_yet_marked``)."""
+    problems, named = [], set()
+    pages = sorted((root / "snippets").glob("[!_]*.py"))
+    for page_path in pages:
+        for module, test, _ in page_markers(page_path):
+            named.add((module, test))
+            if test not in claim_tests(module, root):
+                problems.append(
+                    f"{page_path.stem}: {{✓ {test}}} names no test in tests/{module}.py"
+                )
+    for page_path in pages:
+        if page_path.stem in not_yet_marked:
+            continue
+        module = module_for(page_path.stem)
+        supporting = supporting_tests(module, root)
+        for test in claim_tests(module, root):
+            if (module, test) not in named and test not in supporting:
+                problems.append(
+                    f"{page_path.stem}: tests/{module}.py::{test} is named by no"
+                    " marker: mark the sentence it asserts with {✓ " + test + "},"
+                    " or list it in SUPPORTING_TESTS with why it is not a claim"
+                )
+    return problems
+
+
+def claims_page(root: Path = ROOT, titles: dict[str, str] | None = None) -> str:
+    """Markdown of the claims page: every marker, grouped by page."""
+    lines = [
+        "# Every claim, and its test",
+        "",
+        "Each ✓ on this site marks a sentence that a test asserts; the table below",
+        "lists them all, page by page. Select a ✓ on a page to see the test's",
+        "source, its tolerance and the sizes and dtypes it runs at.",
+        "",
+        "What the site shows is what the tests check, not whether they passed: a",
+        "page cannot know that. The deployment workflow",
+        "(`.github/workflows/docs.yml`) publishes the site only after the whole",
+        "suite, `make test`, passed on that commit; that workflow, not this page,",
+        "is what enforces it.",
+        "",
+    ]
+    titles = titles or {}
+    for page_path in sorted((root / "snippets").glob("[!_]*.py")):
+        found = page_markers(page_path)
+        if not found:
+            continue
+        page = page_path.stem
+        lines += [f"## [{titles.get(page, page)}]({page}.py)", ""]
+        lines += ["| Claim | Test |", "|---|---|"]
+        seen = {}
+        for module, test, sentence in found:
+            anchor = ClaimTest(module, test, "", (), ()).anchor
+            seen[anchor] = seen.get(anchor, 0) + 1
+            target = f"{page}.py#{mark_id(anchor, seen[anchor])}"
+            lines.append(f"| {table_cell(sentence)} | [`{test}`]({target}) |")
+        lines.append("")
+    return "\n".join(lines)
