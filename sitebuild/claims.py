@@ -153,7 +153,7 @@ def _card(test: ClaimTest) -> str:
         ("Runs at", _listed(test.runs_at, "the inputs in its source, below")),
     ]
     table = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
-    code = html.escape(test.source).replace("\n", "&#10;")  # one line: no blank
+    code = html.escape(test.source)  # added after Markdown: newlines stay
     return (
         f'<div popover id="{test.anchor}" class="claim-card" role="dialog"'
         ' aria-label="The test of this claim" data-search-exclude>'

@@ -114,6 +114,7 @@ def pytest_generate_tests(metafunc):
             if path.stem != "index"
         )
         pages.append("/build/")  # made by the build: how long each page took
+        pages.append("/claims/")  # made by the build: every claim and its test
         metafunc.parametrize("path", pages)
 
 
