@@ -2,10 +2,14 @@
 # # Analytic KL with torch.distributions
 #
 # `torch.distributions.kl_divergence(p, q)` returns $D_{\mathrm{KL}}(p\,\|\,q)$ in
-# closed form, in the order of the formula, for every pair of distribution types
-# registered with `register_kl`; for any other pair it raises
-# `NotImplementedError`, and you register a formula of your own or estimate it by
-# Monte Carlo ([KL without a closed form](kl_without_closed_form.py)).
+# closed form, in the order of the formula
+# {✓ test_kl_divergence_p_q_in_the_prose_runs_as_written_p_first}, for every pair
+# of distribution types registered with `register_kl`
+# {✓ test_register_kl_gives_kl_divergence_the_formula_of_a_new_pair}; for any other
+# pair it raises `NotImplementedError`
+# {✓ test_unregistered_pair_raises_not_implemented}, and you register a formula of
+# your own or estimate it by Monte Carlo
+# ([KL without a closed form](kl_without_closed_form.py)).
 #
 # On this page you will:
 #
@@ -30,8 +34,13 @@
 #   + (\mu_2 - \mu_1)^{\top}\Sigma_2^{-1}(\mu_2 - \mu_1) - k
 #   + \log\frac{\det \Sigma_2}{\det \Sigma_1}\Big].$$
 #
-# `kl_divergence` works on batches: the distributions below hold three Gaussians
-# each, and the result has one KL per pair.
+# `kl_divergence` returns the first for `Normal` pairs, and works on batches: the
+# distributions below hold three Gaussians each, and the result has one KL per pair
+# {✓ test_normal_closed_form_matches_the_formula_for_every_pair_of_the_batch}. It
+# returns the second for `MultivariateNormal` pairs
+# {✓ test_multivariate_normal_closed_form_matches_the_formula}, and the sum of the
+# definition for `Categorical` pairs
+# {✓ test_categorical_closed_form_matches_the_definition}.
 
 # %%
 import torch
@@ -101,8 +110,11 @@ mvn_library = kl_divergence(
 # ## Support mismatch: an infinite divergence
 #
 # If $p$ puts mass where $q$ has none, $D_{\mathrm{KL}}(p\,\|\,q) = +\infty$, and
-# `kl_divergence` says so. The other way round is finite: $\mathrm{Uniform}(0, 1)$
-# inside $\mathrm{Uniform}(0, 2)$ costs $\log 2$.
+# `kl_divergence` says so
+# {✓ test_support_mismatch_gives_infinity_and_the_nested_direction_log_2}. The
+# other way round is finite: $\mathrm{Uniform}(0, 1)$ inside
+# $\mathrm{Uniform}(0, 2)$ costs $\log 2$
+# {✓ test_support_mismatch_gives_infinity_and_the_nested_direction_log_2}.
 
 # %%
 narrow, wide = Uniform(0.0, 1.0), Uniform(0.0, 2.0)
@@ -124,13 +136,21 @@ kl_narrow_wide = kl_divergence(narrow, wide)
 # $$D_{\mathrm{KL}}\big(\mathcal{N}(\mu, \sigma^2)\,\|\,\mathcal{N}(0, 1)\big)
 #   = -\tfrac12\left(1 + \log\sigma^2 - \mu^2 - \sigma^2\right)$$
 #
-# per dimension, summed over the latent dimensions and averaged over the batch.
-# `Normal` takes the standard deviation $\sigma = e^{\text{logvar}/2}$, not the
-# variance. Most VAE code wraps it in `Independent`, reinterpreting one batch
-# dimension: the latent dimensions become one event, `kl_divergence` sums over
-# them itself and returns one KL per example. Both sides must be `Independent`
-# with the same number of event dimensions; an `Independent` against a plain
-# `Normal` raises `NotImplementedError`.
+# per dimension, summed over the latent dimensions and averaged over the batch;
+# `kl_divergence` on `Normal` pairs gives the same
+# {✓ test_vae_closed_form_matches_kl_divergence}. `Normal` takes the standard
+# deviation $\sigma = e^{\text{logvar}/2}$, not the variance
+# {✓ test_normal_takes_the_standard_deviation_so_the_variance_gives_another_kl}.
+# Most VAE code wraps it in `Independent`, reinterpreting one batch dimension: the
+# latent dimensions become one event
+# {✓ test_independent_has_batch_and_event_shapes_and_one_kl_per_example},
+# `kl_divergence` sums over them itself and returns one KL per example
+# {✓ test_independent_kl_is_the_per_dimension_kl_summed_over_the_event}. Both sides
+# must be `Independent` with the same number of event dimensions: an `Independent`
+# against a plain `Normal` raises `NotImplementedError`
+# {✓ test_independent_against_a_plain_normal_raises_not_implemented}, and so does
+# one against an `Independent` with another number of event dimensions
+# {✓ test_independent_with_another_number_of_event_dimensions_raises}.
 
 # %%
 batch_size, latent_dim = 8, 16
@@ -163,13 +183,20 @@ variance_as_scale = kl_divergence(Normal(mu, logvar.exp()), prior).sum(dim=-1).m
 # %% [markdown]
 # ## What to remember
 #
-# - `kl_divergence(p, q)` is $D_{\mathrm{KL}}(p\,\|\,q)$, $p$ first, closed form,
-#   batched; it raises `NotImplementedError` for an unregistered pair of types
-#   (then see [KL without a closed form](kl_without_closed_form.py)).
-# - A support mismatch is $+\infty$, and that is the right answer.
-# - `Normal` takes the standard deviation as its scale, not the variance.
+# - `kl_divergence(p, q)` is $D_{\mathrm{KL}}(p\,\|\,q)$, $p$ first
+#   {✓ test_kl_divergence_takes_p_first}, closed form, batched
+#   {✓ test_normal_closed_form_matches_the_formula_for_every_pair_of_the_batch}; it
+#   raises `NotImplementedError` for an unregistered pair of types
+#   {✓ test_unregistered_pair_raises_not_implemented} (then see
+#   [KL without a closed form](kl_without_closed_form.py)).
+# - A support mismatch is $+\infty$
+#   {✓ test_support_mismatch_gives_infinity_and_the_nested_direction_log_2}, and
+#   that is the right answer.
+# - `Normal` takes the standard deviation as its scale, not the variance
+#   {✓ test_normal_takes_the_standard_deviation_so_the_variance_gives_another_kl}.
 # - VAE, per example: `-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=-1)`, or
 #   `kl_divergence(posterior, prior)` with
 #   `posterior = Independent(Normal(mu, (0.5 * logvar).exp()), 1)` and
-#   `prior = Independent(Normal(torch.zeros_like(mu), 1.0), 1)`; average it over
+#   `prior = Independent(Normal(torch.zeros_like(mu), 1.0), 1)`
+#   {✓ test_what_to_remember_vae_lines_run_as_written_and_agree}; average it over
 #   the batch.

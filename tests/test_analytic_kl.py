@@ -7,7 +7,13 @@ import torch
 from copyable import run_inline
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import (
+    Distribution,
+    Independent,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
 from torch.testing import assert_close
 
 from snippets import analytic_kl as page
@@ -117,3 +123,36 @@ def test_kl_divergence_p_q_in_the_prose_runs_as_written_p_first():
         run_inline("torch.distributions.kl_divergence(p, q)", p=p, q=q),
         kl_divergence(p, q),
     )
+
+
+def test_independent_with_another_number_of_event_dimensions_raises():
+    base = Normal(torch.zeros(2, 3), 1.0)
+    with pytest.raises(NotImplementedError):
+        kl_divergence(Independent(base, 1), Independent(base, 2))
+    # the same number of event dimensions is registered: the sum of the base's KLs
+    other = Normal(torch.ones(2, 3), 2.0)
+    summed = kl_divergence(base, other).sum(dim=(-2, -1))
+    assert_close(kl_divergence(Independent(base, 2), Independent(other, 2)), summed)
+
+
+class Coin(Distribution):
+    """A distribution type of the test's own: no KL formula registered for it."""
+
+    arg_constraints = {}
+
+    def __init__(self, p):
+        self.p = torch.as_tensor(p, dtype=torch.float64)
+        super().__init__(validate_args=False)
+
+
+def test_register_kl_gives_kl_divergence_the_formula_of_a_new_pair():
+    with pytest.raises(NotImplementedError):
+        kl_divergence(Coin(0.5), Coin(0.25))
+
+    @register_kl(Coin, Coin)
+    def _kl_coin_coin(p, q):
+        return p.p * (p.p / q.p).log() + (1 - p.p) * ((1 - p.p) / (1 - q.p)).log()
+
+    # the definition for two outcomes, written out: 0.5 log 2 + 0.5 log(2/3)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert_close(kl_divergence(Coin(0.5), Coin(0.25)).item(), expected)
