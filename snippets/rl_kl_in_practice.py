@@ -5,11 +5,14 @@
 # $D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})$? Any of three things: $k_2$
 # as a loss term; $k_1$ as a *detached* reward (a coefficient of
 # $\log \pi_\theta$); or $k_3$ multiplied by the differentiable ratio
-# $\pi_\theta / \mathrm{sg}(\pi_{\text{old}})$ (DeepSeek-V3.2, §3.1). $k_3$ alone
-# in the loss, as GRPO writes it, has the gradient of the *forward* KL, and $k_1$
-# alone in the loss a zero gradient: an estimator of a value is not an estimator
-# of its gradient. The estimators themselves are on the previous page, [KL
-# estimators in RL fine-tuning](rl_estimators.py).
+# $\pi_\theta / \mathrm{sg}(\pi_{\text{old}})$ (DeepSeek-V3.2, §3.1)
+# {✓ test_reverse_kl_gradient_recipes_hold_at_real_vocabularies}. $k_3$ alone
+# in the loss, as GRPO writes it, has the gradient of the *forward* KL
+# {✓ test_k3_in_the_loss_has_the_forward_kl_gradient}, and $k_1$ alone in the
+# loss a zero gradient {✓ test_k1_in_the_loss_has_zero_expected_gradient}: an
+# estimator of a value is not an estimator of its gradient. The estimators
+# themselves are on the previous page, [KL estimators in RL
+# fine-tuning](rl_estimators.py).
 #
 # On this page you will compute the per-token terms from a padded batch, check
 # each choice against the exact gradient, see what per-token terms miss of the
@@ -20,18 +23,25 @@
 # ## Per token, in a padded batch
 #
 # The KL between sequence distributions splits by the chain rule into per-position
-# KLs:
+# KLs {✓ test_sequence_kl_is_the_expected_sum_of_per_position_kls}:
 #
 # $$D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})_{\text{seq}} =
 # \mathbb{E}_{y \sim \pi_\theta}\big[\sum_t D_{\mathrm{KL}}\big(\pi_\theta(\cdot
 # \mid y_{<t})\,\|\,\pi_{\text{ref}}(\cdot \mid y_{<t})\big)\big].$$
 #
 # Each
-# per-position KL is exact from the two logits tables (verl lists it as `"full"`);
-# $k_1$ and $k_3$ of the sampled token are its one-sample estimates. PPO-style RLHF
-# subtracts $\beta k_1$ per token from the reward and adds the task score at each
-# sequence's *last real token*; the reward is data, so it is computed without a
-# graph. GRPO adds $\beta k_3$ per token to the loss.
+# per-position KL is exact from the two logits tables (verl lists it as `"full"`)
+# {✓ test_full_kl_with_kl_div_matches_float64_definition_at_real_sizes};
+# $k_1$ and $k_3$ of the sampled token are its one-sample estimates, whose mean
+# over the vocabulary is that KL {✓
+# test_full_per_position_kl_is_the_mean_of_k1_and_of_k3_over_the_vocabulary}.
+# PPO-style RLHF subtracts $\beta k_1$ per token from the reward and adds the task
+# score at each sequence's *last real token*
+# {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing};
+# the reward is data, so it is computed without a graph
+# {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}. GRPO adds
+# $\beta k_3$ per token to the loss
+# {✓ test_grpo_term_is_beta_k3_on_real_tokens_and_never_negative}.
 
 # %%
 import torch
@@ -94,13 +104,18 @@ grpo_kl_term = beta * (torch.expm1(log_r) - log_r) * mask
 # exactly over a small vocabulary and compared with the exact gradients of both
 # KLs. Differentiated with the sample fixed, $\nabla k_3 = (1 - r)\,\nabla \log
 # \pi_\theta(x)$, whose expectation is $-\sum_x \pi_{\text{ref}}(x)\,\nabla \log
-# \pi_\theta(x) = \nabla D_{\mathrm{KL}}(\pi_{\text{ref}}\,\|\,\pi_\theta)$.
+# \pi_\theta(x) = \nabla D_{\mathrm{KL}}(\pi_{\text{ref}}\,\|\,\pi_\theta)$
+# {✓ test_k3_in_the_loss_has_the_forward_kl_gradient}.
 # $\nabla k_2 = -\log r\,\nabla \log \pi_\theta$ has the reverse KL's expectation,
 # as has the score-function term $\mathrm{sg}(k_1) \log \pi_\theta$ that $k_1$ in
-# the reward becomes. Multiplying $k_3$ by $\pi_\theta / \mathrm{sg}(\pi_{\text
+# the reward becomes
+# {✓ test_k2_k1_reward_ratio_k3_and_k3_plus_have_the_reverse_kl_gradient}.
+# Multiplying $k_3$ by $\pi_\theta / \mathrm{sg}(\pi_{\text
 # {old}})$ makes it $\sum_x \pi_\theta(x) k_3(x)$ in expectation, the reverse KL
-# itself, even when the tokens came from $\pi_{\text{old}}$. verl's `"k3+"`
-# keeps $k_3$'s value with $k_2$'s gradient. The second column samples from a
+# itself, even when the tokens came from $\pi_{\text{old}}$
+# {✓ test_ratio_weighted_k3_has_the_reverse_kl_as_its_expectation_from_a_stale_sampler}.
+# verl's `"k3+"` keeps $k_3$'s value with $k_2$'s gradient
+# {✓ test_verl_k3_plus_has_k3_value_and_k2_gradient}. The second column samples from a
 # stale $\pi_{\text{old}}$ instead.
 
 
@@ -180,20 +195,28 @@ def distance_to(target, recipe, log_sampler=None):
 
 # %% [markdown]
 # On-policy, $k_2$, $k_1$ in the reward, the ratio-weighted $k_3$ and `"k3+"`
-# agree with the reverse KL's gradient to rounding; $k_3$ in the loss agrees with
-# the forward KL's, and $k_1$ in the loss with neither (its expected gradient is
-# zero). From a stale $\pi_{\text{old}}$ only the ratio-weighted $k_3$ stays exact:
+# agree with the reverse KL's gradient to rounding
+# {✓ test_k2_k1_reward_ratio_k3_and_k3_plus_have_the_reverse_kl_gradient};
+# $k_3$ in the loss agrees with the forward KL's
+# {✓ test_k3_in_the_loss_has_the_forward_kl_gradient}, and $k_1$ in the loss with
+# neither (its expected gradient is zero)
+# {✓ test_k1_in_the_loss_has_zero_expected_gradient}. From a stale
+# $\pi_{\text{old}}$ only the ratio-weighted $k_3$ stays exact
+# {✓ test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}:
 # the others would need the same importance ratio.
 #
 # ## Per token or per sequence
 #
 # A per-token loss term differentiates each position's KL with the prefix held
-# fixed. The sequence KL also depends on which prefixes the policy makes likely:
+# fixed {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
+# The sequence KL also depends on which prefixes the policy makes likely:
 # $\nabla D_{\text{seq}} = \mathbb{E}\big[\sum_t \nabla D_t\big] +
-# \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big]$. $k_1$ in the
-# reward, propagated through returns $G_t = \sum_{s \ge t} k_{1,s}$, credits
-# later tokens' KL to earlier actions and gets both terms. Below, a two-token
-# model over three tokens, every sequence enumerated:
+# \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big]$
+# {✓ test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term}. $k_1$
+# in the reward, propagated through returns $G_t = \sum_{s \ge t} k_{1,s}$,
+# credits later tokens' KL to earlier actions and gets both terms
+# {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}. Below,
+# a two-token model over three tokens, every sequence enumerated:
 
 # %%
 VOCAB_TINY = 3
@@ -250,23 +273,34 @@ sequence_gradients = sequence_kl_gradients()
 #     print(f"{name:28} max |∇ − ∇ KL_seq| = {(gradient - exact).abs().max():.1e}")
 
 # %% [markdown]
-# Returns recover the sequence KL's gradient; a per-token term, or a reward that
-# credits each token only its own KL, does not.
+# Returns recover the sequence KL's gradient
+# {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}; a
+# per-token term, or a reward that credits each token only its own KL, does not
+# {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
 #
 # ## Length normalisation rescales beta
 #
 # How the per-token loss is averaged sets the weight of each token's KL term, so
 # the effective $\beta$ on a sequence's summed KL. With TRL's `loss_type="grpo"`
 # (verl `loss_agg_mode="seq-mean-token-mean"`) each sequence's mean is taken, so
-# a sequence of length $L_i$ gets $\beta / (B L_i)$ per token; with token-mean
-# (TRL `"bnpo"`, and `"dapo"` over the accumulated batch; verl's default) every
-# token gets $\beta / N_{\text{tokens}}$. The sum-then-normalise modes divide
+# a sequence of length $L_i$ gets $\beta / (B L_i)$ per token
+# {✓ test_aggregation_sets_the_kl_weight_per_token_as_the_page_says}, more for a
+# shorter sequence
+# {✓ test_sequence_mean_gives_short_sequences_a_larger_beta_per_token}; with
+# token-mean (TRL `"bnpo"`, and `"dapo"` over the accumulated batch; verl's
+# default) every token gets $\beta / N_{\text{tokens}}$
+# {✓ test_aggregation_sets_the_kl_weight_per_token_as_the_page_says}. The
+# sum-then-normalise modes divide
 # each sequence's sum by a horizon that the two libraries choose differently:
 # TRL's `"dr_grpo"` by `max_completion_length`, a config constant
 # (`grpo_trainer.py`, line 3135), and verl's `"seq-mean-token-sum-norm"` by the
 # batch's padded width, `loss_mask.shape[-1]`, unless `loss_scale_factor` is set
 # (`core_algos.py`, lines 1189-1193). So verl's weight per token changes with the
-# longest response in the batch and TRL's does not. The weight per token of each
+# longest response in the batch {✓
+# test_verl_sum_norm_divides_by_the_padded_width_unless_a_scale_factor_is_set} and
+# TRL's does not
+# {✓ test_trl_dr_grpo_divides_by_max_completion_length_whatever_the_padded_width}.
+# The weight per token of each
 # sequence, from autograd, for this batch padded to `seq_len` and a TRL config
 # whose `max_completion_length` is larger:
 
@@ -327,14 +361,17 @@ def kl_weight_per_token(mode, mask, beta, horizon=None):
 #   778-779): `sequence_lengths_p1` where `sequence_lengths_p1 < rewards.size(1)`,
 #   else `sequence_lengths`, which indexes the last token before the first padding
 #   token. That is one slot *after* the last non-padding token unless the
-#   response fills the width, not the last real token as above.
+#   response fills the width, not the last real token as above {✓
+#   test_trl_ppo_adds_the_score_one_slot_after_the_last_real_token_unless_full}.
 # - TRL GRPO (`trl/trainer/grpo_config.py`, `grpo_trainer.py`): `beta` defaults
 #   to 0.0, which means no KL term and no reference model loaded; otherwise $k_3$
 #   in the loss (`per_token_kl`). `use_bias_correction_kl` (PR #4638 for issue
 #   #4637) multiplies it by `coef_1`, $\pi_\theta/\pi_{\text{old}}$ per token
 #   (lines 3066-3076); with `importance_sampling_level="sequence"` `coef_1` is
 #   one ratio per sequence (the exponential of the mean log-ratio), broadcast over
-#   its tokens (issue #6586). Its default is `False` at `f2cd577`; PR #6503,
+#   its tokens (issue #6586) {✓
+#   test_sequence_level_coef_1_is_one_ratio_per_sequence_broadcast_over_tokens}.
+#   Its default is `False` at `f2cd577`; PR #6503,
 #   merged after that commit, makes it `True`: check the version you run.
 #   The vLLM sampler's ratio (`vllm_importance_sampling_correction`) multiplies
 #   the policy-gradient term only; $\beta k_3$ is added after it (lines 3117-3121).
@@ -356,11 +393,21 @@ def kl_weight_per_token(mode, mask, beta, horizon=None):
 #
 # - For the gradient of $D_{\mathrm{KL}}(\pi_\theta\,\|\,\pi_{\text{ref}})$: $k_2$
 #   in the loss, or $k_1$ detached in the reward, or $k_3 \cdot \pi_\theta /
-#   \mathrm{sg}(\pi_{\text{old}})$ (exact off-policy too). $k_3$ alone in the
-#   loss gives the forward KL's gradient; $k_1$ alone, zero.
-# - Compute rewards under `torch.no_grad()`; add the score at each sequence's last
-#   real token and mask padding.
-# - Per-token terms differentiate each position's KL with its prefix fixed; $k_1$
-#   through returns differentiates the sequence KL.
-# - The loss aggregation sets the effective $\beta$; TRL's GRPO default `beta` is
-#   0.0, so no KL at all.
+#   \mathrm{sg}(\pi_{\text{old}})$
+#   {✓ test_reverse_kl_gradient_recipes_hold_for_any_logits} (exact off-policy
+#   too {✓
+#   test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}).
+#   $k_3$ alone in the loss gives the forward KL's gradient
+#   {✓ test_reverse_kl_gradient_recipes_hold_for_any_logits}; $k_1$ alone, zero
+#   {✓ test_k1_in_the_loss_has_zero_expected_gradient}.
+# - Compute rewards under `torch.no_grad()`
+#   {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}; add the score
+#   at each sequence's last real token and mask padding
+#   {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing}.
+# - Per-token terms differentiate each position's KL with its prefix fixed
+#   {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient};
+#   $k_1$ through returns differentiates the sequence KL
+#   {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}.
+# - The loss aggregation sets the effective $\beta$
+#   {✓ test_aggregation_sets_the_kl_weight_per_token_as_the_page_says}; TRL's GRPO
+#   default `beta` is 0.0, so no KL at all.

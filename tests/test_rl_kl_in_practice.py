@@ -10,6 +10,16 @@ from torch.testing import assert_close
 
 from snippets import rl_kl_in_practice as page
 
+SUPPORTING_TESTS = {
+    "test_rewards_with_equal_lengths_are_the_old_last_column_rule": (
+        "regression: with no padding, rlhf_rewards equals the page's earlier"
+        " last-column version"
+    ),
+    "test_unknown_aggregation_is_refused_with_the_valid_names": (
+        "checks the page's helper rejects an unknown mode; no sentence about it"
+    ),
+}
+
 EXACT = {"rtol": 1e-9, "atol": 1e-12}
 TO_REVERSE_ON_POLICY = [
     "k2 in the loss",
@@ -203,6 +213,18 @@ def test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy
             assert error > 1e-3 * target.abs().max(), recipe
 
 
+def test_ratio_weighted_k3_has_the_reverse_kl_as_its_expectation_from_a_stale_sampler():
+    policy, log_ref, log_old = page.small_logits, page.small_reference, page.small_old
+    log_pi = policy.log_softmax(dim=-1)
+    recipe = page.RECIPES["k3 × π_θ/sg(π_old)"]
+    expectation = (log_old.exp() * recipe(log_pi, log_ref, log_old)).sum()
+    reverse_kl = (log_pi.exp() * (log_pi - log_ref)).sum()  # the definition
+    assert_close(expectation, reverse_kl, **EXACT)
+    # without the ratio, k3 from the stale sampler has another expectation
+    k3 = page.k_estimators(log_ref, log_pi)[2]
+    assert ((log_old.exp() * k3).sum() - reverse_kl).abs() > 1e-3
+
+
 def test_verl_k3_plus_has_k3_value_and_k2_gradient():
     log_ref = page.small_reference
     log_pi = page.small_logits.log_softmax(dim=-1).detach().requires_grad_()
@@ -258,12 +280,45 @@ def test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient():
     exact = gradients["exact sequence KL"]
     for name in ["k1 in the reward, own token", "k2 per token in the loss"]:
         assert (gradients[name] - exact).abs().max() > 1e-2, name
-    # the two per-token forms agree: each position's KL, prefix held fixed
-    assert_close(
-        gradients["k1 in the reward, own token"],
-        gradients["k2 per token in the loss"],
-        **EXACT,
-    )
+    # both are the gradient of each position's KL with its prefix held fixed
+    prefix_fixed = torch.cat([g.flatten() for g in prefix_fixed_kl_gradient()])
+    for name in ["k1 in the reward, own token", "k2 per token in the loss"]:
+        assert_close(gradients[name], prefix_fixed, **EXACT)
+
+
+def per_position_kls(first, second):
+    """D_1, and D_2(y1) for each first token y1, by the definition."""
+    log_p1, log_r1 = first.log_softmax(dim=-1), page.ref_first.log_softmax(dim=-1)
+    log_p2, log_r2 = second.log_softmax(dim=-1), page.ref_second.log_softmax(dim=-1)
+    d1 = (log_p1.exp() * (log_p1 - log_r1)).sum()
+    d2 = (log_p2.exp() * (log_p2 - log_r2)).sum(dim=-1)
+    return log_p1, d1, d2
+
+
+def prefix_fixed_kl_gradient():
+    """∇ of E[Σ_t D_t] with the prefixes' probabilities held fixed."""
+    params = [
+        page.first_logits.clone().requires_grad_(),
+        page.second_logits.clone().requires_grad_(),
+    ]
+    log_p1, d1, d2 = per_position_kls(*params)
+    return torch.autograd.grad(d1 + (log_p1.exp().detach() * d2).sum(), params)
+
+
+def test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term():
+    params = [
+        page.first_logits.clone().requires_grad_(),
+        page.second_logits.clone().requires_grad_(),
+    ]
+    log_p1, _, d2 = per_position_kls(*params)
+    # E[Σ_t D_t ∇ log π(y_<t)]: y_<1 is empty; y_<2 = y1, weighted by π(y1)
+    score = (log_p1.exp().detach() * d2.detach() * log_p1).sum()
+    score_gradient = torch.autograd.grad(score, params, materialize_grads=True)
+    pairs = zip(prefix_fixed_kl_gradient(), score_gradient, strict=True)
+    decomposed = [a + b for a, b in pairs]
+    exact = page.sequence_gradients["exact sequence KL"]
+    assert_close(torch.cat([g.flatten() for g in decomposed]), exact, **EXACT)
+    assert torch.cat([g.flatten() for g in score_gradient]).abs().max() > 1e-2
 
 
 # --- length normalisation ---------------------------------------------------------
