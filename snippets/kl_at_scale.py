@@ -2,11 +2,15 @@
 # # KL at vocabulary scale: which call to trust
 #
 # Three calls compute $D_{\mathrm{KL}}(P\,\|\,Q)$ and agree on a handful of
-# classes. On a language model's vocabulary only two of them do: `F.kl_div` on
-# `log_softmax` outputs, and `kl_divergence` on `Categorical` distributions built
-# with `logits=`. Built with `probs=`, `Categorical` clamps every probability
-# below `torch.finfo(dtype).eps` up to it, and on 32,000 classes its KL is
-# visibly too small and its gradient points elsewhere.
+# classes {✓ test_all_three_calls_agree_on_five_classes}. On a language model's
+# vocabulary only two of them do: `F.kl_div` on `log_softmax` outputs, and
+# `kl_divergence` on `Categorical` distributions built with `logits=`
+# {✓ test_recommended_calls_match_float64_definition_in_value_and_gradient}.
+# Built with `probs=`, `Categorical` clamps every probability below
+# `torch.finfo(dtype).eps` up to it
+# {✓ test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps}, and on
+# 32,000 classes its KL is visibly too small and its gradient further off still
+# {✓ test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient}.
 #
 # On this page you will:
 #
@@ -18,18 +22,27 @@
 # %% [markdown]
 # ## Why probs= and logits= differ
 #
-# `Categorical` built with `probs=` renormalises the probabilities, then clamps
-# them to $[\varepsilon, 1 - \varepsilon]$ before taking their log, with
+# `Categorical` built with `probs=` renormalises the probabilities
+# {✓ test_probs_categorical_renormalises_an_unnormalised_target_silently}, then
+# clamps them to $[\varepsilon, 1 - \varepsilon]$ before taking their log, with
 # $\varepsilon$ = `torch.finfo(dtype).eps` (`clamp_probs` in
-# `torch/distributions/utils.py`); the categorical rule in
-# `torch/distributions/kl.py` multiplies $P$ by the difference of those logs.
+# `torch/distributions/utils.py`)
+# {✓ test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps}; the
+# categorical rule in `torch/distributions/kl.py` multiplies $P$ by the difference
+# of those logs
+# {✓ test_probs_categorical_kl_is_p_times_the_difference_of_clamped_logs}.
 # Every probability below $\varepsilon$ is raised to it, and the clamp passes no
-# gradient there. Built with `logits=`, `Categorical` only normalises them
+# gradient there
+# {✓ test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps}.
+# Built with `logits=`, `Categorical` only normalises them
 # (`logits - logits.logsumexp(dim=-1, keepdim=True)`) and keeps every
-# log-probability. Each call is measured below against the definition in float64
-# (value) and against its closed-form gradient
-# $\partial D_{\mathrm{KL}} / \partial\,\mathrm{logits}_Q = Q - P$, first on five
-# classes, then on a peaked model over 32,000 classes.
+# log-probability
+# {✓ test_logits_categorical_keeps_log_probabilities_far_below_log_eps}. Each
+# call is measured below against the definition in float64 (value) and against its
+# closed-form gradient
+# $\partial D_{\mathrm{KL}} / \partial\,\mathrm{logits}_Q = Q - P$
+# {✓ test_recommended_calls_match_float64_definition_in_value_and_gradient}, first
+# on five classes, then on a peaked model over 32,000 classes.
 
 # %%
 import torch
@@ -97,19 +110,27 @@ share_below_eps = (logits_vocab[1].softmax(dim=-1) < eps).float().mean()
 #     print(f"{n_classes:>7}  {name:<23}  {value_error:13.1e}   {gradient_error:.1e}")
 
 # %% [markdown]
-# On five classes the three calls agree to float32 rounding. On 32,000 classes
-# the one built with `probs=` is off by a double-digit percentage in value and
-# more in gradient (the table above), while `F.kl_div` on `log_softmax` and
-# `Categorical` built with `logits=` stay at rounding level. Give `Categorical`
-# logits or log-probabilities, never the probabilities of a large vocabulary.
+# On five classes the three calls agree to float32 rounding
+# {✓ test_all_three_calls_agree_on_five_classes}. On 32,000 classes the one built
+# with `probs=` is off by a double-digit percentage in value and more in gradient
+# (the table above)
+# {✓ test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient}, while
+# `F.kl_div` on `log_softmax` and `Categorical` built with `logits=` stay at
+# rounding level
+# {✓ test_recommended_calls_match_float64_definition_in_value_and_gradient}.
+# Give `Categorical` logits or log-probabilities, never the probabilities of a
+# large vocabulary.
 #
 # ## The one limit of logits=
 #
 # The categorical rule sets a term to $+\infty$ wherever $Q$'s probability, the
-# `exp` of its log-probability, is exactly 0. In float32 that happens below a
-# log-probability of about $-103$ (the log of the smallest positive float32), so a
-# class that $Q$ puts at $-120$ and $P$ at $-50$ gives an infinite KL, where
-# `F.kl_div`, which never exponentiates $\log Q$, returns the tiny true value:
+# `exp` of its log-probability, is exactly 0 and $P$'s is not
+# {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not}.
+# In float32 that happens below a log-probability of about $-103$ (the log of the
+# smallest positive float32) {✓ test_float32_exp_underflows_below_about_minus_103},
+# so a class that $Q$ puts at $-120$ and $P$ at $-50$ gives an infinite KL, where
+# `F.kl_div`, which never exponentiates $\log Q$, returns the tiny true value
+# {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not}:
 
 # %%
 log_p_far = torch.tensor([0.0, -50.0]).log_softmax(dim=-1)
@@ -127,17 +148,28 @@ kl_underflow_functional = F.kl_div(
 
 # %% [markdown]
 # A masked logit ($-\infty$ in $Q$ where $P > 0$) gives $+\infty$ in both
-# recommended calls, as the definition says; the limit above concerns finite
-# log-probabilities only.
+# recommended calls, as the definition says
+# {✓ test_masked_logit_gives_infinity_in_both_recommended_calls}; the limit above
+# concerns finite log-probabilities only.
 #
 # ## What to remember
 #
 # - On a vocabulary, compute KL from logits:
-#   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")` or
-#   `kl_divergence` on `Categorical` built with `logits=`.
+#   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`, the mean
+#   KL per row {✓ test_kl_definition::test_headline_call_is_the_mean_kl_per_row},
+#   or `kl_divergence` on `Categorical` built with `logits=`; both agree with the
+#   float64 definition across vocabulary sizes and logit scales
+#   {✓ test_recommended_calls_agree_with_the_definition_over_sizes_and_scales}.
 # - `Categorical` built with `probs=` clamps probabilities below
-#   `torch.finfo(dtype).eps` (and renormalises them): fine on a few classes, wrong
-#   in value and gradient on 32,000.
+#   `torch.finfo(dtype).eps`
+#   {✓ test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps} and
+#   renormalises them
+#   {✓ test_probs_categorical_renormalises_an_unnormalised_target_silently}:
+#   fine on a few classes {✓ test_all_three_calls_agree_on_five_classes}, wrong
+#   in value and gradient on 32,000
+#   {✓ test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient}.
 # - `Categorical` built with `logits=` returns $+\infty$ once an `exp` of $Q$'s
-#   log-probabilities underflows where $P$'s does not; `F.kl_div` with
-#   `log_target=True` does not.
+#   log-probabilities underflows where $P$'s does not
+#   {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not};
+#   `F.kl_div` with `log_target=True` does not
+#   {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not}.

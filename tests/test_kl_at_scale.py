@@ -15,6 +15,17 @@ from snippets import kl_at_scale as page
 
 RECOMMENDED = [page.kl_div_from_logits, page.categorical_from_logits]
 
+SUPPORTING_TESTS = {
+    "test_recommended_calls_name_reduction_and_sum_per_row": (
+        "checks the page's set-up: its helper kl_div_from_logits sums F.kl_div's "
+        "terms per row, as reduction='sum' does over everything"
+    ),
+    "test_machine_epsilon_named_in_the_prose": (
+        "guards the prose: the quoted torch.finfo(dtype).eps runs and is 2**-23 "
+        "and 2**-52"
+    ),
+}
+
 QUOTED_IN_PROSE = {
     "logits - logits.logsumexp(dim=-1, keepdim=True)": (
         "Categorical's normalisation, quoted from torch/distributions/categorical.py"
@@ -40,8 +51,42 @@ def test_most_of_the_32k_vocabulary_lies_below_float32_eps():
 
 def test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient():
     value_error, gradient_error = page.errors[(32_000, "categorical_from_probs")]
-    assert value_error > 0.1  # "a double-digit percentage"
+    assert 0.1 < value_error < 1  # "a double-digit percentage"
     assert gradient_error > value_error and gradient_error > 0.5
+    # "too small": below the float64 definition in every row
+    by_probs = page.categorical_from_probs(*page.logits_vocab).double()
+    assert (by_probs < page.kl_float64(*page.logits_vocab)).all()
+
+
+def test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps():
+    eps = torch.finfo(torch.float32).eps
+    q = torch.tensor([1 - 1e-9, 1e-9], requires_grad=True)  # 1e-9 < eps
+    log_q = Categorical(probs=q).logits
+    # raised to eps before the log, and below 1 - eps capped to it
+    expected = torch.tensor([math.log(1 - eps), math.log(eps)])
+    assert_close(log_q, expected, rtol=1e-6, atol=1e-7)
+    # the clamp passes no gradient to the clamped entry
+    (gradient,) = torch.autograd.grad(log_q[1], q)
+    assert (gradient == 0).all()
+
+
+def test_probs_categorical_kl_is_p_times_the_difference_of_clamped_logs():
+    eps = torch.finfo(torch.float32).eps
+    p = torch.tensor([0.5, 0.3, 0.2 - 1e-9, 1e-9])
+    q = torch.tensor([0.25, 0.25, 0.5 - 1e-10, 1e-10])
+    clamped_log_p = p.clamp(eps, 1 - eps).log()
+    clamped_log_q = q.clamp(eps, 1 - eps).log()
+    expected = (p * (clamped_log_p - clamped_log_q)).sum()
+    by_probs = kl_divergence(Categorical(probs=p), Categorical(probs=q))
+    assert_close(by_probs, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_logits_categorical_keeps_log_probabilities_far_below_log_eps():
+    logits = torch.tensor([3.0, 0.0, -60.0, -90.0])
+    log_probs = Categorical(logits=logits).logits
+    expected = logits.double() - logits.double().logsumexp(dim=-1)
+    assert math.log(torch.finfo(torch.float32).eps) > -16 > log_probs[2]
+    assert_close(log_probs.double(), expected, rtol=1e-6, atol=0)
 
 
 def test_probs_categorical_underestimates_below_eps_the_reviews_probe():
