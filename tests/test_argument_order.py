@@ -1,5 +1,7 @@
 """Claims of the page "Argument order", checked on its own snippet."""
 
+import copy
+import inspect
 import math
 import warnings
 
@@ -16,6 +18,13 @@ from torch.testing import assert_close
 from snippets import argument_order as page
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+
+# Not claims of a sentence: checks on the page's own text.
+SUPPORTING_TESTS = {
+    "test_opening_says_never_positive_of_probabilities_as_the_input_only": (
+        "guards the prose: the opening says which mistake gives numbers never positive"
+    ),
+}
 
 QUOTED_IN_PROSE = {
     "xlogy(target, target) - target * input": "torch.kl_div's source, quoted",
@@ -207,7 +216,9 @@ def test_prose_module_call_is_the_functional_call():
 
 
 def test_teacher_gets_a_gradient_unless_detached_or_under_no_grad():
-    assert page.teacher_gradient_norm(detach_teacher=False) > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing warns
+        assert page.teacher_gradient_norm(detach_teacher=False) > 1e-3
     assert page.teacher_gradient_norm(detach_teacher=True) == 0.0
     assert page.teacher_gradient_norm_no_grad() == 0.0
 
@@ -283,3 +294,32 @@ def test_probabilities_as_log_target_are_at_least_c_log_c_for_any_rows(
     bound = n_classes * math.log(n_classes)
     assert (wrong >= bound - 1e-9).all()
     assert (wrong >= kl_float64(p.log(), log_q) - 1e-9).all()
+
+
+def test_functional_kl_div_calls_torch_kl_div():
+    assert "torch.kl_div(input, target" in inspect.getsource(F.kl_div)
+
+
+def test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch():
+    for loss in [F.kl_div, F.mse_loss, F.l1_loss, F.cross_entropy, F.nll_loss]:
+        assert list(inspect.signature(loss).parameters)[:2] == ["input", "target"]
+    note = " ".join(nn.KLDivLoss.__doc__.split())
+    assert "As all the other losses in PyTorch" in note
+    assert "This differs from the standard mathematical notation" in note
+
+
+def test_a_step_on_the_undetached_teacher_moves_it_towards_the_student():
+    teacher = copy.deepcopy(page.teacher)
+    log_q = page.student(page.features).log_softmax(dim=-1).detach()
+
+    def kl_to_student():
+        p = teacher(page.features).softmax(dim=-1)
+        return F.kl_div(log_q, p, reduction="batchmean")
+
+    before = kl_to_student()
+    before.backward()
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter -= 0.1 * parameter.grad
+    after = kl_to_student().detach()
+    assert after < before.detach() - 1e-4
