@@ -4,14 +4,23 @@
 # Fit a single Gaussian $Q$ to a target $P$ with two well separated peaks and the
 # direction of the KL decides what you get. The **forward** KL
 # $D_{\mathrm{KL}}(P\,\|\,Q)$ is *mass-covering*: over Gaussians its only minimum is
-# $Q$ stretched over both peaks with $P$'s mean and variance, and the fits from
-# this page's starts reach it. The **reverse** KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is
-# called *mode-seeking*: its two global minima sit on the peaks, equal by symmetry,
-# at a divergence just under $\log 2$, and fits started narrow and to one side of
-# the middle reach the peak on their side. That is not a guarantee: the reverse KL
-# has a third local minimum, a wide Gaussian between the peaks, where fits started
-# wider near the middle end, and which minimum a start reaches depends on the
-# optimiser too. The reverse KL is the direction variational inference minimises
+# $Q$ stretched over both peaks with $P$'s mean and variance
+# {✓ test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching},
+# and the fits from this page's starts reach it
+# {✓ test_forward_kl_fit_is_moment_matching_from_every_start}. The **reverse** KL
+# $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: its two global minima sit
+# on the peaks, equal by symmetry
+# {✓ test_reverse_kl_has_two_equal_global_minima_one_on_each_peak}, at a
+# divergence just under $\log 2$ {✓ test_reverse_kl_on_a_peak_is_just_under_log_2},
+# and fits started narrow and to one side of the middle reach the peak on their
+# side {✓ test_reverse_kl_fits_from_narrow_starts_to_one_side_reach_the_peak_there}.
+# That is not a guarantee: the reverse KL has a third local minimum, a wide
+# Gaussian between the peaks, where fits started wider near the middle end
+# {✓ test_wide_central_start_stops_on_a_third_minimum_covering_both_peaks}, and
+# which minimum a start reaches depends on the optimiser too
+# {✓ test_reverse_kl_minima::
+# test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
+# The reverse KL is the direction variational inference minimises
 # (maximising the ELBO minimises $D_{\mathrm{KL}}(Q\,\|\,P)$), which is why VI is
 # said to seek modes; Bishop's *Pattern Recognition and Machine Learning*, section
 # 10.1.2 and Fig. 10.3, draws the same two fits.
@@ -32,11 +41,13 @@
 # ## The target: two peaks, total mass 1
 #
 # $P = \tfrac12\,\mathcal{N}(-5, 1) + \tfrac12\,\mathcal{N}(10, 1)$, a mixture:
-# its density integrates to 1. On a grid of spacing $\Delta x$ each cell holds
-# probability $p(x)\,\Delta x$, so the grid's log-probabilities are
+# its density integrates to 1, and so do its grid probabilities
+# {✓ test_target_integrates_to_one_on_the_grid}. On a grid of spacing $\Delta x$
+# each cell holds probability $p(x)\,\Delta x$, so the grid's log-probabilities are
 # $\log p(x) + \log \Delta x$; `MixtureSameFamily.log_prob` computes $\log p(x)$
 # with `logsumexp`, in log space. How far the grid reaches, in standard deviations
-# of the widest $Q$ on this page, is printed once the fits have run.
+# of the widest $Q$ on this page, is printed once the fits have run: more than five
+# {✓ test_grid_holds_more_than_five_sigma_of_the_widest_q_on_the_page}.
 
 # %%
 import math
@@ -72,12 +83,18 @@ grid_variance = (p * (x - grid_mean) ** 2).sum()
 # ## Q, its parameters, two losses
 #
 # $Q = \mathcal{N}(\mu, \sigma^2)$ with $\sigma = e^{s}$: the optimiser moves
-# $(\mu, s)$, so $\sigma$ is positive by construction, whatever the step. Every fit
+# $(\mu, s)$, so $\sigma$ is positive by construction, whatever the step
+# {✓ test_sigma_stays_positive_at_every_step}; only the start needs $\sigma > 0$,
+# and `fit_gaussians` refuses one without it
+# {✓ test_a_start_with_sigma_not_positive_is_refused}. Every fit
 # runs from several starting points, all at once, one row each. For one row of
 # grid log-probabilities, the forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$ is
-# `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`, the model first; the
+# `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`, the model first
+# {✓ test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}; the
 # reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is the same call with the arguments
-# swapped. The functions below take many rows at once, so they keep the terms
+# swapped {✓ test_reverse_kl_minima::
+# test_takeaway_reverse_kl_of_one_row_is_the_swapped_call_with_reduction_sum}.
+# The functions below take many rows at once, so they keep the terms
 # (`reduction="none"`) and sum each row.
 
 
@@ -156,9 +173,11 @@ LONG_STEPS = 2 * STEPS
 #   + \frac{\mathbb{E}_P[(x - \mu)^2]}{2\sigma^2},$$
 #
 # and setting its derivatives to zero gives $\mu^* = \mathbb{E}_P[x]$ and
-# $\sigma^{*2} = \mathrm{Var}_P[x]$: the fit matches $P$'s first two moments. For
-# this mixture, $\mathbb{E}_P[x] = \tfrac12(-5) + \tfrac12 \cdot 10$ and
-# $\mathrm{Var}_P[x] = \tfrac12(1 + 25) + \tfrac12(1 + 100) - \mathbb{E}_P[x]^2$.
+# $\sigma^{*2} = \mathrm{Var}_P[x]$: the fit matches $P$'s first two moments
+# {✓ test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}.
+# For this mixture, $\mathbb{E}_P[x] = \tfrac12(-5) + \tfrac12 \cdot 10$ and
+# $\mathrm{Var}_P[x] = \tfrac12(1 + 25) + \tfrac12(1 + 100) - \mathbb{E}_P[x]^2$,
+# the moments of $P$ on the grid {✓ test_grid_moments_are_the_analytic_moments}.
 
 # %%
 mu_star = 0.5 * -5 + 0.5 * 10
@@ -172,8 +191,10 @@ sigma_star = math.sqrt(0.5 * (1 + 25) + 0.5 * (1 + 100) - mu_star**2)
 
 # %% [markdown]
 # The animation shows the fit from the first start, $(\mu, \sigma) = (-2, 2)$:
-# $Q$ widens fast, overshooting $\sigma^*$, while its mean drifts right; then it
-# narrows, its mean still drifting, until it sits between the peaks.
+# $Q$ widens fast, overshooting $\sigma^*$, while its mean drifts right
+# {✓ test_forward_fit_widens_fast_overshoots_while_the_mean_drifts_right}; then it
+# narrows, its mean still drifting, until it sits between the peaks, at moment
+# matching {✓ test_forward_kl_fit_is_moment_matching_from_every_start}.
 
 
 # %%
@@ -259,10 +280,13 @@ def video_player(path):
 # mass where $P$ has little, and does not care what $Q$ leaves out. Settled on one
 # component, $q = \mathcal{N}(-5, 1)$ say, and with the peaks this far apart, $p$
 # is $\tfrac12 q$ wherever $q$ has mass, plus a sliver of the other peak's tail,
-# so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$.
+# so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$
+# {✓ test_reverse_kl_on_a_peak_is_just_under_log_2}.
 # The three starts of `STARTS` lie to one side of the middle, $\mu = 2.5$, and
-# their fits end on the peak on that side, as printed below. By symmetry the two
-# peaks are equally good: each is a global minimum.
+# their fits end on the peak on that side, as printed below {✓
+# test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2}.
+# By symmetry the two peaks are equally good: each is a global minimum
+# {✓ test_reverse_kl_has_two_equal_global_minima_one_on_each_peak}.
 
 # %% active="ipynb"
 # print(f"log 2 = {math.log(2):.6f}")
@@ -279,8 +303,13 @@ def video_player(path):
 # Starts to one side are not the whole story. Started wider and nearer the
 # middle, say at $(\mu, \sigma) = (2, 4)$, the reverse KL stops on a third
 # minimum: a wide Gaussian centred between the peaks, covering both, at a
-# divergence far above $\log 2$. Which starts end there (narrow ones close to
-# the middle too), how the optimiser changes that, why it is a true minimum and
+# divergence far above $\log 2$
+# {✓ test_wide_central_start_stops_on_a_third_minimum_covering_both_peaks}.
+# Narrow starts a little to either side of the middle still reach different
+# peaks {✓ test_narrow_starts_either_side_of_the_middle_reach_different_peaks},
+# but started a little wider and closer to it they end on the wide minimum too {✓
+# test_starts_of_sigma_about_2_near_the_middle_stop_on_the_covering_minimum}.
+# Which starts end there, how the optimiser changes that, why it is a true minimum and
 # what the landscape looks like are on
 # [Is reverse KL always mode-seeking?](reverse_kl_minima.py).
 
@@ -289,7 +318,9 @@ def video_player(path):
 #
 # The curves show each fit's distance, in $(\mu, \sigma)$, to where the same run
 # ends after `LONG_STEPS` steps, on a log scale; the printed line gives the largest
-# distance left at step `STEPS`.
+# distance left at step `STEPS`: every fit has reached that end point by then, and
+# each started far from it
+# {✓ test_every_fit_is_at_the_long_runs_end_by_step_steps}.
 
 # %% active="ipynb" alt="Distance to the long run's end point against step"
 # import matplotlib.pyplot as plt
@@ -338,15 +369,28 @@ def video_player(path):
 # - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$, of one distribution given as grid
 #   log-probabilities is `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`
 #   (finite `log_p`; if $P$ has zeros, pass `p` with `log_target=False`:
-#   `F.kl_div(log_q, p, reduction="sum", log_target=False)`); it covers every mode
-#   of $P$, and over Gaussians its only minimum matches $P$'s mean and variance.
+#   `F.kl_div(log_q, p, reduction="sum", log_target=False)`)
+#   {✓ test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}
+#   {✓ test_takeaway_forward_kl_with_zeros_in_p_needs_p_and_log_target_false};
+#   it covers every mode of $P$
+#   {✓ test_forward_kl_fit_is_moment_matching_from_every_start}, and over
+#   Gaussians its only minimum matches $P$'s mean and variance
+#   {✓ test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching},
+#   which fits started between the peaks reach {✓
+#   test_forward_kl_fit_is_moment_matching_from_starts_between_the_peaks}.
 # - Reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, the direction of variational
-#   inference, has its global minima on the modes, and narrow starts to one side
-#   of the middle lock onto the mode on that side: "mode-seeking" describes those.
-#   It is not a guarantee: it has other local minima, here one covering both modes,
-#   which wider central starts reach, and the optimiser decides too
-#   ([its three minima](reverse_kl_minima.py)).
+#   inference, has its global minima on the modes
+#   {✓ test_reverse_kl_has_two_equal_global_minima_one_on_each_peak}, and narrow
+#   starts to one side of the middle lock onto the mode on that side
+#   {✓ test_reverse_kl_fits_from_narrow_starts_to_one_side_reach_the_peak_there}:
+#   "mode-seeking" describes those. It is not a guarantee: it has other local
+#   minima, here one covering both modes, which wider central starts reach
+#   {✓ test_wide_central_start_stops_on_a_third_minimum_covering_both_peaks}, and
+#   the optimiser decides too ([its three minima](reverse_kl_minima.py))
+#   {✓ test_reverse_kl_minima::
+#   test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
-#   spacing, and a mixture's weights make its mass 1.
+#   spacing, and a mixture's weights make its mass 1
+#   {✓ test_target_integrates_to_one_on_the_grid}.
 # - Optimise $\log \sigma$, run to convergence, and check it: the distance to where
 #   a longer run ends, and parameters that stop moving.
