@@ -1,12 +1,17 @@
 # %% [markdown]
 # # A checked KL to copy
 #
-# `F.kl_div` accepts anything and returns a number. The function below computes
-# $D_{\mathrm{KL}}(P\,\|\,Q)$ between categorical distributions given as
-# log-probabilities, averages over the real (unpadded) distributions, and refuses
-# what cannot be right, with an error that says what is wrong and how to fix it:
-# shapes that differ, probabilities or logits passed as log-probabilities, rows
-# that do not sum to 1, NaN, a padding mask that does not fit.
+# `F.kl_div` takes wrong shapes, probabilities, logits and NaN without an error
+# {✓ test_kl_div_or_a_mean_by_hand_raises_no_error_on_the_page_misuses}. The
+# function below computes $D_{\mathrm{KL}}(P\,\|\,Q)$ between categorical
+# distributions given as log-probabilities
+# {✓ test_every_real_log_softmax_output_is_accepted_and_matches_float64},
+# averages over the real (unpadded) distributions
+# {✓ test_mask_averages_over_real_tokens_only_and_ignores_padded_rows}, and
+# refuses what cannot be right, with an error that says what is wrong and how to
+# fix it: shapes that differ, probabilities or logits passed as log-probabilities,
+# rows that do not sum to 1, NaN, a padding mask that does not fit
+# {✓ test_checked_kl_refuses_each_misuse_with_a_message_that_says_what_to_do}.
 #
 # On this page you will:
 #
@@ -19,37 +24,63 @@
 # ## The function
 #
 # Arguments follow the formula, **P first**: `checked_kl(log_p, log_q)` is
-# $D_{\mathrm{KL}}(P\,\|\,Q)$, while `F.kl_div` takes the model's $\log Q$ first:
-# `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`. Both are
-# log-probabilities along `dim`, in any float dtype; $-\infty$ marks an outcome
-# that has probability 0. Where $P = 0$ the term is 0 whatever $Q$ is; where
-# $P > 0$ and $Q = 0$ it is $+\infty$, as the definition says, even when $P$ is
-# too small for its probability to be represented.
+# $D_{\mathrm{KL}}(P\,\|\,Q)$
+# {✓ test_every_real_log_softmax_output_is_accepted_and_matches_float64}, while
+# `F.kl_div` takes the model's $\log Q$ first:
+# `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`
+# {✓ test_prose_kl_div_call_is_the_same_kl_with_the_model_first}. Both are
+# log-probabilities along `dim`
+# {✓ test_dim_selects_the_dimension_that_holds_each_distribution}, in any float
+# dtype {✓ test_every_real_log_softmax_output_is_accepted_and_matches_float64};
+# $-\infty$ marks an outcome that has probability 0. Where $P = 0$ the term is 0
+# whatever $Q$ is {✓ test_agrees_with_kl_div_where_p_is_zero}
+# {✓ test_impossible_classes_leave_the_kl_of_the_remaining_ones}; where $P > 0$
+# and $Q = 0$ it is $+\infty$, as the definition says
+# {✓ test_q_zero_where_p_positive_gives_infinity}, even when $P$ is too small for
+# its probability to be represented
+# {✓ test_p_too_small_to_represent_against_q_zero_is_still_infinite}.
 #
 # The default reduction is named `"mean_over_distributions"` on purpose: it
-# divides the sum by the number of distributions, which is what `F.kl_div` calls
-# `"batchmean"` on (rows, classes) input and *not* what it calls `"mean"` (divide
-# by every element, classes included). `reduction="mean"` and `"batchmean"` are
-# refused with that explanation, so code ported from `F.kl_div` cannot silently
-# change scale. `mask` (bool, the shape of the input without `dim`, True at real
-# positions) leaves padded positions out of the check and out of the mean.
-# Half-precision inputs are computed on float32 copies and the result is float32.
-# After the check each row is renormalised there: rounding leaves a row's total
-# within the tolerance of 1 but not at 1, and a KL smaller than that offset would
-# otherwise come out as noise, negative values included. Renormalising cannot undo
-# the rounding itself: log-probabilities (or logits) stored in bfloat16 or float16
-# bound how small a KL can be measured from them, and a KL below their rounding
-# comes out wrong ([example below](#a-small-kl-needs-float32-inputs)). When a small
+# divides the sum by the number of distributions
+# {✓ test_default_reduction_divides_by_distributions_not_by_elements_nor_batch},
+# which is what `F.kl_div` calls `"batchmean"` on (rows, classes) input
+# {✓ test_default_reduction_is_kl_div_batchmean_on_rows_and_classes} and *not*
+# what it calls `"mean"` (divide by every element, classes included)
+# {✓ test_default_reduction_divides_by_distributions_not_by_elements_nor_batch}.
+# `reduction="mean"` and `"batchmean"` are refused with that explanation
+# {✓ test_checked_kl_refuses_each_misuse_with_a_message_that_says_what_to_do}, so
+# code ported from `F.kl_div` cannot silently change scale. `"sum"` adds the
+# divergences and `"none"` returns one per distribution
+# {✓ test_reductions_none_and_sum}. `mask` (bool, the shape of the input without
+# `dim`, True at real positions) leaves padded positions out of the check and out
+# of the mean {✓ test_mask_averages_over_real_tokens_only_and_ignores_padded_rows}.
+# Half-precision inputs are computed on float32 copies and the result is float32
+# {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}; float32
+# inputs are not copied {✓ test_float32_input_is_not_copied}. After the check each
+# row is renormalised there: rounding leaves a row's total within the tolerance of
+# 1 {✓ test_real_log_softmax_rounding_stays_below_half_the_tolerance} but not at
+# 1, and a KL smaller than that offset would otherwise come out as noise, negative
+# values included
+# {✓ test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative}.
+# Renormalising cannot undo the rounding itself: log-probabilities (or logits)
+# stored in bfloat16 or float16 bound how small a KL can be measured from them, and
+# a KL below their rounding comes out wrong
+# ([example below](#a-small-kl-needs-float32-inputs))
+# {✓ test_small_kl_resolution_follows_the_rounding_of_the_inputs}. When a small
 # KL matters, compute `log_softmax` in float32 from float32 logits.
 #
 # **What the checks cost.** They run without autograd and end in a single `if` on
-# a tensor: **one host synchronisation per call** (only a refusal reads more). On
-# a GPU that `if` waits for every queued kernel; under `torch.compile` it is a
-# graph break. The count at the end of the page is taken on CPU; that this read
-# waits for the GPU is read from the source, not run here: `if` reads the value
-# through `aten._local_scalar_dense`, which on CUDA copies it with
-# `memcpy_and_sync` (aten/src/ATen/native/cuda/CUDAScalar.cpp). The formula
-# allocates several tensors as large as the input (also counted at the end); at
+# a tensor: **one host synchronisation per call** (only a refusal reads more)
+# {✓ test_a_valid_call_costs_exactly_one_host_synchronisation}. On a GPU that `if`
+# waits for every queued kernel {✓ test_a_valid_call_synchronises_the_gpu_once};
+# under `torch.compile` it is a graph break
+# {✓ test_under_torch_compile_the_one_sync_is_one_graph_break}. The count at the
+# end of the page is taken on CPU; that this read waits for the GPU is read from
+# the source, not run here: `if` reads the value through
+# `aten._local_scalar_dense`, which on CUDA copies it with `memcpy_and_sync`
+# (aten/src/ATen/native/cuda/CUDAScalar.cpp). The formula allocates several
+# tensors as large as the input (also counted at the end)
+# {✓ test_the_page_counts_one_sync_and_its_allocations}; at
 # (batch, tokens, vocabulary) sizes that is gigabytes, so for large vocabularies
 # compute the loss in chunks as in [large vocabulary](large_vocab.py), and call
 # `checked_kl` on a few rows of the same inputs when you want them checked.
@@ -244,8 +275,18 @@ def _raise_if_not_distributions(name, dim, real, log_probs, atol, dtype):
 # %% [markdown]
 # ## What it refuses
 #
-# Each misuse below runs silently through `F.kl_div` (or, for the mask, through the
-# mean a reader would write by hand); `checked_kl` stops it.
+# Each misuse below runs through `F.kl_div` without an error (or, for the mask,
+# through the mean a reader would write by hand)
+# {✓ test_kl_div_or_a_mean_by_hand_raises_no_error_on_the_page_misuses};
+# `checked_kl` stops it {✓ test_every_misuse_shown_on_the_page_is_refused}.
+# Probabilities, logits, the wrong `dim` and NaN are refused at vocabulary sizes
+# too, in every float dtype
+# {✓ test_misuses_are_refused_at_real_vocabulary_sizes_in_every_dtype}, and so is a
+# row whose most likely class was set to $-\infty$ after `log_softmax`
+# {✓ test_dropping_the_most_likely_class_after_normalising_is_refused}. Only input
+# with positive entries is told to call `log_softmax`, never input that already
+# comes from it
+# {✓ test_refusals_never_tell_a_log_softmax_caller_to_call_log_softmax}.
 
 # %%
 SEED = 0
@@ -278,19 +319,30 @@ misuses = {
 # %% [markdown]
 # ## What it accepts
 #
-# Whatever `log_softmax` returns, in any float dtype. In bfloat16 each
-# log-probability keeps 8 significant bits, so a row's total probability is not
-# exactly 1 (the largest deviation is printed below); the tolerance grows with the
-# dtype's rounding and the logarithm of the vocabulary (see
-# `normalisation_tolerance` above), and the check sums in float32. Below, the
-# largest deviation of real bfloat16 rows, and the tolerance.
+# Whatever `log_softmax` returns, in any float dtype
+# {✓ test_every_real_log_softmax_output_is_accepted_and_matches_float64}
+# {✓ test_half_precision_log_softmax_at_real_vocabularies_is_accepted}. In
+# bfloat16 each log-probability keeps 8 significant bits
+# {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums}, so a
+# row's total probability is not exactly 1 (the largest deviation is printed
+# below); the tolerance grows with the dtype's rounding and the logarithm of the
+# vocabulary (see `normalisation_tolerance` above)
+# {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums}, real
+# rows stay within half of it
+# {✓ test_real_log_softmax_rounding_stays_below_half_the_tolerance}, on either side
+# of 1 {✓ test_rounding_above_zero_within_tolerance_is_accepted}, and the check
+# sums in float32 {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}.
+# Below, the largest deviation of real bfloat16 rows, and the tolerance
+# {✓ test_the_page_bf16_rows_are_accepted_within_the_tolerance}.
 #
 # One exception, on CPU: float16 `log_softmax` along the last dim stores the
 # row's sum of exponentials $\sum_j e^{z_j - \max z}$ in float16, and returns
 # $-\infty$ for the whole row once that sum reaches 65,520 (float16's largest
 # value, 65,504, plus half its spacing there): at least 65,520 classes, nearly
-# equal (torch 2.13; see [half precision](half_precision.py#a-sum-that-overflows)).
-# `checked_kl` refuses such a row: its total probability is 0.
+# equal (torch 2.13; see [half precision](half_precision.py#a-sum-that-overflows))
+# {✓ test_float16_cpu_log_softmax_is_minus_inf_once_its_sum_reaches_65520}.
+# `checked_kl` refuses such a row: its total probability is 0
+# {✓ test_float16_cpu_log_softmax_is_minus_inf_once_its_sum_reaches_65520}.
 
 # %%
 vocab_logits = 3 * torch.randn(4, 32_000, generator=generator)
@@ -309,12 +361,19 @@ bf16_tolerance = normalisation_tolerance(torch.bfloat16, 32_000)
 # ### A small KL needs float32 inputs
 #
 # Below, $Q$'s logits differ from $P$'s by noise of standard deviation 0.01, so
-# the KL is far below the rounding of a bfloat16 log-probability. The reference
-# is the KL of the unrounded logits in float64. From float32 and float16
-# log-probabilities `checked_kl` comes close to it; from bfloat16 ones it is
-# several times too large, and so it is from bfloat16 *logits* even with
-# `log_softmax` in float32: the rounding already happened. Every value is
-# positive, since each row is renormalised before the KL.
+# the KL is far below the rounding of a bfloat16 log-probability
+# {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}. The
+# reference is the KL of the unrounded logits in float64
+# {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}. From
+# float32 and float16 log-probabilities `checked_kl` comes close to it; from
+# bfloat16 ones it is several times too large, and so it is from bfloat16
+# *logits* even with `log_softmax` in float32: the rounding already happened
+# {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}
+# {✓ test_small_kl_resolution_follows_the_rounding_of_the_inputs}. Every value is
+# positive {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding},
+# since each row is renormalised before the KL
+# {✓ test_kl_of_nearby_half_precision_log_probabilities_is_never_below_zero}
+# {✓ test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative}.
 
 
 # %%
@@ -355,7 +414,15 @@ small_kl = {
 #
 # A (batch, tokens, vocabulary) batch whose second sequence ends early: the padded
 # positions hold whatever the model produced there, NaN included, and are
-# neither checked nor counted. The mean is over the real tokens only.
+# neither checked nor counted
+# {✓ test_mask_averages_over_real_tokens_only_and_ignores_padded_rows}. The mean
+# is over the real tokens only
+# {✓ test_the_page_mask_example_averages_its_real_tokens}. Padded positions get
+# zero gradient and real ones the gradient of the same KL without padding
+# {✓ test_padded_positions_get_zero_gradient_and_real_ones_match_the_unpadded_kl};
+# the mask works along any `dim` {✓ test_mask_works_along_another_dim}, and a mask
+# with no real position gives 0, not NaN
+# {✓ test_an_all_padding_mask_gives_zero_not_nan}.
 
 # %%
 tokens_p = torch.randn(2, 3, 5, generator=generator).log_softmax(dim=-1)
@@ -372,11 +439,15 @@ kl_per_token = checked_kl(tokens_p, tokens_q, mask=padding_mask, reduction="none
 # %% [markdown]
 # ## What it computes on valid input
 #
-# The same value as `F.kl_div` with `"batchmean"` on (rows, classes) tensors, and
-# the same gradient with respect to the model's logits. With impossible outcomes
-# ($-\infty$ in both $\log P$ and $\log Q$, a masked vocabulary) `F.kl_div` with
-# `log_target=True` returns NaN, while `checked_kl` returns the divergence over
-# the outcomes that remain, with finite gradients.
+# The same value as `F.kl_div` with `"batchmean"` on (rows, classes) tensors
+# {✓ test_default_reduction_is_kl_div_batchmean_on_rows_and_classes}, and the
+# same gradient with respect to the model's logits {✓ test_gradient_agrees_with_kl_div}.
+# With impossible outcomes ($-\infty$ in both $\log P$ and $\log Q$, a masked
+# vocabulary) `F.kl_div` with `log_target=True` returns NaN
+# {✓ test_kl_div_with_log_target_is_nan_on_impossible_classes}, while `checked_kl`
+# returns the divergence over the outcomes that remain
+# {✓ test_impossible_classes_leave_the_kl_of_the_remaining_ones}, with finite
+# gradients {✓ test_gradients_stay_finite_with_impossible_classes}.
 
 # %%
 model_logits = logits_q.clone().requires_grad_()
@@ -417,7 +488,9 @@ kl_visible_classes = checked_kl(
 # %% [markdown]
 # One case keeps a NaN gradient: where $P > 0$ and $Q = 0$ the KL is $+\infty$,
 # and its gradient with respect to `log_p` is NaN there ($0 \cdot \infty$ in the
-# backward of the product). It matters only when $P$ is trained, and the loss is
+# backward of the product)
+# {✓ test_gradient_wrt_log_p_is_nan_exactly_where_p_is_positive_and_q_is_zero}.
+# It matters only when $P$ is trained, and the loss is
 # already infinite: find why $Q$ is 0 where $P$ is not.
 
 # %%
@@ -434,7 +507,8 @@ kl_infinite = checked_kl(log_p_trained, log_q_zero)
 #
 # A `TorchDispatchMode` sees every operation: below, the device-to-host reads
 # (`aten._local_scalar_dense`, what `if tensor:` and `.item()` call) and the new
-# tensors as large as the input, for one forward call on the bfloat16 rows above.
+# tensors as large as the input, for one forward call on the bfloat16 rows above
+# {✓ test_the_page_counts_one_sync_and_its_allocations}.
 
 # %%
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -470,10 +544,19 @@ with CountSyncsAndAllocations(log_p_bf16.numel()) as cost:
 # ## What to remember
 #
 # - Validate at the boundary: same shapes, log-probabilities (nothing positive),
-#   rows that sum to 1 along the `dim` you mean, no NaN; with a tolerance that
-#   follows the dtype and the vocabulary size, checked in float32.
+#   rows that sum to 1 along the `dim` you mean, no NaN
+#   {✓ test_checked_kl_refuses_each_misuse_with_a_message_that_says_what_to_do};
+#   with a tolerance that follows the dtype and the vocabulary size
+#   {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums},
+#   checked in float32
+#   {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}.
 # - Handle $P = 0$ by masking *before* subtracting, so that neither the value nor
-#   the gradient ever sees $0 \cdot (-\infty)$.
-# - Average over real distributions, `mask=` for padding, and name the reduction
-#   so that nobody confuses it with `F.kl_div`'s `"mean"`.
-# - A check costs a host synchronisation: one per call here.
+#   the gradient ever sees $0 \cdot (-\infty)$
+#   {✓ test_impossible_classes_leave_the_kl_of_the_remaining_ones}
+#   {✓ test_gradients_stay_finite_with_impossible_classes}.
+# - Average over real distributions, `mask=` for padding
+#   {✓ test_mask_averages_over_real_tokens_only_and_ignores_padded_rows}, and name
+#   the reduction so that nobody confuses it with `F.kl_div`'s `"mean"`
+#   {✓ test_default_reduction_divides_by_distributions_not_by_elements_nor_batch}.
+# - A check costs a host synchronisation: one per call here
+#   {✓ test_a_valid_call_costs_exactly_one_host_synchronisation}.

@@ -118,6 +118,49 @@ def test_every_misuse_shown_on_the_page_is_refused(misuse):
         page.misuses[misuse]()
 
 
+def kl_div_batchmean(log_q, log_p, **kwargs):
+    return F.kl_div(log_q, log_p, **{"reduction": "batchmean", **kwargs})
+
+
+# the page's misuses as a reader writes them without checked_kl: F.kl_div, model
+# first, and for the mask the mean over real rows by hand
+UNCHECKED_MISUSES = {
+    "one Q for all rows, by accident": lambda: kl_div_batchmean(
+        log_q[0], log_p, log_target=True
+    ),
+    "probabilities instead of log-probabilities": lambda: kl_div_batchmean(
+        log_q, log_p.exp(), log_target=True
+    ),
+    "logits instead of log-probabilities": lambda: kl_div_batchmean(
+        log_q, page.logits_p, log_target=True
+    ),
+    "normalised over the wrong dim": lambda: kl_div_batchmean(
+        log_q, page.logits_p.log_softmax(dim=0), log_target=True
+    ),
+    "a NaN from upstream": lambda: kl_div_batchmean(
+        log_q.log(), log_p, log_target=True
+    ),
+    "F.kl_div's reduction name": lambda: F.kl_div(
+        log_q, log_p, reduction="mean", log_target=True
+    ),
+    "a 0/1 integer padding mask": lambda: (
+        (
+            F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+            * page.row_mask.int()
+        ).sum()
+        / page.row_mask.int().sum()
+    ),
+}
+
+
+def test_kl_div_or_a_mean_by_hand_raises_no_error_on_the_page_misuses():
+    assert UNCHECKED_MISUSES.keys() == page.misuses.keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # F.kl_div warns about "mean", no error
+        for misuse, call in UNCHECKED_MISUSES.items():
+            assert call().dim() == 0, misuse  # one number, NaN for the NaN input
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n_classes", [32_000, 128_000])
 def test_misuses_are_refused_at_real_vocabulary_sizes_in_every_dtype(dtype, n_classes):
@@ -270,6 +313,20 @@ def test_half_inputs_are_computed_in_float32_on_rows_renormalised(dtype):
     ).any()
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative(dtype):
+    """The formula on the stored rows as they are (in float32) gives negative KLs;
+    checked_kl, which renormalises them first, gives positive ones."""
+    generator = torch.Generator().manual_seed(0)
+    logits_p = 3 * torch.randn(4, 32_000, generator=generator)
+    logits_q = logits_p + 1e-3 * torch.randn(4, 32_000, generator=generator)
+    log_p, log_q = (x.to(dtype).log_softmax(dim=-1) for x in (logits_p, logits_q))
+    stored_p, stored_q = log_p.float(), log_q.float()
+    as_stored = (stored_p.exp() * (stored_p - stored_q)).sum(dim=-1)
+    assert (as_stored < 0).any()
+    assert (checked_kl(log_p, log_q, reduction="none") > 0).all()
+
+
 def nearby_logits(shape, noise, seed):
     """Logits of P (3·randn) and of a Q that differs by ``noise``·randn."""
     generator = torch.Generator().manual_seed(seed)
@@ -320,6 +377,8 @@ def test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding():
             page.vocab_logits, page.small_kl_inputs(torch.float64, torch.float64)[1]
         ).mean(),
     )
+    # far below the rounding of a bfloat16 log-probability (eps = 2**-7)
+    assert reference < torch.finfo(torch.bfloat16).eps / 100
     kls = {name: kl.item() for name, kl in page.small_kl.items()}
     assert all(kl > 0 for kl in kls.values())
     fp32, fp16, bf16, bf16_logits = kls.values()
