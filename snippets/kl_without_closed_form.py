@@ -2,12 +2,18 @@
 # # KL without a closed form: quadrature, Monte Carlo and their gradients
 #
 # When `kl_divergence(p, q)` has no formula for a pair of distribution types it
-# raises `NotImplementedError`. You can then register a formula of your own with
-# `register_kl` (here, a quadrature for a one-dimensional Gaussian mixture), or
+# raises `NotImplementedError` {✓ test_unregistered_pair_raises_not_implemented}.
+# You can then register a formula of your own with `register_kl` (here, a
+# quadrature for a one-dimensional Gaussian mixture)
+# {✓ test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected}, or
 # estimate $D_{\mathrm{KL}}(p\,\|\,q) = \mathbb{E}_{x \sim p}[\log p(x) - \log
-# q(x)]$ by Monte Carlo: unbiased, with an error falling as $1/\sqrt{n}$, and
-# differentiable either through `rsample` or, when $p$ has none, through the score
-# function.
+# q(x)]$ by Monte Carlo: unbiased {✓ test_monte_carlo_is_unbiased}, with an error
+# falling as $1/\sqrt{n}$
+# {✓ test_monte_carlo_error_falls_as_one_over_root_n_times_the_std_of_k1}, and
+# differentiable either through `rsample`
+# {✓ test_rsample_gradient_is_the_closed_form_gradient_in_expectation} or, when $p$
+# has none, through the score function
+# {✓ test_score_function_gradient_is_unbiased_for_the_mixture}.
 #
 # On this page you will:
 #
@@ -23,9 +29,14 @@
 #
 # There is no closed form for the KL between a Gaussian mixture and a Gaussian,
 # and none is registered: `kl_divergence` looks the pair of *types* up in its
-# registry and raises. The Gaussian here is the moment-matched one, with the
-# mixture's mean and variance (printed below): it is where the forward-KL fit of
-# [forward vs reverse KL](forward_reverse.py) settles for this very mixture.
+# registry and raises {✓ test_unregistered_pair_raises_not_implemented}. The
+# Gaussian here is the moment-matched one, with the mixture's mean and variance
+# (printed below) {✓ test_moment_matched_gaussian_has_the_mixtures_mean_and_variance}:
+# it is where the forward-KL fit of [forward vs reverse KL](forward_reverse.py)
+# settles {✓ test_forward_reverse::
+# test_forward_kl_fit_is_moment_matching_from_every_start}, and the mixture is that
+# page's: the KL computed below equals that page's forward KL at this Gaussian
+# {✓ test_registered_mixture_kl_matches_the_other_page_at_the_forward_optimum}.
 
 # %%
 import torch
@@ -62,13 +73,27 @@ def kl_or_error(p, q):
 # %% [markdown]
 # `register_kl` adds a function for a pair of types. Registering it
 # for `MixtureSameFamily` itself would change `kl_divergence` for every mixture in
-# the program; a subclass keeps the change to the distributions you create with it.
+# the program {✓ test_registering_for_mixture_same_family_itself_changes_every_mixture};
+# a subclass keeps the change to the distributions you create with it
+# {✓ test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected}.
 #
 # The function below integrates $p\,(\log p - \log q)$ numerically. The integrand
 # carries the factor $p$, so the grid must cover $p$'s mass, wherever it lies: a
-# grid centred on $q$ silently returns about 0 for a mixture far from $q$. Here
-# the grid is dense within 12 standard deviations of *every component*, and its
-# assumptions are checked rather than left to a docstring.
+# grid centred on $q$ silently returns about 0 for a mixture far from $q$
+# {✓ test_a_grid_centred_on_q_silently_returns_about_0_for_a_mixture_far_from_q}.
+# Here the grid is dense within 12 standard deviations of *every component*, so it
+# stays right for a mixture far from $q$
+# {✓ test_registered_kl_is_right_for_a_mixture_far_from_q}: it matches Monte Carlo
+# wherever the components lie
+# {✓ test_registered_kl_matches_monte_carlo_wherever_the_components_lie}, and with
+# one component it is the closed form of two Gaussians
+# {✓ test_registered_kl_of_one_component_is_the_normal_closed_form}. Outside its
+# window a component is below $e^{-12^2/2} = e^{-72}$ of its peak
+# {✓ test_outside_its_window_a_component_is_below_e_minus_72_of_its_peak}, and so is
+# the mixture between two far windows
+# {✓ test_between_far_windows_the_mixture_is_below_e_minus_72_of_its_peak}. Its
+# assumptions are checked rather than left to a docstring
+# {✓ test_registered_kl_refuses_batches_and_other_components_with_a_value_error}.
 
 
 # %%
@@ -117,13 +142,21 @@ kl_mixture_normal = kl_divergence(registered_mixture, moment_matched)
 # ## Monte Carlo
 #
 # For any pair whose densities you can evaluate and $p$ you can sample, the
-# average of $\log p(x) - \log q(x)$ over $n$ samples $x \sim p$ is unbiased. It
-# is the estimator called $k_1$ on [KL estimators](rl_estimators.py), which also
-# measures $k_3$, often of lower variance. The standard error falls as
-# $1/\sqrt{n}$ provided $\log p(x) - \log q(x)$ has a finite variance; that page
-# shows a pair where $k_3$'s does not. Drawn with `rsample` (the
-# reparameterisation $x = \mu + \sigma \varepsilon$), the samples carry gradients.
-# `rsample` takes no generator: seed the global one for repeatable draws.
+# average of $\log p(x) - \log q(x)$ over $n$ samples $x \sim p$ is unbiased
+# {✓ test_monte_carlo_is_unbiased}. It is the estimator called $k_1$ on
+# [KL estimators](rl_estimators.py)
+# {✓ test_monte_carlo_estimator_is_k1_the_mean_log_ratio}, which also measures
+# $k_3$, often of lower variance {✓ test_rl_estimators::
+# test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair}. The standard
+# error falls as $1/\sqrt{n}$ provided $\log p(x) - \log q(x)$ has a finite
+# variance {✓ test_monte_carlo_error_falls_as_one_over_root_n_times_the_std_of_k1};
+# that page shows a pair where $k_3$'s does not {✓ test_rl_estimators::
+# test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance}. Drawn
+# with `rsample` (the reparameterisation $x = \mu + \sigma \varepsilon$), the
+# samples carry gradients
+# {✓ test_rsample_gradient_is_the_closed_form_gradient_in_expectation}. `rsample`
+# takes no generator {✓ test_rsample_takes_no_generator}: seed the global one for
+# repeatable draws.
 
 
 # %%
@@ -174,19 +207,30 @@ def monte_carlo_errors():
 # ## Gradients, with rsample and without
 #
 # With `rsample` the gradient flows through the samples: with respect to $p$'s
-# mean it matches the gradient of the closed form, in expectation.
+# mean it matches the gradient of the closed form, in expectation
+# {✓ test_rsample_gradient_is_the_closed_form_gradient_in_expectation}; the
+# estimate printed below is within 0.01 of it
+# {✓ test_monte_carlo_gradient_matches_the_closed_form_gradient}.
 #
 # The mixture has no `rsample` (`has_rsample` is false): `sample` still gives an
-# unbiased value of the KL, but no gradient. The score function gives one: since
+# unbiased value of the KL, but no gradient
+# {✓ test_mixture_has_no_rsample_but_sample_gives_an_unbiased_estimate}. The score
+# function gives one: since
 # $\mathbb{E}_p[\nabla_\theta \log p_\theta] = 0$,
 #
 # $$\nabla_\theta D_{\mathrm{KL}}(p_\theta\,\|\,q) = \mathbb{E}_{x \sim
 # p_\theta}\big[(\log p_\theta(x) - \log q(x))\,\nabla_\theta \log
 # p_\theta(x)\big],$$
 #
-# the gradient of a surrogate whose log-ratio is detached. It is unbiased and
-# usually noisier than `rsample`. Below it is checked against the gradient of the
-# registered quadrature, with respect to the components' means.
+# the gradient of a surrogate whose log-ratio is detached. It is unbiased
+# {✓ test_score_function_gradient_is_unbiased_for_the_mixture} and usually noisier
+# than `rsample`, as it is on the Gaussian pair above
+# {✓ test_score_function_gradient_is_noisier_than_rsample_on_the_gaussian_pair}.
+# Below it is checked against the gradient of the registered quadrature, with
+# respect to the components' means
+# {✓ test_page_score_function_estimate_is_near_the_quadrature_gradient}; that
+# gradient itself matches finite differences of the KL on a dense grid
+# {✓ test_quadrature_gradient_matches_finite_differences_on_a_dense_grid}.
 
 
 # %%
@@ -229,10 +273,18 @@ def mixture_gradients(n_samples=100_000):
 # %% [markdown]
 # ## What to remember
 #
-# - An unregistered pair raises `NotImplementedError`; register a formula with
-#   `register_kl`, on a subclass if it should not change every mixture.
-# - A numerical KL(p‖q) must cover $p$'s mass, wherever it lies, and check the
-#   assumptions it makes.
-# - Monte Carlo ($k_1$): unbiased, error $\propto 1/\sqrt{n}$ when its variance is
-#   finite; differentiable through `rsample`, or through the score function
-#   `(log_p * (log_p - log_q).detach()).mean()` when there is no `rsample`.
+# - An unregistered pair raises `NotImplementedError`
+#   {✓ test_unregistered_pair_raises_not_implemented}; register a formula with
+#   `register_kl`, on a subclass if it should not change every mixture
+#   {✓ test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected}.
+# - A numerical KL(p‖q) must cover $p$'s mass, wherever it lies
+#   {✓ test_a_grid_centred_on_q_silently_returns_about_0_for_a_mixture_far_from_q},
+#   and check the assumptions it makes
+#   {✓ test_registered_kl_refuses_batches_and_other_components_with_a_value_error}.
+# - Monte Carlo ($k_1$): unbiased {✓ test_monte_carlo_is_unbiased}, error
+#   $\propto 1/\sqrt{n}$ when its variance is finite
+#   {✓ test_monte_carlo_error_falls_as_one_over_root_n_times_the_std_of_k1};
+#   differentiable through `rsample`
+#   {✓ test_rsample_gradient_is_the_closed_form_gradient_in_expectation}, or through
+#   the score function `(log_p * (log_p - log_q).detach()).mean()` when there is no
+#   `rsample` {✓ test_score_function_gradient_is_unbiased_for_the_mixture}.

@@ -15,13 +15,22 @@ from torch.distributions import (
     MultivariateNormal,
     Normal,
     kl_divergence,
+    register_kl,
 )
+from torch.distributions import kl as torch_kl
 from torch.testing import assert_close
 
 from snippets import forward_reverse
 from snippets import kl_without_closed_form as page
 
 DTYPE = torch.float64
+
+# Not claims of a sentence: checks on the page's own text.
+SUPPORTING_TESTS = {
+    "test_the_moment_matched_parameters_are_printed_not_typed_in_the_prose": (
+        "guards the prose: the moment-matched mean and variance are printed by code"
+    ),
+}
 
 
 def mixture_of(weights, locs, scales):
@@ -66,6 +75,24 @@ def test_registered_subclass_pair_is_used_and_the_plain_class_is_unaffected():
     assert isinstance(page.kl_mixture_normal, torch.Tensor)
     assert isinstance(page.kl_or_error(page.mixture, page.moment_matched), str)
     assert type(page.mixture) is MixtureSameFamily
+
+
+def test_registering_for_mixture_same_family_itself_changes_every_mixture():
+    other_mixture = MixtureSameFamily(
+        Categorical(probs=torch.tensor([0.3, 0.7], dtype=DTYPE)),
+        Normal(torch.tensor([0.0, 1.0], dtype=DTYPE), torch.ones(2, dtype=DTYPE)),
+    )
+    assert isinstance(page.kl_or_error(other_mixture, page.moment_matched), str)
+    try:
+        register_kl(MixtureSameFamily, Normal)(page._kl_gaussian_mixture_normal)
+        # every plain mixture of the program now has a KL, not only one of them
+        for mixture in (page.mixture, other_mixture):
+            kl = page.kl_or_error(mixture, page.moment_matched)
+            assert isinstance(kl, torch.Tensor) and kl.isfinite()
+    finally:  # undo the registration for the other tests of this process
+        del torch_kl._KL_REGISTRY[MixtureSameFamily, Normal]
+        torch_kl._KL_MEMOIZE.clear()
+    assert isinstance(page.kl_or_error(page.mixture, page.moment_matched), str)
 
 
 def test_registered_mixture_kl_matches_the_other_page_at_the_forward_optimum():
@@ -191,10 +218,43 @@ def test_monte_carlo_gradient_matches_the_closed_form_gradient():
     assert_close(estimated, exact, rtol=0, atol=0.01)
 
 
+def rsample_and_score_gradients(n_samples, n_repeats, seed):
+    """d KL(N(mu, 1)‖q) / d mu at mu = 0, n_repeats times: by rsample, by score."""
+    torch.manual_seed(seed)
+    by_rsample, by_score = [], []
+    for _ in range(n_repeats):
+        mu = torch.tensor(0.0, dtype=DTYPE, requires_grad=True)
+        p = Normal(mu, torch.tensor(1.0, dtype=DTYPE))
+        kl = page.monte_carlo_kl(p, page.q_normal, n_samples)
+        by_rsample.append(torch.autograd.grad(kl, mu)[0])
+        by_score.append(page.score_function_gradient(p, page.q_normal, mu, n_samples))
+    return torch.stack(by_rsample), torch.stack(by_score)
+
+
+def test_rsample_gradient_is_the_closed_form_gradient_in_expectation():
+    by_rsample, _ = rsample_and_score_gradients(1_000, 200, seed=11)
+    # d/dmu KL(N(mu, 1)‖N(1, 2²)) = (mu − 1) / 2² = −1/4 at mu = 0
+    exact, _ = page.gradients_of_mean(n_samples=10)
+    assert_close(exact.item(), -0.25, rtol=1e-12, atol=0)
+    standard_error = by_rsample.std() / math.sqrt(len(by_rsample))
+    assert abs(by_rsample.mean() - exact) < 4 * standard_error
+
+
+def test_score_function_gradient_is_noisier_than_rsample_on_the_gaussian_pair():
+    by_rsample, by_score = rsample_and_score_gradients(1_000, 200, seed=12)
+    # per sample, the rsample gradient is (x − 1)/4 with x ~ N(0, 1): std 1/4
+    assert_close(by_rsample.std().item() * math.sqrt(1_000), 0.25, rtol=0.15, atol=0)
+    assert by_score.std() > 2 * by_rsample.std()
+
+
 def test_mixture_has_no_rsample_but_sample_gives_an_unbiased_estimate():
     assert not page.mixture.has_rsample
     with pytest.raises(NotImplementedError):
         page.monte_carlo_kl(page.mixture, page.moment_matched, 10)
+    # sample draws carry no gradient, even from trainable component means
+    means = page.components.loc.clone().requires_grad_()
+    trainable = MixtureSameFamily(page.weights, Normal(means, page.components.scale))
+    assert not trainable.sample((10,)).requires_grad
     estimate, standard_error = monte_carlo_reference(page.mixture, page.moment_matched)
     assert abs(estimate - page.kl_mixture_normal) < 5 * standard_error
 
