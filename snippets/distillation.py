@@ -6,8 +6,10 @@
 # $T^2 \cdot D_{\mathrm{KL}}\big(\mathrm{softmax}(z_t / T)\,\|\,\mathrm{softmax}(z_s /
 # T)\big)$, averaged over the batch ([Hinton et al., 2015], who write it as the
 # cross-entropy against the soft targets: the same gradient, since the two differ
-# by the teacher's entropy, a constant). In PyTorch, with student logits `z_s`,
-# teacher logits `z_t` and temperature `T`:
+# by the teacher's entropy, a constant
+# {✓ test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl}). In
+# PyTorch, with student logits `z_s`, teacher logits `z_t` and temperature `T`
+# {✓ test_prose_formula_runs_as_written_and_is_the_page_loss}:
 #
 # ```python
 # loss = F.kl_div(
@@ -20,11 +22,15 @@
 #
 # Student first, in log space, each normalised over the classes with `dim=-1`:
 # without a `dim`, `log_softmax` picks dim 0 for 3-d input, the batch, with only
-# a deprecation warning. `.float()` comes before the division: bfloat16 logits
-# divided by $T$ and normalised in bfloat16 give a loss off by percents. The
+# a deprecation warning
+# {✓ test_log_softmax_without_dim_normalises_over_the_batch_for_3d_input}.
+# `.float()` comes before the division {✓
+# test_headline_block_matches_float64_for_half_precision_logits_at_32k}: bfloat16
+# logits divided by $T$ and normalised in bfloat16 give a loss off by percents
+# {✓ test_headline_block_without_float_is_off_by_percents_in_bfloat16}. The
 # factor $T^2$ is not decoration: without it the gradient shrinks as $1/T^2$ once
-# $T$ is large, so every change of $T$ would silently rescale the distillation
-# term.
+# $T$ is large {✓ test_without_t_squared_the_gradient_shrinks_as_one_over_t_squared},
+# so every change of $T$ would silently rescale the distillation term.
 #
 # On this page you will write the loss two equivalent ways, combine it with the
 # cross-entropy on labels, measure its gradient against temperature, average it
@@ -37,15 +43,21 @@
 # ## The loss
 #
 # `"batchmean"` divides by the batch size: one KL per example, averaged, as long as
-# the logits are (batch, classes). The teacher can be given as probabilities or,
-# better, as log-probabilities with `log_target=True`; it is a fixed target, so its
-# logits are detached (compute them under `torch.no_grad()` in training). The
+# the logits are (batch, classes)
+# {✓ test_loss_is_t_squared_times_the_mean_kl_per_example}. The teacher can be
+# given as probabilities or, better, as log-probabilities with `log_target=True`
+# {✓ test_teacher_as_probabilities_or_log_probabilities_gives_the_same_loss}; it
+# is a fixed target, so its logits are detached (compute them under
+# `torch.no_grad()` in training) {✓ test_teacher_gets_no_gradient}. The
 # logits are cast to at least float32 before they are divided by $T$: in bfloat16
-# or float16 the quotient is rounded (exactly only when $T$ is a power of 2), and
-# that costs the loss digits.
+# or float16 the quotient is rounded (exactly only when $T$ is a power of 2)
+# {✓ test_logits_are_cast_to_float32_before_they_are_divided_by_t}, and
+# that costs the loss digits
+# {✓ test_headline_block_without_float_is_off_by_percents_in_bfloat16}.
 #
 # Hinton et al. (§2) combine it with the cross-entropy on the hard labels, at
-# temperature 1, and found the best results "by using a considerably lower weight
+# temperature 1 {✓ test_hard_label_weight_is_lower_than_the_soft_target_weight},
+# and found the best results "by using a considerably lower weight
 # on the second objective function", the hard labels; the weight itself is a
 # hyperparameter (`HARD_LABEL_WEIGHT` below).
 
@@ -101,15 +113,26 @@ total_loss = (1 - HARD_LABEL_WEIGHT) * with_log_target + HARD_LABEL_WEIGHT * (
 # ## Why T²
 #
 # The gradient of $D_{\mathrm{KL}}(p_T\,\|\,q_T)$ with respect to a student logit is
-# $\frac{1}{T}\,(q_{T,i} - p_{T,i})$. For large $T$ the softened distributions
+# $\frac{1}{T}\,(q_{T,i} - p_{T,i})$ {✓ test_kl_gradient_is_q_minus_p_over_t_per_row}.
+# For large $T$ the softened distributions
 # differ by about $(d_i - \bar d)/(N T)$, with $d = z_s - z_t$ over $N$ classes, so
-# the gradient falls as $1/T^2$ and the $T^2$-scaled one tends to a constant,
-# $(d_i - \bar d)/N$ per example (Hinton et al., eq. 4; divided by the batch size
-# here, for `"batchmean"`). That limit is all $T^2$ promises. At any $T$ the
-# scaled gradient is $T\,(q_T - p_T)$, so it goes to 0 as $T \to 0$; where it
+# the gradient falls as $1/T^2$
+# {✓ test_without_t_squared_the_gradient_shrinks_as_one_over_t_squared} and the
+# $T^2$-scaled one tends to a constant, $(d_i - \bar d)/N$ per example
+# {✓ test_t_squared_scaled_gradient_tends_to_hintons_limit_on_the_page} (Hinton
+# et al., eq. 4; divided by the batch size here, for `"batchmean"`).
+# That limit is all $T^2$ promises: for the student near its teacher below, the
+# scaled gradient still changes by more than a factor of 2 over $T \ge 1$ {✓
+# test_the_scaled_gradient_is_not_within_a_factor_of_two_for_a_near_student}. At
+# any $T$ the scaled gradient is $T\,(q_T - p_T)$, so it goes to 0 as $T \to 0$
+# {✓ test_the_scaled_gradient_goes_to_zero_as_t_goes_to_zero}; where it
 # turns scales with the logits (multiply them and $T$ by $c$, and it is multiplied
-# by $c$): for this page's logits it falls below $T = 1$, for logits of small
-# spread it still rises well below $T = 1$. Below, the page's random pair and a
+# by $c$) {✓ test_where_the_scaled_gradient_turns_scales_with_the_logits}: for
+# this page's logits it falls below $T = 1$
+# {✓ test_for_the_pages_logits_the_scaled_gradient_falls_below_t_1}, for logits
+# of small spread it still rises well below $T = 1$
+# {✓ test_for_logits_of_small_spread_the_scaled_gradient_rises_well_below_t_1}.
+# Below, the page's random pair and a
 # student near its teacher
 # (teacher logits of standard deviation 5, the student's off by noise of standard
 # deviation 1), each with its limit.
@@ -177,16 +200,23 @@ limit_norms = {
 # %% [markdown]
 # ## Language models: average over the real tokens
 #
-# For (batch, tokens, vocabulary) logits, `"batchmean"` divides by the batch only,
+# For (batch, tokens, vocabulary) logits, `"batchmean"` divides by the batch only
+# {✓ test_batchmean_on_3d_logits_divides_by_the_batch_only},
 # and flattening to (batch · tokens, vocabulary) averages over every position,
-# prompt and padding included. Distil only the response tokens: select them with
-# a boolean mask, which gives a (real tokens, vocabulary) table whose `"batchmean"`
-# is the mean over real tokens (see [reductions](reductions.py)). Selecting,
-# rather than multiplying by the mask, keeps garbage at padded positions out of
-# the loss and of the logits' gradient, not out of the parameters' gradients: NaN
-# or inf hidden states at padded positions make the head's weight gradient NaN
-# (0 · NaN in the matmul's backward). Select `hidden[mask]` before the head, or
-# replace them with `torch.where` first.
+# prompt and padding included
+# {✓ test_page_masked_loss_is_the_mean_over_its_real_tokens}. Distil only the
+# response tokens: select them with a boolean mask, which gives a (real tokens,
+# vocabulary) table whose `"batchmean"` is the mean over real tokens
+# {✓ test_masked_loss_is_the_mean_over_real_tokens} (see
+# [reductions](reductions.py)). Selecting, rather than multiplying by the mask,
+# keeps garbage at padded positions out of the loss and of the logits' gradient
+# {✓ test_masked_loss_ignores_prompt_and_padding_positions}, not out of the
+# parameters' gradients: NaN or inf hidden states at padded positions make the
+# head's weight gradient NaN (0 · NaN in the matmul's backward) {✓
+# test_garbage_hidden_states_at_padding_reach_the_heads_gradient_unless_selected}.
+# Select `hidden[mask]` before the head, or replace them with `torch.where` first
+# {✓
+# test_garbage_hidden_states_at_padding_reach_the_heads_gradient_unless_selected}.
 
 # %%
 VOCAB_SIZE = 32_000  # a Llama-2-sized vocabulary
@@ -225,21 +255,25 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 # %% [markdown]
 # The flattened mean is near the right one here only because these random logits
 # are alike at every position; in a real batch, prompt and padding positions
-# behave differently, and the value depends on whatever the models output there.
-# Zeroing the masked terms but dividing by every position shrinks the loss by
-# the fraction of real tokens.
+# behave differently, and the value depends on whatever the models output there
+# {✓ test_masked_loss_ignores_prompt_and_padding_positions}. Zeroing the masked
+# terms but dividing by every position shrinks the loss by the fraction of real
+# tokens {✓ test_masked_sum_over_all_positions_shrinks_by_the_real_token_fraction}.
 
 # %% [markdown]
 # ## Distilling a language model
 #
-# - **Direction.** This page minimises the forward KL, teacher first:
+# - **Direction.** This page minimises the forward KL, teacher first
+#   {✓ test_loss_is_t_squared_times_the_mean_kl_per_example}:
 #   mass-covering, the student spreads over everything the teacher allows (see
 #   [forward vs reverse KL](forward_reverse.py)). MiniLLM ([Gu et al., 2023])
 #   minimises the reverse KL, student first, which is mode-seeking, over
 #   sequences the student samples, with a policy gradient; per token, the reverse
 #   KL is the call with its arguments swapped, the gradient flowing through
-#   `kl_div`'s target (below). GKD ([Agarwal et al., 2024]) uses a generalised
-#   Jensen-Shannon divergence and on-policy samples from the student. In TRL's
+#   `kl_div`'s target (below)
+#   {✓ test_reverse_loss_is_kl_student_teacher_and_trains_the_student}. GKD
+#   ([Agarwal et al., 2024]) uses a generalised Jensen-Shannon divergence and
+#   on-policy samples from the student. In TRL's
 #   `GKDTrainer` and Liger-Kernel's JSD loss, `beta` 0 is the forward KL and 1
 #   the reverse KL (read from `trl/trainer/gkd_trainer.py` at commit a9fa292 and
 #   `src/liger_kernel/ops/jsd.py` at ead96b6, lines 54–65; not run here).
@@ -249,16 +283,27 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 #   a factor of 4 at most.
 # - **Top-k teacher logits.** Stored offline, a teacher is often only its $k$
 #   largest logits per token. Renormalised over those $k$, they give the KL to a
-#   teacher that is zero elsewhere, another loss: a student equal to the teacher
-#   scores $-\log$(kept mass), not 0; only a student with no mass outside the $k$
-#   scores 0, so the loss pushes the student's tail to 0. It exceeds the full KL
-#   by about $-\log$(kept mass), far from the teacher as near it: negligible
-#   beside a random student's KL, larger than that of a student near the teacher
-#   (the teacher's logits plus noise of standard deviation 0.1), printed below.
+#   teacher that is zero elsewhere
+#   {✓ test_top_k_loss_is_the_kl_to_the_renormalised_teacher}, another loss
+#   (with $k$ the whole vocabulary, the full one)
+#   {✓ test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss}: a student
+#   equal to the teacher scores $-\log$(kept mass), not 0
+#   {✓ test_top_k_loss_of_the_teacher_itself_is_minus_log_kept_mass}; only a
+#   student with no mass outside the $k$ scores 0, so the loss pushes the
+#   student's tail to 0 {✓
+#   test_top_k_loss_is_0_only_without_a_tail_and_pushes_the_students_tail_down}.
+#   It exceeds the full KL by about $-\log$(kept mass), far from the teacher as
+#   near it {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass}:
+#   negligible beside a random student's KL
+#   {✓ test_top_k_loss_is_close_to_the_full_loss_far_from_the_teacher}, larger
+#   than that of a student near the teacher (the teacher's logits plus noise of
+#   standard deviation 0.1), printed below
+#   {✓ test_near_the_page_teacher_the_top_k_gap_exceeds_the_full_kl}.
 # - **One vocabulary.** Teacher and student must share the tokenizer: the loss
 #   compares logit $i$ with logit $i$. Models pad their embedding table, so cut
 #   both logits to the tokenizer's size, `logits[..., :vocab_size]`, before the
-#   softmax; `distillation_loss` raises a `ValueError` when the shapes differ.
+#   softmax; `distillation_loss` raises a `ValueError` when the shapes differ {✓
+#   test_mismatched_vocabularies_raise_a_value_error_and_cutting_the_padding_fixes_it}.
 #
 # [Gu et al., 2023]: https://arxiv.org/abs/2306.08543
 # [Agarwal et al., 2024]: https://arxiv.org/abs/2306.13649
@@ -312,14 +357,22 @@ reverse_loss = reverse_distillation_loss(lm_student_tokens, peaked_teacher)
 # ## What to remember
 #
 # - Student first, in log space, with `dim=-1`: `"batchmean"` on (rows, classes)
-#   logits; the teacher detached, as log-probabilities with `log_target=True`;
-#   half-precision logits cast before the division, `z_s.float() / T`.
-# - Multiply the KL by $T^2$: its gradient then tends to a constant as $T$ grows,
+#   logits {✓ test_loss_is_t_squared_times_the_mean_kl_per_example}; the teacher
+#   detached {✓ test_teacher_gets_no_gradient}, as log-probabilities with
+#   `log_target=True`
+#   {✓ test_teacher_as_probabilities_or_log_probabilities_gives_the_same_loss};
+#   half-precision logits cast before the division, `z_s.float() / T`
+#   {✓ test_headline_block_matches_float64_for_half_precision_logits_at_32k}.
+# - Multiply the KL by $T^2$: its gradient then tends to a constant as $T$ grows
+#   {✓ test_t_squared_scaled_gradient_tends_to_a_constant_as_t_grows},
 #   so the distillation term keeps its weight against the cross-entropy; weight
-#   the hard labels lower than the soft targets.
+#   the hard labels lower than the soft targets
+#   {✓ test_hard_label_weight_is_lower_than_the_soft_target_weight}.
 # - For (batch, tokens, vocabulary) logits, select the real tokens,
-#   `student_logits[mask]`, and average over them; select the hidden states
-#   before the head if padding can hold NaN or inf.
+#   `student_logits[mask]`, and average over them
+#   {✓ test_masked_loss_is_the_mean_over_real_tokens}; select the hidden states
+#   before the head if padding can hold NaN or inf {✓
+#   test_garbage_hidden_states_at_padding_reach_the_heads_gradient_unless_selected}.
 # - For language models choose the direction (forward, reverse, JSD), keep $T$
 #   near 1, and share one vocabulary; top-k targets are another loss, not 0 at
-#   the teacher.
+#   the teacher {✓ test_top_k_loss_of_the_teacher_itself_is_minus_log_kept_mass}.

@@ -14,6 +14,12 @@ from torch.testing import assert_close
 
 from snippets import distillation as page
 
+SUPPORTING_TESTS = {
+    "test_liger_kernel_is_cited_at_a_commit_that_exists": (
+        "guards the prose: the Liger-Kernel citation names a commit that exists"
+    ),
+}
+
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -226,7 +232,26 @@ def test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl():
     (from_cross_entropy,) = torch.autograd.grad(cross_entropy, student)
     from_kl = page.student_gradient(page.student_logits, page.teacher_logits, t)
     assert_close(from_cross_entropy, from_kl, **FLOAT32)
-    assert cross_entropy > page.with_log_target  # by the teacher's entropy (× T²)
+    # they differ by the teacher's entropy (× T²), a constant for the student
+    entropy = -(soft_targets * soft_targets.log()).sum(dim=-1).mean()
+    assert_close(cross_entropy - page.with_log_target, t**2 * entropy, **FLOAT32)
+
+
+def test_kl_gradient_is_q_minus_p_over_t_per_row():
+    t = page.temperature
+    student, teacher = page.student_logits.double(), page.teacher_logits.double()
+    gradient = page.student_gradient(student, teacher, t, scale=False)
+    q, p = (student / t).softmax(dim=-1), (teacher / t).softmax(dim=-1)
+    assert_close(gradient, (q - p) / t / page.batch_size, **FLOAT64)
+
+
+def test_batchmean_on_3d_logits_divides_by_the_batch_only():
+    log_q = F.log_softmax(page.lm_student, dim=-1)
+    log_p = F.log_softmax(page.lm_teacher, dim=-1)
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    per_position = kl_rows_float64(page.lm_student, page.lm_teacher)
+    assert_close(batchmean.double(), per_position.sum() / page.lm_batch, **FLOAT32)
+    assert_close(batchmean.double() / page.lm_tokens, per_position.mean(), **FLOAT32)
 
 
 def padded_batch(vocab_size, dtype, seed=0):
