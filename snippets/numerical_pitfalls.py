@@ -2,13 +2,22 @@
 # # Numerical pitfalls: inf, NaN and negative KL
 #
 # A KL loss can have the right formula and still come out inf, NaN or negative,
-# because of floating point: a probability that rounds to 0 and is then logged, a
-# $0 \cdot (-\infty)$, a NaN that `torch.where` lets through the backward pass, or
-# an input that was never a distribution. Each has its own cure, shown next to it:
-# stay in log space; mask the logits with a large negative *finite* value, or
-# replace the masked log-probabilities after `log_softmax`; sanitise what goes into
-# a log rather than what comes out (`torch.where` lets NaN gradients through); and
-# check what `F.kl_div` never checks.
+# because of floating point: a probability that rounds to 0 and is then logged
+# {✓ test_exponentiate_then_log_makes_the_kl_infinite}, a $0 \cdot (-\infty)$
+# {✓ test_minus_infinity_meeting_a_zero_target_gives_nan}, a NaN that
+# `torch.where` lets through the backward pass
+# {✓ test_where_guard_gives_the_right_value_but_nan_gradients}, or an input that
+# was never a distribution
+# {✓ test_target_summing_to_less_than_1_gives_negative_kl_more_than_1_too_large}.
+# Each has its own cure, shown next to it: stay in log space
+# {✓ test_log_prob_on_the_grid_matches_the_closed_form_to_4_decimals}; mask the
+# logits with a large negative *finite* value, or replace the masked
+# log-probabilities after `log_softmax`
+# {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_at_vocabulary_size};
+# sanitise what goes into a log rather than what comes out (`torch.where` lets NaN
+# gradients through)
+# {✓ test_sanitising_the_log_input_gives_finite_correct_gradients}; and check what
+# `F.kl_div` never checks.
 #
 # On this page you will see each failure on a small tensor, next to its fix:
 #
@@ -31,10 +40,13 @@
 #
 # Take $P = \mathcal{N}(0, 1)$ and $Q = \mathcal{N}(0, 0.5^2)$ on a grid. Far in
 # the tails $q(x) \propto e^{-2x^2}$ drops below the smallest float32 (about
-# $10^{-45}$) while $p(x)$ is still positive: the density rounds to 0, its log is
-# $-\infty$ and the divergence comes out infinite. Asking the distribution for
-# `log_prob` never leaves log space; its sum over the grid matches the closed form
-# to 4 decimals (the last two printed lines).
+# $10^{-45}$) while $p(x)$ is still positive: the density rounds to 0
+# {✓ test_tail_density_rounds_to_zero_where_the_other_is_positive}, its log is
+# $-\infty$ and the divergence comes out infinite
+# {✓ test_exponentiate_then_log_makes_the_kl_infinite}. Asking the distribution
+# for `log_prob` never leaves log space; its sum over the grid matches the closed
+# form to 4 decimals (the last two printed lines)
+# {✓ test_log_prob_on_the_grid_matches_the_closed_form_to_4_decimals}.
 
 # %%
 import math
@@ -67,9 +79,12 @@ kl_closed_form = kl_divergence(p_normal, q_normal)
 
 # %% [markdown]
 # A mixture's density is a sum, $\log\big(\tfrac12 p_1(x) + \tfrac12 p_2(x)\big)$,
-# and the sum of two underflowed densities is still 0. `torch.logsumexp` adds in
-# log space, shifting by the largest term first; `MixtureSameFamily.log_prob` does
-# exactly that for you.
+# and the sum of two underflowed densities is still 0
+# {✓ test_log_of_summed_densities_is_minus_infinity_far_out}. `torch.logsumexp`
+# adds in log space, shifting by the largest term first
+# {✓ test_logsumexp_gives_finite_mixture_log_density};
+# `MixtureSameFamily.log_prob` does exactly that for you
+# {✓ test_mixture_same_family_uses_logsumexp}.
 
 # %%
 points = torch.tensor([-60.0, 2.5, 60.0])
@@ -92,10 +107,12 @@ log_mixture_library = mixture.log_prob(points)
 
 # %% [markdown]
 # The same happens with logits: in float32, the default dtype, `softmax` rounds a
-# class 200 nats below the best one to exactly 0 (float64 would still represent it),
-# and `log` of it is $-\infty$; `log_softmax` computes
-# $z - \operatorname{logsumexp}(z)$ and keeps the finite value. Feed `F.kl_div`
-# from `log_softmax` on both sides, with `log_target=True`.
+# class 200 nats below the best one to exactly 0 (float64 would still represent it)
+# {✓ test_softmax_rounds_200_nats_below_to_zero_in_float32_not_float64}, and
+# `log` of it is $-\infty$; `log_softmax` computes
+# $z - \operatorname{logsumexp}(z)$ and keeps the finite value
+# {✓ test_log_of_softmax_is_minus_infinity_where_log_softmax_is_finite}. Feed
+# `F.kl_div` from `log_softmax` on both sides, with `log_target=True`.
 
 # %%
 logits = torch.tensor([0.0, -200.0])
@@ -110,15 +127,19 @@ log_softmax = logits.log_softmax(dim=-1)
 # ## Zeros and masked logits
 #
 # Zeros in the target are fine: `F.kl_div` computes `xlogy(target, target)`, so an
-# outcome with $P = 0$ contributes 0. Zeros in the *model* are not, when they meet
-# zeros in the target: a logit masked with $-\infty$ (a forbidden token, padding)
-# gives $\log Q = -\infty$, and the term `target * input` is $0 \cdot (-\infty)$ =
-# NaN. Either replace the masked log-probabilities after `log_softmax`, or mask the
-# logits with a large negative *finite* value.
+# outcome with $P = 0$ contributes 0 {✓ test_zeros_in_the_target_contribute_nothing}.
+# Zeros in the *model* are not, when they meet zeros in the target: a logit masked
+# with $-\infty$ (a forbidden token, padding) gives $\log Q = -\infty$, and the
+# term `target * input` is $0 \cdot (-\infty)$ = NaN
+# {✓ test_minus_infinity_meeting_a_zero_target_gives_nan}. Either replace the
+# masked log-probabilities after `log_softmax`, or mask the logits with a large
+# negative *finite* value
+# {✓ test_both_mask_fixes_give_the_kl_over_the_unmasked_classes}.
 #
 # Both fixes assume that the target is 0 wherever the model is masked; check it.
 # If the target puts mass on a masked class, the true divergence is $+\infty$ and
-# either fix would hide it behind a finite number.
+# either fix would hide it behind a finite number
+# {✓ test_mask_fixes_hide_an_infinite_kl_when_the_target_uses_a_masked_class}.
 
 # %%
 p_masked = torch.tensor([0.6, 0.4, 0.0])  # the target never uses class 2
@@ -143,18 +164,23 @@ kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
 
 # %% [markdown]
 # The finite value has to survive `log_softmax`. $-10^4$ does in float32, bfloat16
-# and float16; `torch.finfo(dtype).min`, a common choice, does in float32 and
-# bfloat16 but overflows to $-\infty$ in float16 once the log-sum-exp of the logits
-# reaches 16. The [half precision](half_precision.py) page shows it.
+# and float16 {✓ test_mask_value_survives_log_softmax_in_all_three_float_types};
+# `torch.finfo(dtype).min`, a common choice, does in float32 and bfloat16
+# {✓ test_half_precision::test_finfo_min_survives_in_float32_and_bfloat16} but
+# overflows to $-\infty$ in float16 once the log-sum-exp of the logits reaches 16
+# {✓ test_half_precision::test_finfo_min_overflows_once_the_logsumexp_reaches_16}.
+# The [half precision](half_precision.py) page shows it.
 
 # %% [markdown]
 # ### Masked classes on both sides
 #
 # With `log_target=True` the term is $e^{\log P}(\log P - \log Q)$, so a class
 # masked in the target as well ($\log P = \log Q = -\infty$) gives
-# $0 \cdot (-\infty + \infty)$ = NaN. Clamp both sides to the same finite floor
-# before the call: the masked terms become $0 \cdot 0$. The same precondition
-# holds: the target must be 0 wherever the model is masked.
+# $0 \cdot (-\infty + \infty)$ = NaN
+# {✓ test_log_target_with_minus_infinity_on_both_sides_gives_nan}. Clamp both
+# sides to the same finite floor before the call: the masked terms become
+# $0 \cdot 0$ {✓ test_clamping_both_sides_gives_the_kl_over_the_unmasked_classes}.
+# The same precondition holds: the target must be 0 wherever the model is masked.
 
 # %%
 log_p_both = torch.tensor([0.6, 0.4, 0.0]).log()  # log P = -inf on class 2
@@ -179,9 +205,10 @@ kl_both_clamped = F.kl_div(
 # A hand-written KL often guards the log with `torch.where`, on $p > 0$. The
 # forward value is right, but autograd differentiates *both* branches and
 # multiplies the unused one by 0: where $p = 0$ that is $0 \cdot \infty$ = NaN, and
-# it spreads to every logit through the softmax ([pytorch#52248]). The fix is to
+# it spreads to every logit through the softmax ([pytorch#52248])
+# {✓ test_where_guard_gives_the_right_value_but_nan_gradients}. The fix is to
 # make the untaken branch harmless too: sanitise the argument of the log before
-# taking it.
+# taking it {✓ test_sanitising_the_log_input_gives_finite_correct_gradients}.
 #
 # [pytorch#52248]: https://github.com/pytorch/pytorch/issues/52248
 
@@ -217,11 +244,14 @@ kl_sanitised = torch.where(
 #
 # `F.kl_div`'s default form computes `xlogy(target, target)`. `torch.xlogy` fixes
 # the *value* of $0 \cdot \log 0$, but its derivative with respect to its second
-# argument is $x / y$, which is $0/0$ where the target is 0: the gradient with
-# respect to the target is NaN there ([pytorch#89558]). It only matters when the
-# target is trainable (mutual learning, a symmetric or Jensen–Shannon loss); then
-# pass the target as log-probabilities with `log_target=True`, where the term is
-# $e^{\log P}(\log P - \log Q)$ and the gradient stays finite.
+# argument is $x / y$, which is $0/0$ where the target is 0
+# {✓ test_xlogy_fixes_the_value_not_the_gradient}: the gradient with respect to
+# the target is NaN there ([pytorch#89558])
+# {✓ test_kl_div_gradient_with_respect_to_a_zero_target_is_nan}. It only matters
+# when the target is trainable (mutual learning, a symmetric or Jensen–Shannon
+# loss); then pass the target as log-probabilities with `log_target=True`, where
+# the term is $e^{\log P}(\log P - \log Q)$ and the gradient stays finite
+# {✓ test_log_target_keeps_the_gradient_with_respect_to_the_target_finite}.
 #
 # Before PyTorch 1.13 ([PR #80334], which made `kl_div` a composite function) the
 # kernel computed the term only where the target was positive, so this gradient
@@ -256,11 +286,15 @@ kl_xlogy = (torch.xlogy(p_trainable, p_trainable) - p_trainable * log_q_fixed).s
 # ## Nothing is validated
 #
 # `F.kl_div` trusts its inputs completely. A target scaled to sum to $c$ gives
-# $c\,\mathrm{KL} + c \log c$ instead of the KL: a wrong number, negative when the
-# target sums to less than 1 (for some $c$), too large when it sums to more; shapes that
-# differ are broadcast without a word; and two identical distributions can come out a
-# hair below zero from rounding ([pytorch#80488]; below is the code of that report,
-# whose last digits depend on the platform).
+# $c\,\mathrm{KL} + c \log c$ instead of the KL
+# {✓ test_target_scaled_by_c_gives_c_kl_plus_c_log_c}: a wrong number, negative
+# when the target sums to less than 1 (for some $c$), too large when it sums to
+# more {✓ test_target_summing_to_less_than_1_gives_negative_kl_more_than_1_too_large};
+# shapes that differ are broadcast without a word
+# {✓ test_mismatched_shapes_broadcast_without_a_warning}; and two identical
+# distributions can come out a hair below zero from rounding
+# {✓ test_identical_distributions_can_round_below_zero} ([pytorch#80488]; below
+# is the code of that report, whose last digits depend on the platform).
 #
 # [pytorch#80488]: https://github.com/pytorch/pytorch/issues/80488
 
@@ -293,25 +327,42 @@ terms_identical = F.kl_div(
 # print("identical distributions, 'none':\n", terms_identical)
 
 # %% [markdown]
-# The [checked KL](checked_kl.py) refuses the unnormalised and broadcast inputs, and
-# given the same log-probabilities twice it returns exactly 0: the negative term above
-# comes from comparing `F.log_softmax(same_logits, 1)` with the log that `F.kl_div`
-# takes of `F.softmax(same_logits, 1)`, two roundings of the same number. Where a
-# divergence must not be negative (before a square root, say), `.clamp_min(0)`
-# removes what is left of such rounding.
+# The [checked KL](checked_kl.py) refuses the unnormalised and broadcast inputs
+# {✓ test_checked_kl_refuses_the_unnormalised_and_broadcast_inputs}, and given the
+# same log-probabilities twice it returns exactly 0
+# {✓ test_checked_kl_gives_exactly_zero_for_identical_log_probabilities}: the
+# negative term above comes from comparing `F.log_softmax(same_logits, 1)` with the
+# log that `F.kl_div` takes of `F.softmax(same_logits, 1)`, two roundings of the
+# same number {✓ test_negative_term_comes_from_logging_the_softmax_a_second_time}.
+# Where a divergence must not be negative (before a square root, say),
+# `.clamp_min(0)` removes what is left of such rounding
+# {✓ test_clamp_min_removes_the_rounding}.
 
 # %% [markdown]
 # ## What to remember
 #
 # - Stay in log space: `log_prob`, `log_softmax`, `torch.logsumexp`,
-#   `log_target=True`. Never `logits.softmax(dim=-1).log()`: use
-#   `logits.log_softmax(dim=-1)`.
-# - Mask logits with a finite `MASK_VALUE = -1e4`, not $-\infty$ (NaN where it
-#   meets a zero target) and not `torch.finfo(dtype).min` (NaN in float16); or
-#   replace masked log-probabilities after `log_softmax`.
-# - `torch.where` and `torch.xlogy` fix values, not gradients: sanitise what goes
-#   into the log, or keep the trainable side in log space.
-# - `F.kl_div` checks nothing: normalise the target, match shapes, and expect
-#   rounding a hair below 0 (`.clamp_min(0)` where it matters).
+#   `log_target=True`. Never `logits.softmax(dim=-1).log()`
+#   {✓ test_summary_calls_run_as_written}: use `logits.log_softmax(dim=-1)`
+#   {✓ test_log_of_softmax_is_minus_infinity_where_log_softmax_is_finite}.
+# - Mask logits with a finite `MASK_VALUE = -1e4`
+#   {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_at_vocabulary_size},
+#   not $-\infty$ (NaN where it meets a zero target)
+#   {✓ test_minus_infinity_meeting_a_zero_target_gives_nan} and not
+#   `torch.finfo(dtype).min` (NaN in float16)
+#   {✓ test_finfo_min_named_in_the_summary_is_nan_in_float16_only}; or replace
+#   masked log-probabilities after `log_softmax`
+#   {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_for_any_mask}.
+# - `torch.where` and `torch.xlogy` fix values, not gradients
+#   {✓ test_where_guard_gives_the_right_value_but_nan_gradients}
+#   {✓ test_xlogy_fixes_the_value_not_the_gradient}: sanitise what goes into the
+#   log {✓ test_sanitising_the_log_input_gives_finite_correct_gradients}, or keep
+#   the trainable side in log space
+#   {✓ test_log_target_keeps_the_gradient_with_respect_to_the_target_finite}.
+# - `F.kl_div` checks nothing: normalise the target
+#   {✓ test_target_scaled_by_c_gives_c_kl_plus_c_log_c}, match shapes
+#   {✓ test_mismatched_shapes_broadcast_without_a_warning}, and expect rounding a
+#   hair below 0 {✓ test_identical_distributions_can_round_below_zero}
+#   (`.clamp_min(0)` where it matters) {✓ test_clamp_min_removes_the_rounding}.
 # - In float16 or bfloat16, compute log-probabilities in float32
 #   ([half precision](half_precision.py)).

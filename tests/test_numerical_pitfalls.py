@@ -16,6 +16,15 @@ from snippets import numerical_pitfalls as page
 from snippets.checked_kl import checked_kl
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+SUPPORTING_TESTS = {
+    "test_target_logits_underflow_to_an_exact_zero": (
+        "checks the page's set-up: the trainable target of the gradient sections "
+        "has a class that softmax rounds to exactly 0"
+    ),
+    "test_opening_names_both_mask_fixes_the_page_uses_not_one_cure": (
+        "guards the prose: the opening names both mask fixes the page uses"
+    ),
+}
 QUOTED_IN_PROSE = {
     "xlogy(target, target)": "quoted from kl_div in aten/src/ATen/native/Loss.cpp",
 }
@@ -23,6 +32,9 @@ QUOTED_IN_PROSE = {
 
 def test_tail_density_rounds_to_zero_where_the_other_is_positive():
     assert ((page.q_x == 0) & (page.p_x > 0)).any()
+    # "the smallest float32 (about 1e-45)": the smallest subnormal, 2**-149
+    smallest = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    assert smallest == 2.0**-149 and 1e-45 < smallest < 2e-45
 
 
 def test_exponentiate_then_log_makes_the_kl_infinite():
@@ -76,6 +88,8 @@ def test_mask_fixes_hide_an_infinite_kl_when_the_target_uses_a_masked_class():
     fixed = F.kl_div(hidden, p_on_masked, reduction="sum")
     assert true_kl.item() == math.inf
     assert fixed.isfinite()
+    # the finite mask value hides it too
+    assert F.kl_div(page.log_q_finite, p_on_masked, reduction="sum").isfinite()
 
 
 def test_mask_value_survives_log_softmax_in_all_three_float_types():
@@ -123,14 +137,27 @@ def test_target_logits_underflow_to_an_exact_zero():
     assert p[2] == 0
 
 
+def target_kl_and_gradient_float64():
+    """KL(P‖Q) of the page's trainable target, and its closed-form gradient with
+    respect to the target logits, p (log p - log q - KL), in float64."""
+    logits, _ = page.target_with_an_underflowed_class()
+    log_p = logits.detach().double().log_softmax(dim=-1)
+    gap = log_p - page.log_q_fixed.double()
+    kl = (log_p.exp() * gap).sum()
+    return kl, log_p.exp() * (gap - kl)
+
+
 def test_where_guard_gives_the_right_value_but_nan_gradients():
-    assert page.kl_guarded.isfinite()
+    kl_reference, _ = target_kl_and_gradient_float64()
+    assert_close(page.kl_guarded.double(), kl_reference, **FLOAT32)
     assert page.grad_guarded.isnan().all()
 
 
 def test_sanitising_the_log_input_gives_finite_correct_gradients():
     assert_close(page.kl_sanitised, page.kl_guarded, **FLOAT32)
     assert_close(page.grad_sanitised, page.grad_log_target, **FLOAT32)
+    _, gradient_reference = target_kl_and_gradient_float64()
+    assert_close(page.grad_sanitised.double(), gradient_reference, **FLOAT32)
 
 
 def test_kl_div_gradient_with_respect_to_a_zero_target_is_nan():
@@ -178,6 +205,15 @@ def test_mismatched_shapes_broadcast_without_a_warning():
 def test_identical_distributions_can_round_below_zero():
     assert page.terms_identical.min() < 0
     assert page.terms_identical.min() > -1e-6
+
+
+def test_negative_term_comes_from_logging_the_softmax_a_second_time():
+    log_probs = F.log_softmax(page.same_logits, 1)
+    # the same log-probabilities on both sides: every term exactly 0
+    same = F.kl_div(log_probs, log_probs, reduction="none", log_target=True)
+    assert (same == 0).all()
+    # the log F.kl_div takes of the softmax rounds differently somewhere
+    assert (F.softmax(page.same_logits, 1).log() != log_probs).any()
 
 
 def test_clamp_min_removes_the_rounding():
