@@ -4,12 +4,17 @@
 # The reverse KL $D_{\mathrm{KL}}(Q\,\|\,P)$ is called *mode-seeking*: a single
 # Gaussian $Q$ fitted with it to a target $P$ with two well separated peaks settles
 # on one peak. Is that guaranteed? No. Its two global minima sit on the peaks,
-# equal by symmetry, and fits started narrow and to one side of the middle reach
-# the peak on that side, but it has a third local minimum: a wide Gaussian centred
-# between the peaks, covering both, at a divergence far above the peaks' $\log 2$,
-# where fits started wider near the middle stop. Which minimum a start reaches is a
-# property of the optimiser too: from wider starts still, Adam at this page's
-# learning rate can rush past the covering minimum onto a peak, even the far one.
+# equal by symmetry {✓ test_reverse_kl_peaks_are_two_equal_global_minima}, and
+# fits started narrow and to one side of the middle reach the peak on that side
+# {✓ test_narrow_grid_starts_reach_the_peak_on_their_side_just_under_log_2}, but
+# it has a third local minimum: a wide Gaussian centred between the peaks,
+# covering both, at a divergence far above the peaks' $\log 2$
+# {✓ test_covering_minimum_matches_quadrature_in_location_and_value}, where fits
+# started wider near the middle stop
+# {✓ test_reverse_kl_grid_starts_reach_the_minimum_the_table_names}. Which
+# minimum a start reaches is a property of the optimiser too: from wider starts
+# still, Adam at this page's learning rate can rush past the covering minimum onto
+# a peak, even the far one {✓ test_other_starts_reach_the_minima_the_page_names}.
 # "Mode-seeking" describes the global minima and narrow starts, not every fit. On
 # this page you will fit the reverse KL from a grid of starts and see which minimum
 # each reaches, check that the covering Gaussian is a true minimum, find the width
@@ -24,9 +29,14 @@
 # \tfrac12\,\mathcal{N}(10, 1)$ on a grid of spacing $\Delta x$ (each cell holds
 # probability $p(x)\,\Delta x$), $Q = \mathcal{N}(\mu, \sigma^2)$ with Adam moving
 # $(\mu, \log\sigma)$, and both KL directions as `F.kl_div` with
-# `reduction="none"`, summed over each row. `mu_star` and `sigma_star` are $P$'s
-# mean and standard deviation: the middle between the peaks, and the forward KL's
-# minimiser.
+# `reduction="none"`, summed over each row
+# {✓ test_set_up_is_the_forward_reverse_pages}
+# {✓ test_losses_and_fit_loop_are_the_forward_reverse_pages}. So $\sigma$ stays
+# positive at every step {✓ test_sigma_stays_positive_at_every_step}, and a start
+# without $\sigma > 0$ is refused
+# {✓ test_a_start_with_sigma_not_positive_is_refused}. `mu_star` and `sigma_star`
+# are $P$'s mean and standard deviation: the middle between the peaks, and the
+# forward KL's minimiser {✓ test_set_up_is_the_forward_reverse_pages}.
 
 # %%
 import math
@@ -110,7 +120,8 @@ def largest_recent_move(trajectory, last_steps=100):
 # $\sigma^*$, for `STEPS` Adam steps at learning rate `LR`; the forward KL from the
 # same starts too, for the landscapes further down. The table says which minimum
 # each reverse fit reached; the line below it, how far any of them moved over its
-# last 100 steps.
+# last 100 steps: every fit has stopped
+# {✓ test_reverse_kl_grid_starts_reach_the_minimum_the_table_names}.
 
 # %%
 GRID_MUS = [-2.0, 1.0, 2.0, 3.0, 4.0, 6.0]
@@ -148,8 +159,12 @@ def minimum_reached(mu, sigma):
 
 # %% [markdown]
 # Narrow starts go to the peak on their side of the middle, where the divergence
-# is just under $\log 2$. Wider starts near the middle stop on the covering
-# Gaussian instead, at a divergence many times larger.
+# is just under $\log 2$
+# {✓ test_narrow_grid_starts_reach_the_peak_on_their_side_just_under_log_2}.
+# Wider starts near the middle stop on the covering Gaussian instead
+# {✓ test_reverse_kl_grid_starts_reach_the_minimum_the_table_names}, at a
+# divergence many times larger
+# {✓ test_covering_minimum_matches_quadrature_in_location_and_value}.
 #
 # ## Starts the grid leaves out: near the middle, and wider still
 #
@@ -158,14 +173,18 @@ def minimum_reached(mu, sigma):
 # middle, and four starts wider than any in the grid, fitted the same way (Adam,
 # `STEPS` steps at learning rate `LR`).
 # The first is narrow, but $Q$ widens past the ridge between the peaks (see the
-# next section) before $\mu$ leaves the middle, and it stops on the covering
-# Gaussian. Of the wide starts, Adam's first steps narrow two so fast that
-# $\sigma$ drops to about a peak's width (the narrowest $\sigma$ on each path is
-# printed), far below that ridge's width, and the fit runs onto a peak: the far
-# one, on the other side of the middle from its start. Change the optimiser and the
-# basins change: in the tests, Adam at a tenth of `LR`, run five times as long,
-# takes all four wide starts to the covering minimum (not run here, to keep the
-# page fast).
+# next section) while $\mu$ is less than a third of the way to a peak {✓
+# test_narrow_start_near_the_middle_widens_past_the_ridge_before_mu_nears_a_peak},
+# and it stops on the covering Gaussian
+# {✓ test_other_starts_reach_the_minima_the_page_names}. Of the wide starts,
+# Adam's first steps narrow two so fast that $\sigma$ drops to about a peak's
+# width (the narrowest $\sigma$ on each path is printed), far below that ridge's
+# width, and the fit runs onto a peak: the far one, on the other side of the
+# middle from its start {✓ test_other_starts_reach_the_minima_the_page_names}.
+# Change the optimiser and the basins change: in the tests, Adam at a tenth of
+# `LR`, run five times as long, takes all four wide starts to the covering minimum
+# (not run here, to keep the page fast) {✓
+# test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
 
 # %%
 OTHER_STARTS = [(2.4, 2.0), (1.0, 12.0), (2.0, 12.0), (3.0, 12.0), (4.0, 12.0)]
@@ -184,16 +203,23 @@ OTHER_STARTS = [(2.4, 2.0), (1.0, 12.0), (2.0, 12.0), (3.0, 12.0), (4.0, 12.0)]
 # ## The covering Gaussian is a true minimum
 #
 # It is not a saddle the fits crawl across: both eigenvalues of the Hessian of the
-# reverse KL in $(\mu, \log\sigma)$ there are positive (printed below). Along
+# reverse KL in $(\mu, \log\sigma)$ there are positive (printed below)
+# {✓ test_covering_minimum_hessian_is_positive_definite}. Along
 # $\mu$, the middle $\mu = 2.5$ is a ridge for narrow $Q$ and a valley floor for
-# wide $Q$; the curvature changes sign at the $\sigma$ printed below. For
+# wide $Q$; the curvature changes sign at the $\sigma$ printed below
+# {✓ test_middle_turns_from_ridge_to_valley_near_d_over_sqrt_2pi}. For
 # equal-weight, unit-variance peaks a distance $d$ apart (here 15) it is close to
-# $d/\sqrt{2\pi}$ once they are well separated, $d \gtrsim 4$, and smaller for
-# closer peaks (at $d \le 2$ the target has a single peak): the
+# $d/\sqrt{2\pi}$ once they are well separated, $d \gtrsim 4$
+# {✓ test_well_separated_modes_turn_from_ridge_to_valley_near_d_over_sqrt_2pi},
+# and smaller for closer peaks
+# {✓ test_closer_modes_turn_from_ridge_to_valley_below_d_over_sqrt_2pi}; at
+# $d \le 2$ the target has a single peak
+# {✓ test_equal_mixture_of_unit_gaussians_has_one_peak_up_to_d_2}. Why: the
 # curvature along $\mu$ at the middle is $1 - d^2\,\mathbb{E}_Q[r(1-r)]$, with $r$
 # the left peak's share of $p(x)$, and $\mathbb{E}_Q[r(1-r)] \approx
 # q(\mu)/d = 1/(d\,\sigma\sqrt{2\pi})$ when $Q$ is much wider than the $1/d$ over
-# which $r$ switches.
+# which $r$ switches {✓
+# test_curvature_at_the_middle_is_one_minus_d_squared_expected_r_one_minus_r}.
 
 
 # %%
@@ -232,10 +258,17 @@ def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
 #
 # Both KL directions over a grid of $(\mu, \sigma)$, darker where lower, with the
 # paths of the fits from the grid of starts; the white crosses mark the minima.
-# The forward KL has a single basin, at the moment-matching point, and every
-# forward path heads there. The reverse KL has three: one per peak, and the
+# The forward KL has a single basin, at the moment-matching point
+# {✓ test_forward_kl_landscape_has_its_minimum_at_moment_matching}
+# {✓ test_forward_reverse::
+# test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}, and
+# every forward path heads there {✓ test_every_forward_path_heads_to_the_one_basin}.
+# The reverse KL has three: one per peak
+# {✓ test_reverse_kl_peaks_are_two_equal_global_minima}, and the
 # covering one at $\mu = 2.5$ above the $\sigma$ where the ridge between the peaks
-# turns into a valley.
+# turns into a valley
+# {✓ test_reverse_kl_landscape_has_a_local_minimum_at_the_covering_gaussian}
+# {✓ test_covering_minimum_hessian_is_positive_definite}.
 
 
 # %%
@@ -272,7 +305,8 @@ def loss_landscape(loss, mus, sigmas):
 #
 # $P$ with the reverse KL's three minima; the last line prints how many standard
 # deviations of the widest $Q$ drawn on this page (starts and the forward fits'
-# overshoots and the wide starts included) the grid holds on each side.
+# overshoots and the wide starts included) the grid holds on each side: more than
+# five {✓ test_grid_holds_more_than_five_sigma_of_the_widest_q_on_the_page}.
 
 # %% active="ipynb" alt="P with the three minima of the reverse KL"
 # ends = {
@@ -296,16 +330,27 @@ def loss_landscape(loss, mus, sigmas):
 #
 # - The reverse KL, $D_{\mathrm{KL}}(Q\,\|\,P)$, of one distribution on a grid is
 #   `F.kl_div(log_p, log_q, reduction="sum", log_target=True)`, the target and
-#   input of the forward KL swapped.
-# - Its global minima sit on the modes (here two, equal by symmetry), and narrow
-#   starts to one side of the middle reach the mode on that side: that is what
-#   "mode-seeking" describes.
-# - It can have other local minima: here a wide Gaussian covering both modes, a
-#   true minimum (positive-definite Hessian) that wider starts near the middle
-#   reach, at a divergence far above the modes'. "Mode-seeking" is not a guarantee,
-#   and which minimum a start reaches depends on the optimiser and its learning
-#   rate too.
+#   input of the forward KL swapped {✓
+#   test_takeaway_reverse_kl_of_one_row_is_the_swapped_call_with_reduction_sum}.
+# - Its global minima sit on the modes (here two, equal by symmetry)
+#   {✓ test_reverse_kl_peaks_are_two_equal_global_minima}, and narrow
+#   starts to one side of the middle reach the mode on that side
+#   {✓ test_narrow_grid_starts_reach_the_peak_on_their_side_just_under_log_2}:
+#   that is what "mode-seeking" describes.
+# - It can have other local minima: here a wide Gaussian covering both modes
+#   {✓ test_covering_minimum_matches_quadrature_in_location_and_value}, a
+#   true minimum (positive-definite Hessian)
+#   {✓ test_covering_minimum_hessian_is_positive_definite} that wider starts near
+#   the middle reach {✓ test_reverse_kl_grid_starts_reach_the_minimum_the_table_names},
+#   at a divergence far above the modes'
+#   {✓ test_covering_minimum_matches_quadrature_in_location_and_value}.
+#   "Mode-seeking" is not a guarantee, and which minimum a start reaches depends
+#   on the optimiser and its learning rate too {✓
+#   test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
 # - Between two well-separated (distance $d \gtrsim 4$), equal-weight,
 #   unit-variance modes, the middle is a ridge for narrow $Q$ and a valley for $Q$
-#   wider than about $d/\sqrt{2\pi}$; closer modes turn at a smaller width.
+#   wider than about $d/\sqrt{2\pi}$
+#   {✓ test_well_separated_modes_turn_from_ridge_to_valley_near_d_over_sqrt_2pi};
+#   closer modes turn at a smaller width
+#   {✓ test_closer_modes_turn_from_ridge_to_valley_below_d_over_sqrt_2pi}.
 # - Fit from several starts, narrow and wide, and compare the divergences reached.

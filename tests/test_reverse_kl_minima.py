@@ -178,6 +178,16 @@ def test_other_starts_reach_the_minima_the_page_names(other_fits):
     assert page.largest_recent_move(other_fits) < 1e-9
 
 
+def test_narrow_start_near_the_middle_widens_past_the_ridge_before_mu_nears_a_peak(
+    other_fits,
+):
+    path = other_fits[:, page.OTHER_STARTS.index((2.4, 2.0))]
+    assert path[0, 1] < 1.5 * 2.0  # a narrow start: sigma 2
+    past_the_ridge = (path[:, 1] > page.ridge_to_valley_sigma()).nonzero()[0].item()
+    # mu has gone less than a third of the 7.5 from the middle to a peak
+    assert (path[: past_the_ridge + 1, 0] - page.mu_star).abs().max() < 7.5 / 3
+
+
 def test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr():
     # the basin a start reaches depends on the optimiser: same starts, LR / 10
     wide = [start for start in page.OTHER_STARTS if start[1] == 12.0]
@@ -224,6 +234,7 @@ def test_covering_minimum_matches_quadrature_in_location_and_value(reverse_fits)
     assert_close(sigma.item(), sigma_reference, rtol=0, atol=1e-4)
     assert_close(kl.item(), kl_reference.item(), rtol=0, atol=1e-6)
     assert kl > 10 * math.log(2)  # far above the peaks' minima
+    assert sigma > 7.5 / 1.5  # covers both: each peak within 1.5 sigma of its mean
 
 
 def test_covering_minimum_hessian_is_positive_definite(reverse_fits):
@@ -276,6 +287,31 @@ def test_closer_modes_turn_from_ridge_to_valley_below_d_over_sqrt_2pi():
     for d in [2.5, 3.0]:
         threshold = ridge_to_valley_sigma_by_quadrature(d)
         assert threshold < 0.9 * d / math.sqrt(2 * math.pi)
+
+
+@pytest.mark.parametrize("d", [1.0, 1.5, 2.0, 2.1, 2.5, 4.0])
+def test_equal_mixture_of_unit_gaussians_has_one_peak_up_to_d_2(d):
+    xs = torch.linspace(-12.0, 12.0, 24_001, dtype=F64)
+    density = torch.logaddexp(
+        Normal(-d / 2, 1.0).log_prob(xs), Normal(d / 2, 1.0).log_prob(xs)
+    ).exp()
+    inner = density[1:-1]
+    peaks = ((inner > density[:-2]) & (inner > density[2:])).sum().item()
+    assert peaks == (1 if d <= 2 else 2)
+
+
+def test_curvature_at_the_middle_is_one_minus_d_squared_expected_r_one_minus_r():
+    # r, the left peak's share of p, is a logistic function of slope d = 15
+    xs = torch.linspace(-80.0, 85.0, 330_001, dtype=F64)
+    r = torch.sigmoid(Normal(-5.0, 1.0).log_prob(xs) - Normal(10.0, 1.0).log_prob(xs))
+    for sigma in [2.0, 4.0, 6.0, 8.0, 12.0]:
+        q = Normal(torch.tensor(2.5, dtype=F64), sigma).log_prob(xs).exp()
+        expected = torch.trapezoid(q * r * (1 - r), xs).item()
+        curvature = page.reverse_kl_hessian(page.mu_star, sigma)[0, 0].item()
+        assert_close(curvature, 1 - PEAK_DISTANCE**2 * expected, rtol=0, atol=5e-4)
+        # and the approximation q(mu) / d, for Q much wider than 1/d
+        approximation = 1 / (PEAK_DISTANCE * sigma * math.sqrt(2 * math.pi))
+        assert_close(expected, approximation, rtol=1e-2, atol=0)
 
 
 def test_every_forward_path_heads_to_the_one_basin(grid_fits):
