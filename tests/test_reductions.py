@@ -284,3 +284,12 @@ def test_fixed_layout_batchmean_is_the_mean_kl_per_distribution(shape):
     n_distributions = torch.Size(shape[1:]).numel()
     expected = blog_sum(shape) / n_distributions
     assert_close(page.mean_kl_per_distribution(shape), expected, **FLOAT32)
+
+
+def test_softmax_over_a_fully_masked_attention_row_gives_nan():
+    generator = torch.Generator().manual_seed(page.SEED)
+    query, key = torch.randn(2, 3, 4, generator=generator)
+    fully_masked = torch.tensor([False, False, True])[:, None]  # the third query
+    scores = (query @ key.T).masked_fill(fully_masked, -torch.inf)
+    weights = scores.softmax(dim=-1)  # row 2: every score masked
+    assert weights[2].isnan().all() and weights[:2].isfinite().all()
