@@ -5,18 +5,27 @@
 # the policy $q = \pi_\theta$ near a reference $p = \pi_{\text{ref}}$. At one
 # position the exact $D_{\mathrm{KL}}(q\,\|\,p)$ is a sum over the vocabulary,
 # computable from the two logits tables the trainer already has (at the cost of
-# holding both); what is out of reach is the KL between *sequence* distributions,
-# a sum over every continuation. Trainers therefore score the tokens they sampled,
-# $x \sim q$, with one-sample estimates of the ratio $r = p(x) / q(x)$ (John
-# Schulman's [Approximating KL divergence]):
+# holding both)
+# {✓ test_exact_per_position_kl_is_computable_from_the_two_logits_tables}; what is
+# out of reach is the KL between *sequence* distributions, a sum over every
+# continuation. Trainers therefore score the tokens they sampled, $x \sim q$, with
+# one-sample estimates of the ratio $r = p(x) / q(x)$ (John Schulman's
+# [Approximating KL divergence])
+# {✓ test_estimators_are_the_three_formulas_of_the_ratio}:
 #
 # $$k_1 = -\log r, \qquad k_2 = \tfrac12 (\log r)^2, \qquad
 #   k_3 = (r - 1) - \log r.$$
 #
-# $k_1$ and $k_3$ are unbiased, $k_2$ is biased; $k_2$ and $k_3$ are never
-# negative; $k_3$ has far less variance than $k_1$ when $q$ and $p$ are close, and
-# infinite variance when $p$'s tails are at least as heavy as $\sqrt{q}$'s. All of
-# this holds only for tokens drawn from $q$ itself.
+# $k_1$ and $k_3$ are unbiased {✓ test_k1_and_k3_are_unbiased}, $k_2$ is biased
+# {✓ test_k2_overestimates_the_kl_by_the_fraction_delta_squared_over_four}; $k_2$
+# and $k_3$ are never negative {✓ test_k2_and_k3_are_never_negative_and_k1_can_be};
+# $k_3$ has far less variance than $k_1$ when $q$ and $p$ are close
+# {✓ test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair}, and
+# infinite variance when $p$'s tails are at least as heavy as $\sqrt{q}$'s, as for
+# two centred Gaussians with $\sigma_p^2 \ge 2\sigma_q^2$ {✓
+# test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance}. All of
+# this holds only for tokens drawn from $q$ itself {✓
+# test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl}.
 #
 # On this page you will measure all of that on Gaussians, see what infinite
 # variance looks like as the sample grows and what it means for tokens, and
@@ -32,9 +41,10 @@
 #
 # $q = \mathcal{N}(0, 1)$ is sampled; $p = \mathcal{N}(\delta, 1)$ is near
 # ($\delta = 0.1$) or far ($\delta = 1$); the true KL, $\delta^2 / 2$, is in the
-# table. For each estimator: its mean over a million samples relative to the true
-# KL (the bias), the same in closed form, its standard deviation relative to the
-# true KL (the spread of a one-sample estimate), and its smallest sample.
+# table {✓ test_true_kl_of_the_pairs_is_half_the_squared_shift}. For each
+# estimator: its mean over a million samples relative to the true KL (the bias),
+# the same in closed form, its standard deviation relative to the true KL (the
+# spread of a one-sample estimate), and its smallest sample.
 
 # %%
 import math
@@ -102,15 +112,21 @@ PAIRS = {
 
 # %% [markdown]
 # Read the table as Schulman does: $k_1$'s bias and $k_3$'s are within a few
-# standard errors of zero (the standard error of a million-sample mean is the
-# spread divided by a thousand), while $k_2$ overestimates the KL by the fraction
-# $\delta^2/4$ of the "closed form" column. For the far pair the measured bias
-# matches it within its standard error and lies many standard errors from zero; at
-# $\delta = 0.1$ the bias is below the noise of a million samples. The
-# "smallest" column shows a negative value for $k_1$ and none for $k_2$ or $k_3$:
-# each sample of those two is $\ge 0$, $k_2$ being a square and $k_3$ because
-# $r - 1 \ge \log r$. For the near pair $k_3$'s spread is a small fraction of
-# $k_1$'s.
+# standard errors of zero {✓ test_k1_and_k3_are_unbiased} (the standard error of a
+# million-sample mean is the spread divided by a thousand), while $k_2$
+# overestimates the KL by the fraction $\delta^2/4$ of the "closed form" column
+# {✓ test_k2_overestimates_the_kl_by_the_fraction_delta_squared_over_four}. For the
+# far pair the measured bias matches it within a few standard errors and lies many
+# standard errors from zero {✓
+# test_k2_measured_bias_for_the_far_pair_matches_the_closed_form_not_zero}; at
+# $\delta = 0.1$ the bias is below the noise of a million samples {✓
+# test_k2_bias_at_delta_one_tenth_is_below_the_noise_of_a_million_samples}. The
+# "smallest" column shows a negative value for $k_1$ and none for $k_2$ or $k_3$
+# {✓ test_k2_and_k3_are_never_negative_and_k1_can_be}: each sample of those two is
+# $\ge 0$, $k_2$ being a square and $k_3$ because $r - 1 \ge \log r$
+# {✓ test_k2_and_k3_are_never_negative_and_k1_can_be}. For the near pair $k_3$'s
+# spread is a small fraction of $k_1$'s
+# {✓ test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair}.
 
 # %% [markdown]
 # ## When k3's variance is infinite
@@ -118,17 +134,24 @@ PAIRS = {
 # $k_3$ contains $r = p/q$ itself, and $\mathbb{E}_q[r^2] = \int p^2 / q\,
 # \mathrm{d}x$ is infinite when $p$'s tails are *at least as heavy* as
 # $\sqrt{q}$'s (at equality $p^2/q$ is a constant, whose integral diverges too).
-# For two centred Gaussians that is $\sigma_p^2 \ge 2\sigma_q^2$: $q$ only
-# $\sqrt 2$ narrower than $p$ is enough. Take $q = \mathcal{N}(0, 1)$ and
+# For two centred Gaussians that is $\sigma_p^2 \ge 2\sigma_q^2$ {✓
+# test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance}: $q$
+# only $\sqrt 2$ narrower than $p$ is enough. Take $q = \mathcal{N}(0, 1)$ and
 # $p = \mathcal{N}(0, 2^2)$: then $r = \tfrac12 e^{3x^2/8}$, whose tail falls like
-# $P(r > t) \approx t^{-4/3}$ (up to a logarithm). A tail index of $4/3$ means a
-# finite mean (so $k_3$ is still unbiased) and an infinite variance: the sample
-# variance is dominated by the largest of $n$ samples, and the sample standard
-# deviation grows roughly like $n^{1/4}$, by jumps, instead of settling. One seed
-# can even fall between two sizes, so here are several seeds, their median, and
-# the median's growth per tenfold more samples: of the order of $10^{1/4}$, far
-# from the 1 of a standard deviation that settles. $k_1 = \log 2 -
-# 3x^2/8$ has the finite standard deviation $3/(4\sqrt2)$ and settles on it.
+# $P(r > t) \approx t^{-4/3}$ (up to a logarithm)
+# {✓ test_ratio_for_the_wide_pair_has_tail_index_four_thirds}. A tail index of
+# $4/3$ means a finite mean (so $k_3$ is still unbiased)
+# {✓ test_k3_stays_unbiased_when_its_variance_is_infinite} and an infinite
+# variance: the sample variance is dominated by the largest of $n$ samples
+# {✓ test_k3_sample_variance_is_dominated_by_its_largest_sample}, and the sample
+# standard deviation grows roughly like $n^{1/4}$, by jumps, instead of settling {✓
+# test_k3_sample_std_grows_roughly_like_the_fourth_root_of_n_over_seeds}. One seed
+# can even fall between two sizes {✓ test_one_seeds_k3_std_can_fall_between_two_sizes},
+# so here are several seeds, their median, and the median's growth per tenfold more
+# samples: of the order of $10^{1/4}$, far from the 1 of a standard deviation that
+# settles {✓ test_k3_sample_std_grows_roughly_like_the_fourth_root_of_n_over_seeds}.
+# $k_1 = \log 2 - 3x^2/8$ has the finite standard deviation $3/(4\sqrt2)$ and
+# settles on it {✓ test_k1_sample_std_settles_on_its_closed_form_for_the_wide_pair}.
 
 # %%
 p_wide = gaussian(0.0, 2.0)
@@ -173,10 +196,15 @@ wide_spreads = spread_as_the_sample_grows(q, p_wide)
 # it can be huge: $\mathbb{E}_{\pi_\theta}[r^2] = \sum_x \pi_{\text{ref}}(x)^2 /
 # \pi_\theta(x)$, and a token that the policy has made much less likely than the
 # reference does ($\pi_\theta \ll \pi_{\text{ref}}$) contributes
-# $\pi_{\text{ref}}^2 / \pi_\theta$. That token is rarely sampled, but when it
-# is, $k_3$ and its gradient weight $1 - r$ (next page) are enormous. Below, one
-# token of a 1000-token vocabulary has reference probability 1% while the policy
-# pushes it down:
+# $\pi_{\text{ref}}^2 / \pi_\theta$ {✓
+# test_k3_std_grows_like_reference_over_root_policy_as_a_token_is_pushed_down}. That
+# token is rarely sampled, but when it is, $k_3$ and its gradient weight $1 - r$
+# (next page) are enormous {✓
+# test_k3_and_its_gradient_weight_one_minus_r_are_enormous_on_a_pushed_down_token}.
+# Below, one token of a 1000-token vocabulary has reference probability 1% while the
+# policy pushes it down, and the standard deviation of $k_3$ is computed exactly,
+# every token weighted by its probability
+# {✓ test_exact_k3_std_matches_its_definition_computed_another_way}:
 
 # %%
 VOCAB = 1000
@@ -214,24 +242,36 @@ POLICY_PROBABILITIES = [1e-2, 1e-4, 1e-6, 1e-8]
 #
 # ## Samples from another distribution bias the values
 #
-# $\mathbb{E}_q[k_1] = \mathbb{E}_q[k_3] = D_{\mathrm{KL}}(q\,\|\,p)$ only for
-# $x \sim q$. Rollouts are often drawn from something else: at a temperature
+# $\mathbb{E}_q[k_1] = \mathbb{E}_q[k_3] = D_{\mathrm{KL}}(q\,\|\,p)$
+# {✓ test_on_policy_expected_k1_and_k3_equal_the_kl} only for $x \sim q$ {✓
+# test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl}.
+# Rollouts are often drawn from something else: at a temperature
 # $\ne 1$, from the top-k (or top-p) tokens, from an inference engine whose
 # numerics differ, or from the previous policy $\pi_{\text{old}}$ while several
-# updates are taken on one batch. Then the mean of the estimates is not the KL.
+# updates are taken on one batch. Then the mean of the estimates is not the KL {✓
+# test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl}; nor
+# is it with top-p {✓
+# test_top_p_sampler_moves_the_means_off_the_kl_and_weights_cannot_fix_it}.
 # Importance weights $\pi_\theta(x) / \pi_{\text{sampler}}(x)$ remove the bias
-# when the sampler can draw every token, not when top-k has cut tokens off.
+# when the sampler can draw every token, not when top-k has cut tokens off {✓
+# test_importance_weights_remove_the_bias_unless_top_k_cut_tokens_off}.
 #
 # Temperature biases the estimates only when tokens drawn at a temperature are
-# scored with temperature-1 log-probs. TRL and verl divide the policy's and the
-# reference's logits by the sampling temperature before scoring (TRL
-# `grpo_trainer.py`, line 1519; verl sets the rollout temperature on the batch in
-# `verl/trainer/ppo/ray_trainer.py` and divides in its engines, e.g.
+# scored with temperature-1 log-probs {✓
+# test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl} {✓
+# test_sampling_and_scoring_at_a_temperature_gives_unbiased_tempered_kl}. TRL and
+# verl divide the policy's and the reference's logits by the sampling temperature
+# before scoring (TRL `grpo_trainer.py`, line 1519; verl sets the rollout
+# temperature on the batch in `verl/trainer/ppo/ray_trainer.py` and divides in its
+# engines, e.g.
 # `verl/workers/engine/fsdp/transformer_impl.py`): their tokens come from the
 # tempered policy and are scored by it, so $k_1$ and $k_3$ are unbiased, for the
-# KL between the *tempered* distributions, a different number from the KL at
-# temperature 1 (last line below). Computed exactly over a 1000-token vocabulary
-# (every token weighted by the sampler's probability):
+# KL between the *tempered* distributions {✓
+# test_sampling_and_scoring_at_a_temperature_gives_unbiased_tempered_kl}, a
+# different number from the KL at temperature 1 (last line below)
+# {✓ test_page_tempered_scoring_gives_the_tempered_kl_not_the_kl}. Computed
+# exactly over a 1000-token vocabulary (every token weighted by the sampler's
+# probability):
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
@@ -294,35 +334,62 @@ scored_at_temperature = expected_estimates(
 #       f" KL of the tempered pair {tempered_kl:.4f}")
 
 # %% [markdown]
-# The first row is the KL; none of the next three gives it: each moves the means off it,
-# by an amount and in a direction that depend on the sampler. The importance
-# weights bring them back, except for top-k, whose weighted means miss exactly
-# the tokens the sampler never draws.
+# The first row is the KL {✓ test_on_policy_expected_k1_and_k3_equal_the_kl}; none
+# of the next three gives it: each moves the means off it {✓
+# test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl}, by an
+# amount and in a direction that depend on the sampler {✓
+# test_the_samplers_move_the_means_by_different_amounts_in_different_directions}.
+# The importance weights bring them back, except for top-k, whose weighted means
+# miss exactly the tokens the sampler never draws {✓
+# test_importance_weights_remove_the_bias_unless_top_k_cut_tokens_off}.
 #
 # Trainers apply such weights in two places, and only one reaches the KL term.
 # DeepSeek-V3.2 (§3.1) multiplies $k_3$ by $\pi_\theta / \pi_{\text{old}}$, and
 # so does TRL's `use_bias_correction_kl`: that corrects the KL term for a stale
-# $\pi_{\text{old}}$ (the importance-weighted column of that row). TRL's
+# $\pi_{\text{old}}$ (the importance-weighted column of that row) {✓
+# test_importance_weights_remove_the_bias_unless_top_k_cut_tokens_off}. TRL's
 # `vllm_importance_sampling_correction` is another ratio, the trainer's
 # $\pi_{\text{old}}$ over the vLLM sampler's probabilities (by default one ratio
 # per sequence, zeroed above 3.0), and it multiplies the policy-gradient term
 # only: $\beta k_3$ is added after it (`grpo_trainer.py`, lines 3117-3121), so the
-# KL term keeps the plain, biased mean of the vLLM sampler's tokens. An estimate of
+# KL term keeps the plain, biased mean of the vLLM sampler's tokens {✓
+# test_trl_vllm_ratio_multiplies_only_the_policy_gradient_term_not_the_kl}. An
+# estimate of
 # the KL is only as good as the knowledge of where the tokens came from.
 #
 # ## What to remember
 #
-# - From samples of $q$ and $r = p/q$: $k_1 = -\log r$ is unbiased, can be
-#   negative, and is noisy when $q \approx p$; $k_2 = \tfrac12(\log r)^2$ is
-#   biased; $k_3 = (r - 1) - \log r$ is unbiased, never negative, quiet when
-#   $q \approx p$, and of infinite variance when $p$'s tails are at least as heavy
-#   as $\sqrt{q}$'s (centred Gaussians: $\sigma_p^2 \ge 2\sigma_q^2$); then its
-#   sample std grows like $n^{1/4}$.
+# - From samples of $q$ and $r = p/q$: $k_1 = -\log r$ is unbiased
+#   {✓ test_k1_and_k3_are_unbiased}, can be negative
+#   {✓ test_k2_and_k3_are_never_negative_and_k1_can_be}, and is noisy when
+#   $q \approx p$ {✓ test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair};
+#   $k_2 = \tfrac12(\log r)^2$ is biased
+#   {✓ test_k2_overestimates_the_kl_by_the_fraction_delta_squared_over_four};
+#   $k_3 = (r - 1) - \log r$ is unbiased {✓ test_k1_and_k3_are_unbiased}, never
+#   negative {✓ test_k2_and_k3_are_never_negative_and_k1_can_be}, quiet when
+#   $q \approx p$ {✓ test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair},
+#   and of infinite variance when $p$'s tails are at least as heavy as $\sqrt{q}$'s
+#   (centred Gaussians: $\sigma_p^2 \ge 2\sigma_q^2$) {✓
+#   test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance}; then
+#   its sample std grows like $n^{1/4}$ {✓
+#   test_k3_sample_std_grows_roughly_like_the_fourth_root_of_n_over_seeds}.
 # - In a vocabulary, tokens with $\pi_\theta \ll \pi_{\text{ref}}$ make $k_3$'s
-#   variance and gradient weight huge.
+#   variance {✓
+#   test_k3_std_grows_like_reference_over_root_policy_as_a_token_is_pushed_down} and
+#   gradient weight huge {✓
+#   test_k3_and_its_gradient_weight_one_minus_r_are_enormous_on_a_pushed_down_token}.
 # - The estimates assume tokens drawn from the distribution that scores them:
-#   top-k/top-p and a stale $\pi_{\text{old}}$ bias them, and so does a temperature
-#   unless both log-probs are taken at it (TRL and verl do; then they estimate the
-#   tempered KL). TRL's vLLM ratio does not reach the KL term.
-# - The exact per-position KL is computable from the logits; only the sequence KL
-#   needs estimates. What to put in the loss: [next page](rl_kl_in_practice.py).
+#   top-k {✓ test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl},
+#   top-p {✓ test_top_p_sampler_moves_the_means_off_the_kl_and_weights_cannot_fix_it}
+#   and a stale $\pi_{\text{old}}$ bias them {✓
+#   test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl}, and
+#   so does a temperature unless both log-probs are taken at it {✓
+#   test_temperature_top_k_and_stale_samplers_move_k1_and_k3_means_off_the_kl} (TRL
+#   and verl do; then they estimate the tempered KL {✓
+#   test_sampling_and_scoring_at_a_temperature_gives_unbiased_tempered_kl}). TRL's
+#   vLLM ratio does not reach the KL term {✓
+#   test_trl_vllm_ratio_multiplies_only_the_policy_gradient_term_not_the_kl}.
+# - The exact per-position KL is computable from the logits {✓
+#   test_exact_per_position_kl_is_computable_from_the_two_logits_tables}; only the
+#   sequence KL needs estimates. What to put in the loss:
+#   [next page](rl_kl_in_practice.py).

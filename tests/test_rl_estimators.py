@@ -13,6 +13,14 @@ from snippets import rl_estimators as page
 NEAR, FAR = page.PAIRS.values()
 DELTAS = list(page.SHIFTS.values())
 
+# Not claims of a sentence: checks of the page's set-up.
+SUPPORTING_TESTS = {
+    "test_page_samplers_are_the_ones_the_table_names": (
+        "set-up: the page's samplers and true KL are the ones the vocabulary-size"
+        " tests build, so those tests speak for the page's table"
+    ),
+}
+
 
 @pytest.fixture(scope="module")
 def measured():
@@ -27,6 +35,20 @@ def quadrature_expectation_under_q(function, half_width=40.0, points=400_001):
     """∫ q(x) f(x) dx for q = N(0, 1), in float64 by the trapezoid rule."""
     x = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
     return torch.trapezoid(page.q.log_prob(x).exp() * function(x), x).item()
+
+
+def test_estimators_are_the_three_formulas_of_the_ratio():
+    log_p = torch.tensor([-3.0, -1.0, -0.5, -2.0], dtype=torch.float64)
+    log_q = torch.tensor([-1.0, -1.0, -2.5, -0.1], dtype=torch.float64)
+    values = page.estimators(log_p, log_q)
+    r = [math.exp(a - b) for a, b in zip(log_p.tolist(), log_q.tolist(), strict=True)]
+    expected = {
+        "k1": [-math.log(ri) for ri in r],
+        "k2": [0.5 * math.log(ri) ** 2 for ri in r],
+        "k3": [(ri - 1) - math.log(ri) for ri in r],
+    }
+    for name, formula in expected.items():
+        assert_close(values[name].tolist(), formula, rtol=1e-12, atol=1e-15)
 
 
 def test_true_kl_of_the_pairs_is_half_the_squared_shift(measured):
@@ -84,11 +106,18 @@ def test_k2_and_k3_are_never_negative_and_k1_can_be(measured):
         assert (samples["k2"] >= 0).all()
         assert (samples["k3"] >= 0).all()
         assert (samples["k1"] < 0).any()
+    # not only on these samples: at every log r, r − 1 ≥ log r and a square ≥ 0
+    log_r = torch.linspace(-50, 50, 100_001, dtype=torch.float64)
+    values = page.estimators(log_r, torch.zeros_like(log_r))
+    assert (values["k2"] >= 0).all() and (values["k3"] >= 0).all()
+    assert (values["k1"][log_r > 0] < 0).all()
 
 
 def test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair(measured):
-    samples, _ = measured["near: p = N(0.1, 1)"]
+    samples, true_kl = measured["near: p = N(0.1, 1)"]
     assert samples["k3"].std() < samples["k1"].std() / 10
+    # k1 is noisy: its spread is many times the KL it estimates (δ / (δ²/2) = 20)
+    assert samples["k1"].std() > 10 * true_kl
 
 
 def second_moment_of_ratio(sigma_p, half_width):
@@ -98,7 +127,9 @@ def second_moment_of_ratio(sigma_p, half_width):
     return torch.trapezoid(log_integrand.exp(), x).item()
 
 
-@pytest.mark.parametrize(("variance_p", "grows"), [(1.9, False), (2.0, True)])
+@pytest.mark.parametrize(
+    ("variance_p", "grows"), [(1.9, False), (2.0, True), (4.0, True)]
+)
 def test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance(
     variance_p, grows
 ):
@@ -120,6 +151,24 @@ def test_ratio_for_the_wide_pair_has_tail_index_four_thirds():
     assert_close(slope, -4 / 3, rtol=0, atol=0.02)
 
 
+def test_one_seeds_k3_std_can_fall_between_two_sizes():
+    spreads = page.wide_spreads["k3"]
+    assert (spreads.diff(dim=1) < 0).any()  # some seed's std falls as n grows
+    assert not (page.wide_spreads["k1"][:, -1] > 2 * page.K1_STD_WIDE).any()
+
+
+def test_k3_sample_variance_is_dominated_by_its_largest_sample():
+    for seed in range(page.N_SEEDS):
+        samples, _ = page.sampled_estimates(page.q, page.p_wide, seed=seed)
+        shares = {}
+        for name in ["k1", "k3"]:
+            squares = (samples[name] - samples[name].mean()) ** 2
+            shares[name] = squares.max() / squares.sum()
+        # one sample in a million carries a fifth or more of k3's sum of squares
+        assert shares["k3"] > 0.2, seed
+        assert shares["k1"] < 1e-3, seed  # finite variance: no sample dominates
+
+
 def test_k3_sample_std_grows_roughly_like_the_fourth_root_of_n_over_seeds():
     spreads = page.wide_spreads["k3"]
     assert spreads.shape == (page.N_SEEDS, len(page.GROWING_SIZES))
@@ -131,6 +180,10 @@ def test_k3_sample_std_grows_roughly_like_the_fourth_root_of_n_over_seeds():
 
 
 def test_k1_sample_std_settles_on_its_closed_form_for_the_wide_pair():
+    # k1 = −log r = log 2 − 3x²/8 for q = N(0, 1), p = N(0, 2²)
+    x = torch.linspace(-5, 5, 11, dtype=torch.float64)
+    k1 = page.estimators(page.p_wide.log_prob(x), page.q.log_prob(x))["k1"]
+    assert_close(k1, math.log(2) - 3 * x**2 / 8, rtol=1e-12, atol=1e-14)
     spreads = page.wide_spreads["k1"]
     assert_close(page.growth_per_decade(spreads), 1.0, rtol=0, atol=0.02)
     target = torch.full_like(spreads[:, -1], page.K1_STD_WIDE)
@@ -157,6 +210,21 @@ def test_k3_std_grows_like_reference_over_root_policy_as_a_token_is_pushed_down(
     # the token's share of E[r²]: π_ref² / π_θ, so std ≈ π_ref / sqrt(π_θ)
     smallest = page.POLICY_PROBABILITIES[-1]
     assert_close(stds[-1], 0.01 / math.sqrt(smallest), rtol=0.01, atol=0)
+
+
+def test_k3_and_its_gradient_weight_one_minus_r_are_enormous_on_a_pushed_down_token():
+    log_pi, log_ref = page.one_token_pushed_down(page.POLICY_PROBABILITIES[-1])
+    log_pi = log_pi.clone().requires_grad_()
+    k3 = page.estimators(log_ref, log_pi)["k3"]
+    (gradient,) = torch.autograd.grad(k3[0], log_pi)
+    r = (log_ref[0] - log_pi[0]).exp().item()
+    # π_ref / π_θ = 1 % / 1e-8, up to the renormalisation of the other tokens
+    assert_close(r, 0.01 / page.POLICY_PROBABILITIES[-1], rtol=0.02, atol=0)
+    # d k3 / d log π_θ = d (r − 1 − log r) / d log π_θ = 1 − r, with r = π_ref / π_θ
+    assert_close(gradient[0].item(), 1 - r, rtol=1e-9, atol=0)
+    assert k3[0] > 1e5 and abs(gradient[0]) > 1e5
+    # the tokens the policy left alone (up to renormalisation): both small
+    assert k3[1:].abs().max() < 1e-3 and gradient[1:].abs().max() < 0.02
 
 
 @settings(max_examples=30)
@@ -194,6 +262,21 @@ def realistic_rows(vocab, rows=3, dtype=torch.float32, seed=1):
 def kl_in_float64(log_pi, log_ref):
     log_pi, log_ref = log_pi.double(), log_ref.double()
     return (log_pi.exp() * (log_pi - log_ref)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("vocab", [page.VOCAB, 32_000, 128_000])
+def test_exact_per_position_kl_is_computable_from_the_two_logits_tables(vocab):
+    policy, reference, _ = realistic_rows(vocab)  # float32, as a trainer holds them
+    log_pi, log_ref = policy.log_softmax(dim=-1), reference.log_softmax(dim=-1)
+    per_position = (log_pi.exp() * (log_pi - log_ref)).sum(dim=-1)  # the page's line
+    library = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=policy.double()),
+        torch.distributions.Categorical(logits=reference.double()),
+    )
+    # float32 rounding in a sum of V terms grows like √V · eps
+    assert_close(
+        per_position.double(), library, rtol=2 * 2.0**-23 * vocab**0.5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("vocab", [page.VOCAB, 32_000, 128_000])
@@ -237,8 +320,46 @@ def test_importance_weights_remove_the_bias_unless_top_k_cut_tokens_off(vocab):
             gap = (weighted[name] - kl).abs()
             if sampler.startswith("top-k"):
                 assert (gap > 0.01 * kl).all(), name
+                # what is missing is exactly the cut tokens' share of the KL
+                cut = log_sampler == -math.inf
+                values = page.estimators(log_ref, log_pi)[name]
+                missing = (log_pi.exp() * values * cut).sum(dim=-1)
+                assert_close(weighted[name] + missing, kl, rtol=1e-9, atol=0)
             else:
                 assert_close(weighted[name], kl, rtol=1e-9, atol=0)
+
+
+def top_p_log_probs(logits, top_p=0.9):
+    """The nucleus sampler: the most likely tokens whose mass reaches top_p."""
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    keep_sorted = probs.cumsum(dim=-1) - probs < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, -math.inf).log_softmax(dim=-1)
+
+
+@pytest.mark.parametrize("vocab", [page.VOCAB, 32_000, 128_000])
+def test_top_p_sampler_moves_the_means_off_the_kl_and_weights_cannot_fix_it(vocab):
+    policy, reference, _ = realistic_rows(vocab, dtype=torch.float64)
+    log_pi, log_ref = policy.log_softmax(dim=-1), reference.log_softmax(dim=-1)
+    kl = kl_in_float64(log_pi, log_ref)
+    log_sampler = top_p_log_probs(policy)
+    assert (log_sampler == -math.inf).any(dim=-1).all()  # tokens are cut off
+    plain = page.expected_estimates(log_sampler, log_pi, log_ref)
+    weighted = page.expected_estimates(log_sampler, log_pi, log_ref, True)
+    for means in (plain, weighted):
+        gaps = torch.stack([(means[name] - kl).abs() for name in ["k1", "k3"]])
+        assert (gaps.amax(dim=0) > 1e-3 * kl).all()  # off by more than 0.1 %
+
+
+def test_the_samplers_move_the_means_by_different_amounts_in_different_directions():
+    off = {}
+    for sampler, log_sampler in list(page.SAMPLERS.items())[1:]:
+        means = page.expected_estimates(log_sampler, page.log_pi, page.log_ref)
+        off[sampler] = torch.stack([means["k1"], means["k3"]]) - page.true_kl
+    signs = {tuple(gap.sign().tolist()) for gap in off.values()}
+    assert len(signs) > 1  # k3 is pushed above the KL by one sampler, below by another
+    amounts = sorted(gap.abs().max().item() for gap in off.values())
+    assert all(b > 1.2 * a for a, b in zip(amounts, amounts[1:], strict=False))
 
 
 def test_page_samplers_are_the_ones_the_table_names():
