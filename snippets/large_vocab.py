@@ -3,13 +3,18 @@
 #
 # Distilling a language model compares two (tokens, vocabulary) tables of logits,
 # with vocabularies of tens or hundreds of thousands of entries (`VOCAB_SIZES`
-# below). The straightforward loss, with `log_q = student.log_softmax(dim=-1)` and
+# below) {✓ test_page_vocabularies_are_llama_2_and_llama_3}. The straightforward
+# loss, with `log_q = student.log_softmax(dim=-1)` and
 # `log_p = teacher.log_softmax(dim=-1)`,
-# `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`, allocates
-# several tensors the size of those tables across its forward and backward passes.
+# `F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)`
+# {✓ test_straightforward_version_is_f_kl_div_batchmean_with_log_target}, allocates
+# several tensors the size of those tables across its forward and backward passes
+# {✓ test_straightforward_version_creates_several_logits_sized_tensors}.
 # A chunked KL takes the rows a few at a time and writes the gradient in closed
-# form: the same value and the same gradients, and, for contiguous logits, no
-# table-sized tensor besides the gradient it has to return.
+# form: the same value and the same gradients
+# {✓ test_chunked_value_and_gradients_match_kl_div_to_1e_5_relative}, and, for
+# contiguous logits, no table-sized tensor besides the gradient it has to return
+# {✓ test_chunked_version_creates_only_the_gradient}.
 #
 # On this page you will count what each version allocates, and write the chunked
 # version as a `torch.autograd.Function` that takes (batch, tokens, vocabulary)
@@ -45,7 +50,7 @@ def straightforward_kl(student_logits, teacher_logits):
 # included. The one below counts the results that are new tensors (not views of
 # an input) at least as large as the logits: log-softmax twice, then each
 # elementwise step of $e^{\log p}(\log p - \log q)$, then the backward through
-# them.
+# them {✓ test_straightforward_version_creates_several_logits_sized_tensors}.
 
 
 # %%
@@ -97,7 +102,8 @@ def large_allocations(loss_fn, shape=(64, 4096), numel=None):
 # For a row with student log-probabilities $\log q$ and teacher $\log p$ at
 # temperature $T$ (both logits divided by $T$), the KL is
 # $\sum_i p_i (\log p_i - \log q_i)$ and its gradients with respect to the logits
-# $s$ and $t$ have closed forms:
+# $s$ and $t$ have closed forms
+# {✓ test_gradients_are_the_closed_forms_divided_by_the_temperature}:
 #
 # $$\frac{\partial\, D_{\mathrm{KL}}}{\partial s_i} = \frac{q_i - p_i}{T}, \qquad
 #   \frac{\partial\, D_{\mathrm{KL}}}{\partial t_i}
@@ -105,21 +111,34 @@ def large_allocations(loss_fn, shape=(64, 4096), numel=None):
 #
 # So the forward pass keeps its inputs (references, not copies, when the logits
 # are contiguous) and three numbers per row (the two log-normalisers and the
-# row's KL), and the backward pass recomputes each chunk's probabilities and
+# row's KL) {✓ test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row},
+# and the backward pass recomputes each chunk's probabilities and
 # writes that chunk of the gradient: the temporaries are (chunk, vocabulary) in
-# size. Half-precision logits are processed
-# in float32, and a teacher logit masked with $-\infty$ contributes 0 instead of
-# the NaN of `F.kl_div` with `log_target=True` (see
-# [numerical pitfalls](numerical_pitfalls.py)).
+# size {✓ test_chunked_version_creates_only_the_gradient}; by default a chunk
+# holds about a million values {✓ test_default_chunk_holds_about_a_million_values}.
+# Half-precision logits are processed in float32
+# {✓ test_half_precision_logits_are_processed_in_float32}, and a teacher logit
+# masked with $-\infty$ contributes 0 instead of the NaN of `F.kl_div` with
+# `log_target=True` {✓
+# test_masked_teacher_logits_contribute_zero_where_kl_div_gives_nan}
+# (see [numerical pitfalls](numerical_pitfalls.py)).
 #
 # The loss is the mean over the tokens that `mask` keeps (True where a token
 # counts; from labels, see "Shifted labels" below), like Liger-Kernel's
-# `ignore_index`; dropped tokens get a zero gradient whatever their
-# logits hold, and a batch with no kept token gives 0, not the 0/0 of a plain
-# mean. Leading dimensions are flattened (a view when the logits are contiguous;
-# sliced logits are copied), so it divides by the number of tokens, where
-# `"batchmean"` on a (batch, tokens, vocabulary) tensor divides by the batch only
-# ([reductions](reductions.py)). The temperature is not multiplied back in:
+# `ignore_index` {✓ test_chunked_kl_is_the_masked_mean_kl_for_any_shape_chunk_and_mask};
+# dropped tokens get a zero gradient whatever their logits hold
+# {✓ test_dropped_tokens_get_zero_gradient_whatever_their_logits_hold}, and a
+# batch with no kept token gives 0, not the 0/0 of a plain mean
+# {✓ test_a_batch_with_no_kept_token_gives_zero_loss_and_zero_gradients}. Leading
+# dimensions, any number of them or none
+# {✓ test_a_single_distribution_is_valid_input}, are flattened (a view when the
+# logits are contiguous; sliced logits are copied) {✓
+# test_sliced_logits_are_copied_and_kept_until_backward_masking_keeps_the_view},
+# so it divides by the number of tokens, where `"batchmean"` on a (batch, tokens,
+# vocabulary) tensor divides by the batch only
+# {✓ test_chunked_kl_divides_by_tokens_where_batchmean_divides_by_the_batch}
+# ([reductions](reductions.py)). The temperature is not multiplied back in
+# {✓ test_chunked_kl_is_the_masked_mean_kl_for_any_shape_chunk_and_mask}:
 # multiply by $T^2$ yourself for Hinton's scaling ([distillation](distillation.py)).
 
 
@@ -245,10 +264,16 @@ def check_chunked_kl_inputs(student_logits, teacher_logits, mask, temperature):
 # ## The same value, the same gradients
 #
 # On (batch, tokens, vocabulary) logits whose row count the chunk size does not
-# divide, with a padding mask, a temperature, and a teacher that needs a gradient
-# too (as in mutual learning), the chunked version agrees with the straightforward
-# masked loss below to float32 precision; `torch.autograd.gradcheck` confirms the
-# hand-written backward in float64 against finite differences.
+# divide {✓ test_row_count_need_not_be_a_multiple_of_the_chunk_size}, with a
+# padding mask, a temperature
+# {✓ test_page_example_drops_padding_and_uses_a_temperature}, and a teacher that
+# needs a gradient too (as in mutual learning), the chunked version agrees with
+# the straightforward masked loss below to float32 precision
+# {✓ test_chunked_value_and_gradients_match_kl_div_to_1e_5_relative}, as it does
+# at both `VOCAB_SIZES` {✓
+# test_chunked_kl_equals_the_straightforward_masked_loss_at_32k_and_128k};
+# `torch.autograd.gradcheck` confirms the hand-written backward in float64
+# against finite differences {✓ test_hand_written_backward_passes_gradcheck}.
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
@@ -305,16 +330,21 @@ gradcheck_passed = torch.autograd.gradcheck(
 # (-100 on the prompt and on padding) and `logits[:, t]` predicts token $t + 1$:
 # position $t$ counts when `labels[:, t + 1]` does. So the mask is the labels'
 # mask shifted left by one, and the last position, which predicts nothing, is
-# dropped: `mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)`. Plain
-# `labels != -100` is off by one: it drops the position of the last prompt token,
-# which predicts the first response token, and keeps the last position
+# dropped: `mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)` {✓
+# test_page_shifted_mask_gives_the_next_token_loss_and_unshifted_labels_do_not}.
+# Plain `labels != -100` is off by one: it drops the position of the last prompt
+# token, which predicts the first response token, and keeps the last position {✓
+# test_page_shifted_mask_gives_the_next_token_loss_and_unshifted_labels_do_not}
 # (Liger-Kernel's losses take `shift_labels` for this). Slicing the logits
 # instead (`student[:, :-1]` and `teacher[:, :-1]`, with the mask
-# `labels[:, 1:] != -100`) gives the same loss, but a sliced (batch, tokens,
-# vocabulary) table is not contiguous: flattening it copies both tables, the
-# copies stay until the backward pass, and the backward pass of the slice writes
-# a full-size gradient too. Masking the last position keeps the view (the counts
-# below).
+# `labels[:, 1:] != -100`) gives the same loss {✓
+# test_shifted_mask_on_unsliced_logits_equals_slicing_for_any_labels}, but a
+# sliced (batch, tokens, vocabulary) table is not contiguous: flattening it
+# copies both tables, the copies stay until the backward pass, and the backward
+# pass of the slice writes a full-size gradient too {✓
+# test_sliced_logits_are_copied_and_kept_until_backward_masking_keeps_the_view}.
+# Masking the last position keeps the view (the counts below)
+# {✓ test_page_counts_show_the_slice_copies_and_the_mask_does_not}.
 
 # %%
 prompt_length = 3
@@ -354,9 +384,14 @@ def shift_allocations(shape=(4, 17, 1024)):
 # %% [markdown]
 # ## On a GPU
 #
-# This chunking is plain PyTorch and runs on any device: it splits the rows, keeps
-# both logit tables (references) until the backward pass and recomputes each
-# chunk's probabilities there. [KL on GPUs](fused_kl_kernels.py) shows what plain
+# This chunking is plain PyTorch and runs on any device
+# {✓ test_chunked_kl_keeps_its_work_on_the_logits_device}; on a GPU it gives the
+# CPU's value and gradients {✓
+# test_chunked_kl_on_cuda_gives_the_cpu_value_and_gradients_with_bf16_logits}. It
+# splits the rows, keeps both logit tables (references) until the backward pass
+# and recomputes each chunk's probabilities there
+# {✓ test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row}.
+# [KL on GPUs](fused_kl_kernels.py) shows what plain
 # bfloat16 costs, how many chunks a long sequence takes, and how Liger-Kernel's
 # kernels differ: they tile the vocabulary inside each row, and its JSD and
 # fused-linear-JSD kernels compute the gradient in the forward pass.
@@ -364,14 +399,29 @@ def shift_allocations(shape=(4, 17, 1024)):
 # ## What to remember
 #
 # - The straightforward KL of two logit tables allocates several more tables of
-#   the same size; with a large vocabulary those set the peak memory
-#   (`make bench` measures it on a CPU).
-# - Chunk over rows, recompute in the backward pass, and use the closed-form
-#   gradients $(q - p)/T$ (student) and $p(\log p - \log q - D_{\mathrm{KL}})/T$
-#   (teacher). Drop prompt and padding tokens with a mask, not by multiplying.
+#   the same size
+#   {✓ test_straightforward_version_creates_several_logits_sized_tensors}; with a
+#   large vocabulary those set the peak memory (`make bench` measures it on a
+#   CPU).
+# - Chunk over rows, recompute in the backward pass
+#   {✓ test_chunked_version_with_mask_and_temperature_creates_only_the_gradient},
+#   and use the closed-form gradients $(q - p)/T$ (student) and
+#   $p(\log p - \log q - D_{\mathrm{KL}})/T$ (teacher)
+#   {✓ test_gradients_are_the_closed_forms_divided_by_the_temperature}. Drop
+#   prompt and padding tokens with a mask, not by multiplying
+#   {✓ test_dropped_tokens_get_zero_gradient_whatever_their_logits_hold}.
 # - With labels aligned to the inputs (Hugging Face), position $t$ predicts token
 #   $t + 1$: `mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)`, then
 #   `chunked_kl(student, teacher, mask=mask, temperature=2.0)` on the unsliced
-#   (batch, tokens, vocabulary) logits (slicing them copies both tables). It
-#   computes in float32 or wider: float64 logits in float64.
-# - Check a hand-written backward with `torch.autograd.gradcheck` in float64.
+#   (batch, tokens, vocabulary) logits
+#   {✓ test_what_to_remember_calls_run_as_written_on_shifted_labels} (slicing
+#   them copies both tables {✓
+#   test_sliced_logits_are_copied_and_kept_until_backward_masking_keeps_the_view}).
+#   It computes in float32 or wider {✓
+#   test_chunked_kl_matches_the_float64_definition_at_32k_and_128k}: float64
+#   logits in float64 {✓
+#   test_chunked_kl_computes_in_float32_or_wider_float64_in_float64}, mixed
+#   inputs in the wider dtype
+#   {✓ test_chunked_kl_works_in_the_wider_dtype_of_its_two_inputs}.
+# - Check a hand-written backward with `torch.autograd.gradcheck` in float64
+#   {✓ test_hand_written_backward_passes_gradcheck_with_mask_and_temperature}.

@@ -12,6 +12,15 @@ from torch.testing import assert_close
 
 from snippets import large_vocab as page
 
+SUPPORTING_TESTS = {
+    "test_bad_input_gets_a_value_error_saying_what_to_fix": (
+        "checks the helper's input validation and its messages; no sentence on them"
+    ),
+    "test_prose_calls_run_as_written": (
+        "guards the prose: the intro's inline calls run as written"
+    ),
+}
+
 RELATIVE = {"rtol": 1e-5, "atol": 0}
 # the page's (batch, tokens, vocabulary) example as rows, for the 2-D reference
 ROWS_S, ROWS_T = page.student.flatten(0, 1), page.teacher.flatten(0, 1)
@@ -382,6 +391,8 @@ def test_page_shifted_mask_gives_the_next_token_loss_and_unshifted_labels_do_not
     assert not page.next_token_mask[:, -1].any()
     assert page.next_token_mask[:, page.prompt_length - 1].all()
     assert not (page.labels[:, page.prompt_length - 1] != -100).any()
+    # and plain labels != -100 keeps the last position, which predicts nothing
+    assert (page.labels[:, -1] != -100).any()
 
 
 @settings(max_examples=30)
