@@ -2,17 +2,36 @@
 # # Half precision: float16, bfloat16 and the KL
 #
 # float16 and bfloat16 both fit in 16 bits and fail differently. float16 keeps 11
-# significant bits but a narrow range: over a large vocabulary `softmax` rounds
-# most probabilities to 0, a mask of `torch.finfo(torch.float16).min` overflows to
-# $-\infty$ once the log-sum-exp of the logits reaches 16, and on CPU a float16
-# `log_softmax` is $-\infty$ everywhere once the row's sum of exponentials
-# $\sum_j e^{z_j - \max z}$ reaches 65,520 (65,520 equal logits, say). bfloat16 has
-# float32's range, so none of float16's range failures happen, but it keeps 8
-# significant bits: a KL comes out rounded. And float32's own failures are
-# bfloat16's too: a probability below its smallest positive value rounds to 0, so
-# `softmax` then `log`, or a $-\infty$ mask, gives NaN in both. The fix is the same
-# for both 16-bit types: mask with a moderate constant and compute
-# log-probabilities in float32.
+# significant bits but a narrow range
+# {✓ test_bfloat16_has_float32_range_and_8_significant_bits}: over a large
+# vocabulary `softmax` rounds most probabilities to 0
+# {✓ test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none}, a mask
+# of `torch.finfo(torch.float16).min` overflows to $-\infty$ once the log-sum-exp
+# of the logits reaches 16 {✓ test_finfo_min_overflows_once_the_logsumexp_reaches_16},
+# and on CPU a float16 `log_softmax` is $-\infty$ everywhere once the row's sum of
+# exponentials $\sum_j e^{z_j - \max z}$ reaches 65,520
+# {✓ test_float16_cpu_log_softmax_overflows_iff_its_sum_of_exponentials_reaches_65520}
+# (65,520 equal logits, say)
+# {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}.
+# bfloat16 has float32's range
+# {✓ test_bfloat16_has_float32_range_and_8_significant_bits}, so none of float16's
+# range failures happen
+# {✓ test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none}
+# {✓ test_finfo_min_survives_in_float32_and_bfloat16}
+# {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}, but
+# it keeps 8 significant bits: a KL comes out rounded
+# {✓ test_half_log_softmax_is_finite_but_rounded}. And float32's own failures are
+# bfloat16's too: a probability below its smallest positive value rounds to 0
+# {✓ test_softmax_rounds_a_probability_to_zero_exactly_beyond_the_underflow_gap},
+# so `softmax` then `log`
+# {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner},
+# or a $-\infty$ mask
+# {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type},
+# gives NaN in both. The fix is the same for both 16-bit types: mask with a
+# moderate constant
+# {✓ test_mask_value_gives_the_kl_over_unmasked_classes_in_every_type} and compute
+# log-probabilities in float32
+# {✓ test_mask_value_with_float32_log_softmax_at_llm_vocabularies}.
 #
 # If you came with a symptom:
 #
@@ -31,8 +50,11 @@
 #
 # The range and precision of each, from `torch.finfo`: `max` is the largest value,
 # `tiny` the smallest normal one, `eps` the spacing just above 1. Two more columns
-# matter below: the smallest positive value (subnormal), with the gap in nats
-# beyond which a probability $e^{-\text{gap}}$ rounds to 0 (below half that value),
+# matter below: the smallest positive value (subnormal)
+# {✓ test_smallest_positive_values_are_the_subnormals_of_each_type}, with the gap
+# in nats beyond which a probability $e^{-\text{gap}}$ rounds to 0 (below half
+# that value)
+# {✓ test_softmax_rounds_a_probability_to_zero_exactly_beyond_the_underflow_gap},
 # and the spacing next to `finfo.min`.
 
 # %%
@@ -76,16 +98,27 @@ def spacing_at_min(dtype):
 # `log_softmax` returns $z - \operatorname{logsumexp}(z)$. For a class masked with
 # $m$, that is $m - \operatorname{logsumexp}(z)$, rounded to the logits' type. With
 # $m$ = `torch.finfo(torch.float16).min` $= -65504$, the next float16 below is
-# $-\infty$ (the spacing there is 32), so the result rounds to $-\infty$ as soon as
-# the log-sum-exp reaches 16, half that spacing; $-\infty$ then meets the target's
-# 0 and the KL is NaN. With one dominant logit the log-sum-exp is about the largest
-# logit; over a vocabulary of $V$ similar logits it is up to $\log V$ larger, so it
-# can reach 16 with every logit well below 16. In float32 and bfloat16 the spacing
-# next to `finfo.min` is astronomically larger (the table above): no logit gets
-# there.
+# $-\infty$ (the spacing there is 32)
+# {✓ test_float16_spacing_at_its_minimum_is_32_and_half_of_it_overflows}, so the
+# result rounds to $-\infty$ as soon as the log-sum-exp reaches 16, half that
+# spacing {✓ test_finfo_min_overflows_once_the_logsumexp_reaches_16}; $-\infty$
+# then meets the target's 0 and the KL is NaN {✓ test_half_precision::
+# test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches_16}.
+# With one dominant logit the log-sum-exp is about the largest logit {✓
+# test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches_16};
+# over a vocabulary of $V$ similar logits it is up to $\log V$ larger, so it can
+# reach 16 with every logit well below 16
+# {✓ test_finfo_min_overflows_once_the_logsumexp_reaches_16}. In float32 and
+# bfloat16 the spacing next to `finfo.min` is astronomically larger (the table
+# above) {✓ test_spacing_next_to_finfo_min_is_32_in_float16_and_far_larger_elsewhere}:
+# no logit gets there {✓ test_finfo_min_survives_in_float32_and_bfloat16}.
 #
 # A moderate constant such as $-10^4$ stays finite in all three types and its
-# `exp` is exactly 0, as long as the real logits stay far above it.
+# `exp` is exactly 0 {✓ test_numerical_pitfalls::
+# test_mask_value_survives_log_softmax_in_all_three_float_types}, as long as the
+# real logits stay far above it
+# {✓ test_mask_value_gives_the_kl_over_unmasked_classes_in_every_type}
+# {✓ test_mask_value_in_float16_itself_survives_at_32k}.
 
 
 # %%
@@ -123,12 +156,21 @@ largest_logits = [15.0, 15.9921875, 16.0, 30.0]  # 15.99... is float16's last < 
 # $\sum_j e^{z_j - \max z}$ in float32 but stores the sum in float16
 # (`serial_vec_log_softmax_lastdim_range` in
 # `aten/src/ATen/native/cpu/LogSoftmaxKernelImpl.h` keeps it in a buffer of the
-# input's type). Each term is at most 1, and the stored sum rounds to $\infty$ once
-# it reaches 65,520: float16's largest value, 65,504, plus half the spacing there
-# (32, the table above). That takes at least 65,520 logits close to the largest:
-# an untrained model's output over a 128k vocabulary, say. Then every
-# log-probability is $-\infty$, whatever the mask. Casting the logits to float32
-# first avoids it. (Until PR #103315, part of PyTorch 2.2 according to
+# input's type) {✓ test_half_precision::
+# test_float16_cpu_log_softmax_overflows_iff_its_sum_of_exponentials_reaches_65520}.
+# Each term is at most 1, and the stored sum rounds to $\infty$ once it reaches
+# 65,520: float16's largest value, 65,504, plus half the spacing there (32, the
+# table above)
+# {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}.
+# That takes at least 65,520 logits close to the largest
+# {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}: an
+# untrained model's output over a 128k vocabulary, say {✓ test_half_precision::
+# test_untrained_float16_logits_over_128k_give_minus_infinity_whatever_the_mask}.
+# Then every log-probability is $-\infty$, whatever the mask {✓
+# test_untrained_float16_logits_over_128k_give_minus_infinity_whatever_the_mask}.
+# Casting the logits to float32 first avoids it {✓
+# test_untrained_float16_logits_over_128k_give_minus_infinity_whatever_the_mask}.
+# (Until PR #103315, part of PyTorch 2.2 according to
 # [pytorch#142368], float16 `log_softmax` on CPU raised "not implemented for
 # 'Half'". CPU and CUDA float16 `log_softmax` are reported to differ on another
 # input, a dim of size 2, in [pytorch#158310]; CUDA was not run here.)
@@ -151,16 +193,27 @@ classes_at_the_threshold = [65_519, 65_520]  # sums of exponentials, all terms 1
 # %% [markdown]
 # ## A large vocabulary
 #
-# float16 cannot represent anything below about $6 \cdot 10^{-8}$. Over a
-# vocabulary of 128,000 tokens, with logits spread like the ones below (standard
-# deviation 4), most probabilities are smaller than that, so a `softmax` in float16
-# rounds them to exactly 0, and `log` of them to $-\infty$; a few such zeros are
-# enough for a NaN. `log_softmax` in float16 stays finite but rounds every
-# log-probability to float16's digits. bfloat16 reaches down to float32's `tiny`,
-# so its `softmax` keeps every probability here and the KL stays finite, but with
-# 8 significant bits the KL itself is rounded: compare its printed value with the
-# float32 one. Compute log-probabilities in float32: cast the logits up before
-# `log_softmax`.
+# float16 cannot represent anything below about $6 \cdot 10^{-8}$
+# {✓ test_float16_cannot_represent_values_below_about_6e_8}. Over a vocabulary of
+# 128,000 tokens, with logits spread like the ones below (standard deviation 4)
+# {✓ test_teacher_logits_have_standard_deviation_about_4}, most probabilities are
+# smaller than that
+# {✓ test_most_probabilities_of_a_large_vocabulary_are_below_float16_range}, so a
+# `softmax` in float16 rounds them to exactly 0
+# {✓ test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none}, and
+# `log` of them to $-\infty$; a few such zeros are enough for a NaN
+# {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does}.
+# `log_softmax` in float16 stays finite but rounds every log-probability to
+# float16's digits {✓ test_half_log_softmax_is_finite_but_rounded}. bfloat16
+# reaches down to float32's `tiny`
+# {✓ test_bfloat16_has_float32_range_and_8_significant_bits}, so its `softmax`
+# keeps every probability here
+# {✓ test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none} and the
+# KL stays finite {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does},
+# but with 8 significant bits the KL itself is rounded
+# {✓ test_half_log_softmax_is_finite_but_rounded}: compare its printed value with
+# the float32 one. Compute log-probabilities in float32: cast the logits up before
+# `log_softmax` {✓ test_upcast_log_softmax_matches_float64}.
 
 # %%
 vocab_size = 128_000
@@ -201,14 +254,21 @@ kl_half_upcast = kl_of_log_softmax(student_half, teacher_half, torch.float32)
 # %% [markdown]
 # ## What bfloat16 shares with float32
 #
-# bfloat16's range is float32's, and so are its underflows: a probability
-# $e^{-\text{gap}}$ rounds to 0 once the gap below the largest logit passes the
-# table's figure for the type, a little sooner in bfloat16 (fewer subnormals) than
-# in float32. Where both $P$ and $Q$ round to 0, `softmax` then `log` gives
-# $0 \cdot (-\infty)$ in `kl_div`: NaN. A class masked with $-\infty$ where the
-# target is 0 gives the same NaN in every type. `log_softmax` with a moderate mask
-# avoids both, in bfloat16 as in float32. Below, $P = Q$, so the KL is 0 where it
-# is computed at all.
+# bfloat16's range is float32's
+# {✓ test_bfloat16_has_float32_range_and_8_significant_bits}, and so are its
+# underflows: a probability $e^{-\text{gap}}$ rounds to 0 once the gap below the
+# largest logit passes the table's figure for the type
+# {✓ test_softmax_rounds_a_probability_to_zero_exactly_beyond_the_underflow_gap},
+# a little sooner in bfloat16 (fewer subnormals) than in float32
+# {✓ test_bfloat16_underflows_a_little_before_float32}. Where both $P$ and $Q$
+# round to 0, `softmax` then `log` gives $0 \cdot (-\infty)$ in `kl_div`: NaN
+# {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner}
+# {✓ test_confident_logits_give_nan_after_softmax_then_log_in_float32_and_bfloat16}.
+# A class masked with $-\infty$ where the target is 0 gives the same NaN in every
+# type {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type}.
+# `log_softmax` with a moderate mask avoids both, in bfloat16 as in float32
+# {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner}.
+# Below, $P = Q$, so the KL is 0 where it is computed at all.
 
 
 # %%
@@ -241,11 +301,14 @@ second_logits = {
 # ## Autocast
 #
 # `torch.autocast` does not do that for you everywhere. On CPU, as measured below,
-# it runs `kl_div` in float32 but leaves `log_softmax` in half precision, and a
-# float32 `kl_div` of rounded log-probabilities keeps their error. On CUDA,
+# it runs `kl_div` in float32 but leaves `log_softmax` in half precision
+# {✓ test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32}, and a float32
+# `kl_div` of rounded log-probabilities keeps their error
+# {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}. On CUDA,
 # `aten/src/ATen/autocast_mode.cpp` puts `kl_div` on the float32 list and
-# `log_softmax` on the list that runs in float32 unless a `dtype` is given; that is
-# read from the source and was not run here (no GPU).
+# `log_softmax` on the list that runs in float32 unless a `dtype` is given
+# {✓ test_cuda_autocast_runs_kl_div_and_log_softmax_in_float32}; that is read from
+# the source and was not run here (no GPU).
 
 
 # %%
@@ -267,11 +330,22 @@ def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
 # %% [markdown]
 # ## What to remember
 #
-# - Mask logits with a moderate constant such as `MASK_VALUE = -1e4`, not
+# - Mask logits with a moderate constant such as `MASK_VALUE = -1e4`
+#   {✓ test_mask_value_gives_the_kl_over_unmasked_classes_in_every_type}, not
 #   `torch.finfo(torch.float16).min`, which turns into NaN once the log-sum-exp of
-#   the logits reaches 16.
+#   the logits reaches 16 {✓ test_summary_calls_run_as_written}
+#   {✓ test_finfo_min_overflows_once_the_logsumexp_reaches_16}.
 # - Compute log-probabilities in float32: `logits.float().log_softmax(dim=-1)`,
-#   whatever the model's dtype and even under CPU autocast.
-# - float16 fails by range (zeros, $-\infty$, NaN); bfloat16 by precision (a KL
-#   rounded to 8 significant bits). A NaN in bfloat16 has the causes it has in
-#   float32: `softmax` then `log` past the underflow, a $-\infty$ mask.
+#   whatever the model's dtype
+#   {✓ test_mask_value_with_float32_log_softmax_at_llm_vocabularies} and even
+#   under CPU autocast
+#   {✓ test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32}
+#   {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}.
+# - float16 fails by range (zeros, $-\infty$, NaN)
+#   {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does}; bfloat16
+#   by precision (a KL rounded to 8 significant bits)
+#   {✓ test_half_log_softmax_is_finite_but_rounded}. A NaN in bfloat16 has the
+#   causes it has in float32: `softmax` then `log` past the underflow
+#   {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner},
+#   a $-\infty$ mask
+#   {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type}.

@@ -18,7 +18,21 @@ from snippets import half_precision as page
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 ALL_TYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP16_MIN = torch.finfo(torch.float16).min
+SEED = 0
 SEED_CONFIDENT = 11
+SUPPORTING_TESTS = {
+    "test_prose_dates_float16_cpu_log_softmax_to_pr_103315_in_2_2": (
+        "guards the prose: the history of float16 log_softmax on CPU is dated to "
+        "PyTorch 2.2 with its source, which the installed version cannot show"
+    ),
+    "test_prose_cites_158310_for_another_input_not_this_overflow": (
+        "guards the prose: pytorch#158310 is cited for another input, as not run"
+    ),
+    "test_float16_cuda_log_softmax_is_finite_over_128k_equal_logits": (
+        "on a GPU, checks that the overflow the page describes is CPU-only; the "
+        "page claims nothing about CUDA here (it says CUDA was not run)"
+    ),
+}
 
 
 MARKDOWN = "\n".join(
@@ -45,11 +59,13 @@ def test_bfloat16_has_float32_range_and_8_significant_bits():
     assert_close(bf16.max, fp32.max, rtol=1e-2, atol=0)
     assert bf16.eps == 2.0**-7  # 8 significant bits
     assert torch.finfo(torch.float16).eps == 2.0**-10  # 11 significant bits
+    assert torch.finfo(torch.float16).max == 65_504  # the narrow range
 
 
 def test_spacing_next_to_finfo_min_is_32_in_float16_and_far_larger_elsewhere():
     """The review: bfloat16's spacing there is 2**120, not about 10**31 as said."""
     # the spacing of the top binade: 2 ** (max exponent - mantissa bits)
+    assert torch.finfo(torch.float16).min == -65_504
     assert page.spacing_at_min(torch.float16) == 2.0 ** (15 - 10) == 32
     assert page.spacing_at_min(torch.float32) == 2.0 ** (127 - 23)
     assert page.spacing_at_min(torch.bfloat16) == 2.0 ** (127 - 7)
@@ -208,6 +224,19 @@ def test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits():
     assert page.flat_logits.bfloat16().log_softmax(dim=-1).isfinite().all()
 
 
+def test_untrained_float16_logits_over_128k_give_minus_infinity_whatever_the_mask():
+    """An untrained head (logits with standard deviation 0.02) over 128,000
+    classes: a sum of exponentials far past 65,520, so every log-probability is
+    -inf, with a moderate mask, a finfo.min mask or none."""
+    generator = torch.Generator().manual_seed(SEED)
+    logits = (0.02 * torch.randn(128_000, generator=generator)).half()
+    mask = torch.rand(128_000, generator=generator) < 0.25
+    for mask_value in [page.MASK_VALUE, FP16_MIN, None]:
+        masked = logits if mask_value is None else logits.masked_fill(mask, mask_value)
+        assert (masked.log_softmax(dim=-1) == -math.inf).all()
+        assert masked.float().log_softmax(dim=-1).isfinite().all()
+
+
 @given(
     n_classes=st.integers(50_000, 140_000),
     spread=st.sampled_from([0.0, 0.01, 0.1, 0.5]),
@@ -268,7 +297,7 @@ def test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none():
 
 def test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does():
     args = (page.student_logits, page.teacher_logits)
-    assert not page.kl_of_softmax_then_log(*args, torch.float16).isfinite()
+    assert page.kl_of_softmax_then_log(*args, torch.float16).isnan()
     assert page.kl_of_softmax_then_log(*args, torch.bfloat16).isfinite()
 
 
