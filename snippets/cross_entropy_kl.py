@@ -2,12 +2,21 @@
 # # Cross-entropy and KL: same gradient, different scale
 #
 # Can a cross-entropy loss against soft targets be replaced by a KL loss, or the
-# other way round? Yes: $H(P, Q) = H(P) + D_{\mathrm{KL}}(P\,\|\,Q)$, and $H(P)$
-# does not depend on the model, so both have the same gradient. But only with
-# matching reductions: `F.cross_entropy` averages over the rows of a batch, like
-# `F.kl_div` with `reduction="batchmean"`, while `F.kl_div` with
-# `reduction="mean"` (its default) also divides by the number of classes. Swap
+# other way round? Yes: $H(P, Q) = H(P) + D_{\mathrm{KL}}(P\,\|\,Q)$
+# {✓ test_cross_entropy_is_entropy_plus_kl}, and $H(P)$ does not depend on the
+# model, so both have the same gradient
+# {✓ test_cross_entropy_and_kl_have_the_same_gradient}. But only with matching
+# reductions: `F.cross_entropy` averages over the rows of a batch, like `F.kl_div`
+# with `reduction="batchmean"` {✓
+# test_cross_entropy_default_mean_divides_the_summed_rows_by_their_number}
+# {✓ test_cross_entropy_mean_is_batchmean_kl_plus_mean_entropy}, while `F.kl_div`
+# with `reduction="mean"` (its default) also divides by the number of classes
+# {✓ test_reductions::test_mean_is_still_the_default_and_warns}
+# {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes}. Swap
 # cross-entropy for that default and every gradient shrinks by the vocabulary size.
+# {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes}
+# {✓ test_reductions::
+# test_mean_is_exactly_c_times_smaller_than_batchmean_value_and_gradient}
 #
 # On this page you will:
 #
@@ -21,12 +30,13 @@
 # ## Entropy plus divergence
 #
 # The cross-entropy $H(P, Q) = -\sum_x P(x) \log Q(x)$ splits into the entropy of
-# the target and the divergence:
+# the target and the divergence {✓ test_cross_entropy_is_entropy_plus_kl}:
 #
 # $$H(P, Q) = H(P) + D_{\mathrm{KL}}(P\,\|\,Q), \qquad H(P) = -\sum_x P(x)\log P(x)$$
 #
 # `F.cross_entropy` accepts probabilities as its target and computes $H(P, Q)$ from
-# the model's logits.
+# the model's logits. {✓ test_cross_entropy_is_entropy_plus_kl} {✓
+# test_cross_entropy_default_mean_divides_the_summed_rows_by_their_number}
 
 # %%
 import warnings
@@ -52,8 +62,9 @@ cross_entropy_pq = F.cross_entropy(q.log(), p)  # H(P, Q); log Q serves as logit
 # %% [markdown]
 # Minimising cross-entropy over $Q$ therefore *is* minimising
 # $D_{\mathrm{KL}}(P\,\|\,Q)$, which is why classifiers trained with cross-entropy
-# fit the forward KL. The loss values differ (by $H(P)$); the gradients with
-# respect to the model do not:
+# fit the forward KL. The loss values differ (by $H(P)$)
+# {✓ test_cross_entropy_and_kl_losses_differ_by_the_entropy}; the gradients with
+# respect to the model do not {✓ test_cross_entropy_and_kl_have_the_same_gradient}:
 
 # %%
 model_logits = torch.zeros(3, requires_grad=True)  # Q = softmax(model_logits)
@@ -72,12 +83,17 @@ kl_loss = F.kl_div(F.log_softmax(model_logits, dim=-1), p, reduction="sum")
 # ## The reduction trap on a batch
 #
 # With rows of distributions, `F.cross_entropy`'s default `reduction="mean"` divides
-# the summed cross-entropy by the number of rows $N$. `F.kl_div`'s
-# `"batchmean"` divides by $N$ too, so the two differ by the mean entropy of the
-# targets. `F.kl_div`'s `"mean"` divides by every element, $N \cdot C$ with $C$
-# classes (and warns that it is not the KL; silenced here, see
-# [reductions](reductions.py)). Its gradient is $C$ times smaller than the
-# cross-entropy's.
+# the summed cross-entropy by the number of rows $N$. {✓
+# test_cross_entropy_default_mean_divides_the_summed_rows_by_their_number}
+# `F.kl_div`'s `"batchmean"` divides by $N$ too, so the two differ by the mean
+# entropy of the targets.
+# {✓ test_cross_entropy_mean_is_batchmean_kl_plus_mean_entropy} `F.kl_div`'s
+# `"mean"` divides by every element, $N \cdot C$ with $C$ classes
+# {✓ test_reductions::test_mean_divides_by_every_element} (and warns that it is
+# not the KL; silenced here, see [reductions](reductions.py))
+# {✓ test_reductions::test_mean_is_still_the_default_and_warns}. Its gradient is
+# $C$ times smaller than the cross-entropy's.
+# {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes}
 
 
 # %%
@@ -116,13 +132,16 @@ for n_classes in [5, 32_000]:
 
 # %% [markdown]
 # In both batches the cross-entropy equals the `"batchmean"` KL plus the mean
-# entropy, and the gradient ratio is the number of classes.
+# entropy {✓ test_cross_entropy_mean_is_batchmean_kl_plus_mean_entropy}, and the
+# gradient ratio is the number of classes.
+# {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes}
 #
 # ## What the smaller gradient does to training
 #
 # How much a run slows down depends on the optimizer. One step of a linear layer
 # from 64 features to 32,000 classes, on 8 rows, trained once by `F.cross_entropy`
-# and once by `nn.KLDivLoss(reduction="mean")`, which is also the module's default:
+# and once by `nn.KLDivLoss(reduction="mean")`, which is also the module's default
+# {✓ test_kldivloss_mean_is_the_modules_default_and_divides_by_classes_too}:
 
 # %%
 N_FEATURES, N_CLASSES, N_ROWS = 64, 32_000, 8
@@ -185,19 +204,28 @@ steps = {name: compare_steps(make) for name, make in optimizers.items()}
 #         print(f"  {name:<38}{shown:>8}")
 
 # %% [markdown]
-# The *gradients* are $C$ times smaller (the batches above). With SGD the step is
-# the learning rate times the gradient, so the step is $C$ times smaller too, and
-# in float32 even smaller than that: most of the KL's updates are below half the
-# spacing between floats near the weights and round away, leaving most weights
-# exactly as they were (printed under SGD). The run looks stalled, not broken.
+# The *gradients* are $C$ times smaller (the batches above).
+# {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes} With SGD the
+# step is the learning rate times the gradient, so the step is $C$ times smaller
+# too {✓ test_sgd_step_is_learning_rate_times_gradient_so_c_times_smaller}, and in
+# float32 even smaller than that
+# {✓ test_sgd_step_of_kl_mean_is_at_least_c_times_smaller_as_printed}: most of the
+# KL's updates are below half the spacing between floats near the weights and round
+# away {✓ test_kl_sgd_updates_below_half_the_float_spacing_round_away}, leaving
+# most weights exactly as they were (printed under SGD).
+# {✓ test_float32_sgd_step_of_kl_mean_leaves_most_weights_unchanged} The run looks
+# stalled, not broken.
 #
 # Adam divides each step by a running estimate of the gradient's size, which
-# cancels a constant scale, but it adds `eps` to that size first. Most of the KL's
+# cancels a constant scale, but it adds `eps` to that size first.
+# {✓ test_adam_first_step_is_gradient_over_its_size_plus_eps} Most of the KL's
 # gradients here lie below `eps` (printed under Adam), so its step is several times
-# smaller than the cross-entropy's, not $C$ times. And Adam cancels the scale of
-# the whole loss, not of one term: a KL that is added to other terms (an auxiliary
-# loss, a regulariser) weighs $C$ times less against them than the cross-entropy
-# did, whatever the optimizer.
+# smaller than the cross-entropy's, not $C$ times.
+# {✓ test_adam_step_ratio_is_several_not_c_because_kl_gradients_are_below_eps} And
+# Adam cancels the scale of the whole loss, not of one term: a KL that is added to
+# other terms (an auxiliary loss, a regulariser) weighs $C$ times less against them
+# than the cross-entropy did, whatever the optimizer.
+# {✓ test_kl_mean_weighs_c_times_less_against_another_loss_term}
 #
 # ## Tokens: batch, tokens, vocabulary
 #
@@ -206,14 +234,19 @@ steps = {name: compare_steps(make) for name, make in optimizers.items()}
 # two calls disagree in where they look for the classes and what they divide by:
 #
 # - `F.cross_entropy` reads the classes from dim 1 (its documented input shape is
-#   (N, C, d1, ...)), here the *tokens*: with 3-D input it takes a softmax over the
-#   tokens of each vocabulary entry, with no error or warning;
+#   (N, C, d1, ...)), here the *tokens*
+#   {✓ test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens}: with 3-D
+#   input it takes a softmax over the tokens of each vocabulary entry, with no error
+#   or warning;
+#   {✓ test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens}
 # - `F.kl_div` with `"batchmean"` sums over everything and divides by the size of
 #   dim 0, the batch: the mean over tokens times the number of tokens, padding
-#   included.
+#   included. {✓ test_batchmean_on_3d_divides_by_the_batch_and_counts_the_padding}
 #
 # The per-token mean over real tokens, computed both ways, agrees, in value (up to
-# the entropy) and in gradient:
+# the entropy) {✓ test_page_masked_cross_entropy_is_masked_kl_plus_entropy}
+# {✓ test_masked_per_token_kl_plus_entropy_is_the_masked_cross_entropy} and in
+# gradient {✓ test_masked_per_token_kl_and_cross_entropy_have_the_same_gradient}:
 
 # %%
 generator = torch.Generator().manual_seed(SEED)
@@ -256,25 +289,38 @@ kl_batchmean_3d = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 # %% [markdown]
 # The 3-D cross-entropy has the shape (batch, vocabulary) and a value unrelated to
-# the loss. The masked per-token cross-entropy equals the masked per-token KL plus
-# the entropy, with the same gradient. The `"batchmean"` KL is far larger: it adds
-# up the padding tokens and divides by the batch. Flattening to one row per token,
-# or moving the vocabulary to dim 1 with
+# the loss. {✓ test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens} The
+# masked per-token cross-entropy equals the masked per-token KL plus the entropy
+# {✓ test_page_masked_cross_entropy_is_masked_kl_plus_entropy}, with the same
+# gradient {✓ test_masked_per_token_kl_and_cross_entropy_have_the_same_gradient}.
+# The `"batchmean"` KL is far larger: it adds up the padding tokens and divides by
+# the batch. {✓ test_batchmean_on_3d_divides_by_the_batch_and_counts_the_padding}
+# Flattening to one row per token, or moving the vocabulary to dim 1 with
 # `F.cross_entropy(logits_q.transpose(1, -1), p.transpose(1, -1), reduction="none")`,
-# fixes the cross-entropy's classes, but a flattened `"mean"` or `"batchmean"`
-# still counts the padding: select the real tokens with the mask first.
+# fixes the cross-entropy's classes
+# {✓ test_transposed_cross_entropy_moves_the_vocabulary_to_dim_1}, but a flattened
+# `"mean"` or `"batchmean"` still counts the padding: select the real tokens with
+# the mask first.
 #
 # ## What to remember
 #
-# - Cross-entropy and KL differ by $H(P)$, a constant in the model: same gradients,
-#   different loss values.
+# - Cross-entropy and KL differ by $H(P)$, a constant in the model
+#   {✓ test_cross_entropy_and_kl_losses_differ_by_the_entropy}: same gradients
+#   {✓ test_cross_entropy_and_kl_have_the_same_gradient}, different loss values.
 # - For 2-D input (rows, classes) only: replace
 #   `F.cross_entropy(logits_q, p, reduction="mean")` by
-#   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`, not by
-#   `reduction="mean"`, whose gradient is $C$ times smaller (with SGD, so is every
-#   step; with Adam the KL still weighs $C$ times less against other loss terms).
+#   `F.kl_div(logits_q.log_softmax(dim=-1), p, reduction="batchmean")`
+#   {✓ test_replacing_cross_entropy_by_batchmean_kl_keeps_the_gradient}, not by
+#   `reduction="mean"`, whose gradient is $C$ times smaller
+#   {✓ test_kl_div_mean_gradient_is_smaller_by_the_number_of_classes} (with SGD, so
+#   is every step {✓ test_sgd_step_is_learning_rate_times_gradient_so_c_times_smaller};
+#   with Adam the KL still weighs $C$ times less against other loss terms
+#   {✓ test_kl_mean_weighs_c_times_less_against_another_loss_term}).
 # - For (batch, tokens, vocabulary) logits and a padding `mask` (True on real
 #   tokens), take the mean over real tokens: with
 #   `kl_tokens = F.kl_div(log_q, log_p, reduction="none", log_target=True)`, the
-#   loss is `kl_tokens.sum(dim=-1)[mask].mean()`. Do not pass 3-D logits to
-#   `F.cross_entropy`: it reads the classes from dim 1.
+#   loss is `kl_tokens.sum(dim=-1)[mask].mean()`.
+#   {✓ test_masked_per_token_kl_matches_the_formula_for_any_shape_and_mask}
+#   {✓ test_masked_per_token_kl_plus_entropy_is_the_masked_cross_entropy} Do not
+#   pass 3-D logits to `F.cross_entropy`: it reads the classes from dim 1.
+#   {✓ test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens}

@@ -1,5 +1,6 @@
 """Claims of the page "Cross-entropy and KL", checked on its own snippet."""
 
+import inspect
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from torch.testing import assert_close
 from snippets import cross_entropy_kl as page
 
 FLOAT32 = {"rtol": 1e-6, "atol": 1e-7}
+SEED_ROWS = 2
 
 
 def test_cross_entropy_is_entropy_plus_kl():
@@ -22,6 +24,18 @@ def test_cross_entropy_is_entropy_plus_kl():
 
 def test_cross_entropy_and_kl_have_the_same_gradient():
     assert_close(page.grad_cross_entropy, page.grad_kl, **FLOAT32)
+
+
+def test_cross_entropy_default_mean_divides_the_summed_rows_by_their_number():
+    assert inspect.signature(F.cross_entropy).parameters["reduction"].default == "mean"
+    generator = torch.Generator().manual_seed(SEED_ROWS)
+    logits_p, logits_q = 2 * torch.randn(2, 4, 5, generator=generator)
+    p = logits_p.softmax(dim=-1)
+    total = F.cross_entropy(logits_q, p, reduction="sum")
+    assert_close(F.cross_entropy(logits_q, p), total / 4, **FLOAT32)
+    # reference: H(P, Q) of each row, in float64
+    per_row = -(p.double() * logits_q.double().log_softmax(dim=-1)).sum(dim=-1)
+    assert_close(total.double(), per_row.sum(), rtol=1e-6, atol=1e-6)
 
 
 def test_cross_entropy_and_kl_losses_differ_by_the_entropy():
@@ -139,6 +153,17 @@ def test_float32_sgd_step_of_kl_mean_leaves_most_weights_unchanged():
     assert page.share(step_ce == 0) < 0.01  # the cross-entropy moves nearly all
 
 
+def test_kl_sgd_updates_below_half_the_float_spacing_round_away():
+    grad_kl, step_kl = page.one_step('kl_div "mean"', page.optimizers["SGD"])
+    torch.manual_seed(page.SEED)  # the initial layer of one_step
+    weight = nn.Linear(page.N_FEATURES, page.N_CLASSES).weight.detach().abs()
+    update = 0.1 * grad_kl.abs()  # SGD with lr=0.1
+    spacing_above = torch.nextafter(weight, torch.tensor(torch.inf)) - weight
+    below = update < spacing_above / 4  # below half of the spacing on either side
+    assert page.share(below) > 0.5  # most of the updates
+    assert (step_kl[below] == 0).all()  # and they all round away
+
+
 def test_adam_step_ratio_is_several_not_c_because_kl_gradients_are_below_eps():
     results = page.steps["Adam"]
     assert 2 < results["cross-entropy step / KL step"] < page.N_CLASSES / 100
@@ -230,6 +255,11 @@ def masked_cross_entropy_flattened(logits_p, logits_q, mask):
 
 
 def test_cross_entropy_on_3d_logits_takes_a_softmax_over_the_tokens():
+    documented = " ".join(F.cross_entropy.__doc__.split())
+    assert "Input: Shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1" in documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no error and no warning
+        F.cross_entropy(page.logits_q, page.p, reduction="none")
     shape = (page.n_batch, page.n_vocab)
     assert page.cross_entropy_3d.shape == shape
     # reference: classes on dim 1, in float64
