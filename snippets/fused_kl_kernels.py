@@ -3,11 +3,17 @@
 #
 # What does a large-vocabulary KL cost in bfloat16, and what do fused GPU kernels
 # do that [the chunked KL](large_vocab.py) does not? Plain `F.kl_div` on bfloat16
-# logits computes in bfloat16 and loses accuracy, in the value and in the
-# gradient, that upcasting to float32 keeps. Liger-Kernel's kernels tile the
-# vocabulary inside each row, and its JSD and fused-linear-JSD kernels compute the
-# gradient in the forward pass (its KL-divergence kernel has a separate backward),
-# where the chunked KL splits rows and recomputes in the backward pass.
+# logits computes in bfloat16
+# {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16} and loses accuracy,
+# in the value and in the gradient, that upcasting to float32 keeps
+# {✓ test_bfloat16_terms_summed_in_float64_lose_accuracy_that_float32_keeps}
+# {✓ test_bfloat16_gradient_is_off_where_the_float32_upcast_differs_in_few_elements}.
+# Liger-Kernel's kernels tile the vocabulary inside each row, and its JSD and
+# fused-linear-JSD kernels compute the gradient in the forward pass (its
+# KL-divergence kernel has a separate backward), where the chunked KL splits rows
+# {✓ test_row_chunk_arithmetic_is_the_chunked_kls_default} and recomputes in the
+# backward pass {✓ test_large_vocab::
+# test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row}.
 #
 # On this page you will measure the bfloat16 error against a float64 reference,
 # count the chunks a long sequence takes, and read how Liger-Kernel's kernels
@@ -18,15 +24,23 @@
 #
 # Logits often arrive in bfloat16. `F.kl_div` on them computes in bfloat16 too:
 # the log-softmax, each term $p(\log p - \log q)$ and the sum are rounded to
-# bfloat16. Upcasting the logits to float32 first (what the chunked KL does
-# inside) computes in float32. Both are compared below with the KL of the same
-# bfloat16 logits computed in float64, on a few rows of a Llama 3 sized
-# vocabulary. The bfloat16 result is itself a bfloat16 number, so it can be no
-# closer than the float64 value rounded to bfloat16; on this seed it is exactly
-# that, which hides the loss. To see what the arithmetic loses before that last
-# rounding, its unreduced terms (`reduction="none"`) are summed in float64. The
+# bfloat16 {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16}.
+# Upcasting the logits to float32 first (what the chunked KL does inside)
+# {✓ test_chunked_kl_agrees_with_the_float32_upcast_on_bfloat16_logits} computes
+# in float32 {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16}. Both
+# are compared below with the KL of the same bfloat16 logits computed in float64
+# {✓ test_page_values_are_those_the_prose_describes}, on a few rows of a Llama 3
+# sized vocabulary {✓ test_page_vocabularies_are_those_of_the_chunked_kl_page}.
+# The bfloat16 result is itself a bfloat16 number, so it can be no closer than the
+# float64 value rounded to bfloat16; on this seed it is exactly that, which hides
+# the loss
+# {✓ test_bfloat16_result_is_at_best_the_exact_value_rounded_and_is_it_on_this_seed}.
+# To see what the arithmetic loses before that last rounding, its unreduced terms
+# (`reduction="none"`) are summed in float64
+# {✓ test_bfloat16_terms_summed_in_float64_lose_accuracy_that_float32_keeps}. The
 # gradient is compared with the float64 gradient rounded to bfloat16, the best any
-# computation can return to bfloat16 logits (norm-wise relative errors).
+# computation can return to bfloat16 logits (norm-wise relative errors)
+# {✓ test_page_values_are_those_the_prose_describes}.
 
 # %%
 import torch
@@ -104,18 +118,25 @@ gradient_errors = {
 
 # %% [markdown]
 # The bfloat16 result's own error (first lines) is only its final rounding on
-# this seed; the terms it summed (the "terms summed in float64" line) and its
-# gradient are off by far more than the float32 upcast's, whose gradient differs
-# from the best bfloat16 answer only where an element rounds the other way.
+# this seed
+# {✓ test_bfloat16_result_is_at_best_the_exact_value_rounded_and_is_it_on_this_seed};
+# the terms it summed (the "terms summed in float64" line) and its gradient are off
+# by far more than the float32 upcast's
+# {✓ test_page_values_are_those_the_prose_describes}, whose gradient differs from
+# the best bfloat16 answer in few elements: where one rounds the other way, or
+# where the student's and the teacher's probabilities nearly cancel in it,
+# $(q - p)$ over the number of rows
+# {✓ test_bfloat16_gradient_is_off_where_the_float32_upcast_differs_in_few_elements}.
 
 # %% [markdown]
 # ## Row chunks
 #
-# The chunked KL takes as many rows per chunk as make about `CHUNK_VALUES` values.
-# A large vocabulary leaves few rows per chunk, so a long batch takes many Python
-# iterations per pass (printed below). On a GPU each iteration launches several
-# kernels, so pass a larger `chunk_size` there: the (chunk, vocabulary)
-# temporaries grow with it.
+# The chunked KL takes as many rows per chunk as make about `CHUNK_VALUES` values
+# {✓ test_row_chunk_arithmetic_is_the_chunked_kls_default}. A large vocabulary
+# leaves few rows per chunk, so a long batch takes many Python iterations per pass
+# (printed below) {✓ test_row_chunk_arithmetic_is_the_chunked_kls_default}. On
+# a GPU each iteration launches several kernels, so pass a larger `chunk_size`
+# there: the (chunk, vocabulary) temporaries grow with it.
 
 # %%
 CHUNK_VALUES = 1 << 20  # the chunked KL's default: about a million values
@@ -167,13 +188,23 @@ n_chunks = -(-n_tokens // rows_per_chunk)
 #
 # ## What to remember
 #
-# - `F.kl_div` on bfloat16 log-probabilities computes in bfloat16, and its terms
-#   and gradient lose accuracy that its rounded result can hide: upcast the
-#   logits to float32 first (`student.float().log_softmax(dim=-1)`), or use the
-#   [chunked KL](large_vocab.py), which does.
-# - Chunking rows, as on the previous page, works on any device; Liger-Kernel's
-#   kernels tile the vocabulary inside a row, and its JSD and fused-linear-JSD
-#   kernels write the gradient in the forward pass (`LigerKLDIVLoss` has a
-#   separate backward kernel).
+# - `F.kl_div` on bfloat16 log-probabilities computes in bfloat16
+#   {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16}, and its terms
+#   and gradient lose accuracy
+#   {✓ test_bfloat16_terms_summed_in_float64_lose_accuracy_that_float32_keeps}
+#   {✓ test_bfloat16_gradient_is_off_where_the_float32_upcast_differs_in_few_elements}
+#   that its rounded result can hide {✓
+#   test_bfloat16_result_is_at_best_the_exact_value_rounded_and_is_it_on_this_seed}:
+#   upcast the logits to float32 first (`student.float().log_softmax(dim=-1)`)
+#   {✓ test_upcast_call_of_what_to_remember_runs_as_written}, or use the
+#   [chunked KL](large_vocab.py), which does
+#   {✓ test_chunked_kl_agrees_with_the_float32_upcast_on_bfloat16_logits}.
+# - Chunking rows, as on the previous page, works on any device
+#   {✓ test_large_vocab::test_chunked_kl_keeps_its_work_on_the_logits_device}
+#   {✓ test_large_vocab::
+#   test_chunked_kl_on_cuda_gives_the_cpu_value_and_gradients_with_bf16_logits};
+#   Liger-Kernel's kernels tile the vocabulary inside a row, and its JSD and
+#   fused-linear-JSD kernels write the gradient in the forward pass
+#   (`LigerKLDIVLoss` has a separate backward kernel).
 # - Liger's fused linear JSD never builds the logits but still allocates a
 #   (tokens, vocabulary) float32 loss buffer.
