@@ -6,21 +6,28 @@
 # two densities, passes density values to `F.kl_div` as if they were
 # probabilities, keeps its default `"mean"` reduction, and stops a short Adam run
 # on $\sigma$ itself. Does that matter, if the minimiser is the same? Yes: the
-# minimiser does not move, but the number the run prints is
-# $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, a small fraction of the KL, and
-# when the run stops $\sigma$ is still climbing, far short of the optimum. On this
+# minimiser does not move {✓ test_common_setup_loss_has_the_same_minimiser_as_the_kl},
+# but the number the run prints is $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$
+# {✓ test_common_setup_prints_a_scaled_and_shifted_kl}, a small fraction of the KL
+# {✓ test_common_setup_stops_well_before_sigma_converges}, and when the run stops
+# $\sigma$ is still climbing, far short of the optimum
+# {✓ test_common_setup_stops_well_before_sigma_converges}. On this
 # page you will rerun that set-up, see what each of its four choices does, and
 # compare what it prints with the KL of the $Q$ it reached.
 
 # %% [markdown]
 # ## The set-up, done right
 #
-# As on the forward-vs-reverse page: $P = \tfrac12\,\mathcal{N}(-5, 1) +
-# \tfrac12\,\mathcal{N}(10, 1)$, a mixture of total mass 1, on a grid of spacing
-# $\Delta x$ whose cells hold probability $p(x)\,\Delta x$. The forward KL
-# $D_{\mathrm{KL}}(P\,\|\,Q)$ of one $Q$ is a `"sum"` over the grid, and over
-# Gaussians it is smallest at moment matching: $\sigma^*$ is $P$'s standard
-# deviation.
+# As on the forward-vs-reverse page {✓ test_set_up_is_the_forward_reverse_pages}:
+# $P = \tfrac12\,\mathcal{N}(-5, 1) + \tfrac12\,\mathcal{N}(10, 1)$, a mixture of
+# total mass 1, on a grid of spacing $\Delta x$ whose cells hold probability
+# $p(x)\,\Delta x$ {✓ test_forward_reverse::test_target_integrates_to_one_on_the_grid}.
+# The forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$ of one $Q$ is a `"sum"` over the grid
+# {✓ test_forward_kl_is_the_forward_reverse_pages_and_matches_quadrature}, and
+# over Gaussians it is smallest at moment matching {✓ test_forward_reverse::
+# test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}:
+# $\sigma^*$ is $P$'s standard deviation
+# {✓ test_set_up_is_the_forward_reverse_pages}.
 
 # %%
 import math
@@ -55,17 +62,22 @@ def forward_kl(mu, sigma):
 # ## Four choices, each of which changes what the run shows
 #
 # - $P$ is the **sum** of the two densities, a function of total mass 2, not a
-#   distribution;
+#   distribution {✓ test_common_setup_target_has_mass_two};
 # - **densities are used as probabilities**: on a grid, values of $p(x)$ with no
-#   $\Delta x$, which sum to $2/\Delta x$ here;
+#   $\Delta x$, which sum to $2/\Delta x$ here
+#   {✓ test_common_setup_target_has_mass_two};
 # - `F.kl_div` runs with its **default `"mean"`** reduction, which divides by the
-#   number $N$ of grid points; with the two choices above, the printed loss is
-#   $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, not the KL;
+#   number $N$ of grid points
+#   {✓ test_default_mean_reduction_divides_the_sum_by_the_number_of_grid_points};
+#   with the two choices above, the printed loss is
+#   $2\,(D_{\mathrm{KL}} + \log 2) / (N \Delta x)$, not the KL
+#   {✓ test_common_setup_prints_a_scaled_and_shifted_kl};
 # - a fixed, short run of Adam at a small learning rate (`COMMON_STEPS` and
 #   `COMMON_LR`, printed below), optimising $\sigma$ itself, stops long before
-#   $\sigma$ has converged.
+#   $\sigma$ has converged {✓ test_common_setup_stops_well_before_sigma_converges}.
 #
-# The minimiser itself is unchanged (scaling $P$ does not move it), so the set-up
+# The minimiser itself is unchanged (scaling $P$ does not move it)
+# {✓ test_common_setup_loss_has_the_same_minimiser_as_the_kl}, so the set-up
 # looks right while printing wrong numbers and stopping short. Rerun here with
 # those four choices, on the same grid, in float32, from $(\mu, \sigma) = (0, 1)$:
 
@@ -122,22 +134,34 @@ def common_setup_fit(steps=COMMON_STEPS, lr=COMMON_LR):
 # print(f"sigma* = {sigma_star:.4f}")
 
 # %% [markdown]
-# At the end $\sigma$ is still climbing by a similar amount at every print, well
-# short of $\sigma^*$, and the printed loss is a fraction of the true divergence of
-# the $Q$ it reached. The forward-vs-reverse page fixes all four: a mixture of mass
-# 1, grid probabilities with $\Delta x$, `reduction="sum"`, and Adam on
-# $\log \sigma$ run to convergence, checked.
+# At the end $\sigma$ is still climbing, by more than half as much between the
+# last two prints as between the first two, well short of $\sigma^*$, and the
+# printed loss is a fraction of the true divergence of the $Q$ it reached
+# {✓ test_common_setup_stops_well_before_sigma_converges}. The forward-vs-reverse
+# page fixes all four: a mixture of mass 1, grid probabilities with $\Delta x$
+# {✓ test_forward_reverse::test_target_integrates_to_one_on_the_grid},
+# `reduction="sum"` {✓ test_forward_reverse::
+# test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}, and Adam
+# on $\log \sigma$ run to convergence, checked
+# {✓ test_forward_reverse::test_every_fit_is_at_the_long_runs_end_by_step_steps}.
 
 # %% [markdown]
 # ## What to remember
 #
 # - The KL of one distribution on a grid is
-#   `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`; the default
-#   `"mean"` divides it by the number of grid points.
+#   `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`
+#   {✓ test_forward_reverse::
+#   test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}; the
+#   default `"mean"` divides it by the number of grid points
+#   {✓ test_default_mean_reduction_divides_the_sum_by_the_number_of_grid_points}.
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
-#   spacing, and a mixture's weights make its mass 1. Densities summed to mass 2
-#   shift and scale the printed loss.
-# - A wrong set-up can find the right minimiser: scaling $P$ does not move it. Check
+#   spacing, and a mixture's weights make its mass 1
+#   {✓ test_forward_reverse::test_target_integrates_to_one_on_the_grid}. Densities
+#   summed to mass 2 shift and scale the printed loss
+#   {✓ test_common_setup_prints_a_scaled_and_shifted_kl}.
+# - A wrong set-up can find the right minimiser: scaling $P$ does not move it
+#   {✓ test_common_setup_loss_has_the_same_minimiser_as_the_kl}. Check
 #   the printed number against the KL of the $Q$ the run reached.
-# - A short run at a small learning rate can stop far from the optimum: optimise
+# - A short run at a small learning rate can stop far from the optimum
+#   {✓ test_common_setup_stops_well_before_sigma_converges}: optimise
 #   $\log \sigma$, run to convergence, and check that the parameters stopped moving.

@@ -4,6 +4,7 @@ code, against the forward-vs-reverse page's set-up and by quadrature in float64.
 import functools
 import math
 
+import pytest
 import torch
 from torch.distributions import Normal
 from torch.testing import assert_close
@@ -58,6 +59,7 @@ def test_common_setup_stops_well_before_sigma_converges():
     assert len(sigmas) == page.COMMON_STEPS // page.PRINT_EVERY
     assert sigmas[-1] < 0.75 * SIGMA_STAR
     steps_per_print = sigmas.diff()
+    assert (steps_per_print > 0).all()  # climbing at every print
     assert steps_per_print[-1] > 0.5 * steps_per_print[0]  # still climbing
     true_kl = page.forward_kl(mu, sigma).item()
     assert printed_loss < 0.1 * true_kl  # the printed number is not the KL
@@ -68,6 +70,17 @@ def test_common_setup_target_has_mass_two():
     p_sum = page.sum_of_densities(page.x.float())  # as the fit uses it
     assert_close((p_sum * page.dx).sum().item(), 2.0, rtol=1e-6, atol=0)
     assert_close(p_sum.sum().item(), 2.0 / page.dx, rtol=1e-6, atol=0)
+
+
+def test_default_mean_reduction_divides_the_sum_by_the_number_of_grid_points():
+    mu, sigma = torch.tensor(1.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+    log_q = Normal(mu, sigma).log_prob(page.x) + math.log(page.dx)
+    with pytest.warns(UserWarning, match="mean"):  # the default warns, and is "mean"
+        mean = torch.nn.functional.kl_div(log_q, page.log_p, log_target=True)
+    # independently: the definition, summed, over the number of grid points
+    definition = (page.log_p.exp() * (page.log_p - log_q)).sum()
+    assert_close(mean, definition / len(page.x), rtol=1e-12, atol=0)
+    assert_close(mean * len(page.x), page.forward_kl(mu, sigma), rtol=1e-12, atol=0)
 
 
 def test_common_setup_prints_a_scaled_and_shifted_kl():
