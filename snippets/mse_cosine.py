@@ -5,9 +5,15 @@
 # one minus the cosine similarity, between the densities instead of a KL? Both
 # compare $q$ and $p$ as curves, not through the ratio $q/p$, and both have more
 # than one optimum: squared error from central starts lands on a Gaussian centred
-# between the peaks, wider than the forward-KL fit, yet its best fit sits on one
-# peak at about twice the peak's width; cosine similarity either settles on a peak,
-# with the peak's own width, or on a Gaussian wider still than squared error's.
+# between the peaks, wider than the forward-KL fit
+# {✓ test_mse_lands_between_the_peaks_wider_than_the_forward_fit}, yet its best
+# fit sits on one peak {✓
+# test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma} at
+# about twice the peak's width {✓ test_mse_width_on_a_peak_is_the_closed_form};
+# cosine similarity either settles on a peak, with the peak's own width {✓
+# test_cosine_on_a_peak_keeps_its_width_and_has_similarity_one_over_root_2}, or on
+# a Gaussian wider still than squared error's
+# {✓ test_cosine_settles_on_the_left_peak_from_minus_2_and_wide_otherwise}.
 #
 # On this page you will fit both losses on the set-up of
 # [Forward vs reverse KL](forward_reverse.py), see where each fit ends and why, and
@@ -18,21 +24,33 @@
 #
 # The target is $P = \tfrac12\,\mathcal{N}(-5, 1) + \tfrac12\,\mathcal{N}(10, 1)$ on
 # a grid of spacing $\Delta x$, and $Q = \mathcal{N}(\mu, e^{2s})$ is fitted with
-# Adam on $(\mu, s)$, as on the forward-vs-reverse page. The losses:
+# Adam on $(\mu, s)$, as on the forward-vs-reverse page
+# {✓ test_set_up_is_the_forward_reverse_pages}; a start without $\sigma > 0$ is
+# refused {✓ test_a_start_with_sigma_not_positive_is_refused}. The losses:
 #
 # - squared error, the mean over the grid of $(q(x) - p(x))^2$: a discretised
-#   $\int (q - p)^2$, the squared $L^2$ distance between the densities (its square
-#   root is a metric; the square itself breaks the triangle inequality);
+#   $\int (q - p)^2$, the squared $L^2$ distance between the densities, divided by
+#   the grid's length
+#   {✓ test_mse_on_the_grid_is_the_squared_l2_distance_over_the_grid_length} (its
+#   square root is a metric {✓ test_the_root_of_squared_l2_is_a_metric_on_gaussians};
+#   the square itself breaks the triangle inequality
+#   {✓ test_squared_l2_breaks_the_triangle_inequality_and_its_root_keeps_it});
 # - one minus the cosine similarity of the two densities seen as vectors: at least
-#   0, and 0 only when $Q = P$, for densities of mass 1.
+#   0, and 0 only when $Q = P$, for densities of mass 1
+#   {✓ test_cosine_distance_is_zero_only_when_q_is_p}.
 #
 # Neither is an $f$-divergence (an average under $P$ of a function of $q/p$, as
-# the KL is): they depend on the densities' values, not only on their ratio. An
+# the KL is): they depend on the densities' values, not only on their ratio
+# {✓ test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl}. An
 # increasing change of variable $y = g(x)$ divides both densities by $g'(x)$:
-# their ratio, so every KL, is unchanged. Stretching the axis, $y = a x$,
-# multiplies the squared $L^2$ distance by $1/a$ and leaves the cosine unchanged
-# (the inner product and both squared norms are multiplied by $1/a$); a nonlinear
-# $g$ changes the cosine too (printed below the set-up, for $P$ and `Q_EXAMPLE`).
+# their ratio, so every KL, is unchanged
+# {✓ test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl}. Stretching
+# the axis, $y = a x$, multiplies the squared $L^2$ distance by $1/a$ and leaves
+# the cosine unchanged (the inner product and both squared norms are multiplied by
+# $1/a$) {✓ test_stretching_x_scales_squared_l2_by_one_over_a_and_keeps_cosine_and_kl}
+# {✓ test_stretching_on_the_page_scales_squared_l2_and_keeps_cosine_and_kl}; a
+# nonlinear $g$ changes the cosine too (printed below the set-up, for $P$ and
+# `Q_EXAMPLE`) {✓ test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl}.
 
 # %%
 import math
@@ -137,7 +155,8 @@ def largest_recent_move(trajectory, last_steps=100):
 # ## Where the fits end
 #
 # Both losses from the three starts in `STARTS`; the table gives every fit's end
-# point and how far it still moved in its last 100 steps.
+# point and how far it still moved in its last 100 steps, under $10^{-3}$ for
+# every fit {✓ test_every_fit_from_the_starts_converged}.
 
 # %% active="ipynb"
 # fits = fit_gaussians(LOSSES, STARTS)
@@ -162,14 +181,17 @@ def largest_recent_move(trajectory, last_steps=100):
 # %% [markdown]
 # From these starts squared error lands on one Gaussian centred between the peaks,
 # wider than the forward-KL fit (σ* is printed on the
-# [forward-vs-reverse page](forward_reverse.py)). Cosine similarity from $(-2, 2)$
-# settles on the left peak, from the other two starts on a wide Gaussian centred
-# between the peaks, wider still than squared error's.
+# [forward-vs-reverse page](forward_reverse.py))
+# {✓ test_mse_lands_between_the_peaks_wider_than_the_forward_fit}. Cosine
+# similarity from $(-2, 2)$ settles on the left peak, from the other two starts on
+# a wide Gaussian centred between the peaks, wider still than squared error's
+# {✓ test_cosine_settles_on_the_left_peak_from_minus_2_and_wide_otherwise}.
 #
 # On a peak, cosine similarity keeps the peak's own width: maximising
 # $\int q p \,/\, \lVert q \rVert$ over $\sigma$, with the other peak too far away
 # to matter, gives $\sigma = 1$, and the similarity is $1/\sqrt2$ since $q$ meets
-# only half of $P$'s mass (printed below).
+# only half of $P$'s mass (printed below) {✓
+# test_cosine_on_a_peak_keeps_its_width_and_has_similarity_one_over_root_2}.
 
 # %% active="ipynb"
 # mu, sigma, distance = fits["cosine"][-1, 0]
@@ -180,12 +202,15 @@ def largest_recent_move(trajectory, last_steps=100):
 # ## Squared error's best fit is on a peak
 #
 # Started on a peak, squared error stays there, at a lower loss than the centred
-# fit. Its width has a closed form: with the other peak far away, minimising
+# fit {✓ test_mse_started_on_a_peak_stays_there_at_a_lower_loss_than_centred}. Its
+# width has a closed form: with the other peak far away, minimising
 # $\int (q - p)^2 = \int q^2 - 2\int q p + \text{const}$ over $\sigma$ gives
 # $\sigma^2 = 2^{-1/3} / (1 - 2^{-1/3})$, about twice the peak's width (printed
-# below with the fitted one). At learning rate `LR` these fits keep moving; at
-# `PEAK_LR` they settle. The last 100 steps' largest move is printed for both;
-# this page measured it and does not explain it.
+# below with the fitted one) {✓ test_mse_width_on_a_peak_is_the_closed_form}. At
+# learning rate `LR` these fits keep moving; at `PEAK_LR` they settle
+# {✓ test_mse_on_a_peak_keeps_moving_at_lr_and_settles_at_peak_lr}. The last 100
+# steps' largest move is printed for both; this page measured it and does not
+# explain it.
 
 # %%
 PEAK_STARTS = [(-5.0, 2.0), (10.0, 2.0)]
@@ -209,7 +234,8 @@ PEAK_SIGMA = math.sqrt(2 ** (-1 / 3) / (1 - 2 ** (-1 / 3)))
 # ## The fits side by side
 #
 # The last line checks the grid: it holds all but a sliver of the mass of the
-# widest $Q$ any fit passed through.
+# widest $Q$ any fit passed through
+# {✓ test_grid_holds_the_mass_of_the_widest_q_on_the_way}.
 
 # %% active="ipynb" alt="P and the fitted Q of each loss, from each start"
 # import matplotlib.pyplot as plt
@@ -232,9 +258,19 @@ PEAK_SIGMA = math.sqrt(2 ** (-1 / 3) / (1 - 2 ** (-1 / 3)))
 # ## What to remember
 #
 # - Squared error and cosine similarity compare densities as curves: they are not
-#   $f$-divergences. Squared error's optima are neither moment matching nor the
-#   reverse KL's; cosine's optimum on a peak is the reverse KL's, the peak itself.
-# - Both have several optima: where a fit ends depends on where it starts, and the
-#   centred optimum of squared error is not its best.
+#   $f$-divergences
+#   {✓ test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl}. Squared
+#   error's optima are neither moment matching nor the reverse KL's
+#   {✓ test_squared_errors_optima_are_neither_moment_matching_nor_reverse_kls};
+#   cosine's optimum on a peak is the reverse KL's, the peak itself
+#   {✓ test_cosines_optimum_on_a_peak_is_the_reverse_kls_the_peak_itself}.
+# - Both have several optima
+#   {✓ test_cosine_settles_on_the_left_peak_from_minus_2_and_wide_otherwise}
+#   {✓ test_mse_started_on_a_peak_stays_there_at_a_lower_loss_than_centred}: where
+#   a fit ends depends on where it starts, and the centred optimum of squared error
+#   is not its best {✓
+#   test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma}.
 # - Check closed forms where they exist: on a peak squared error's width is
-#   $\sqrt{2^{-1/3}/(1 - 2^{-1/3})}$ and cosine's is the peak's own.
+#   $\sqrt{2^{-1/3}/(1 - 2^{-1/3})}$ {✓ test_mse_width_on_a_peak_is_the_closed_form}
+#   and cosine's is the peak's own {✓
+#   test_cosine_on_a_peak_keeps_its_width_and_has_similarity_one_over_root_2}.

@@ -58,6 +58,16 @@ def test_mse_on_the_grid_is_the_squared_l2_distance_over_the_grid_length():
     p = Normal(*p_params).log_prob(page.x).exp()
     riemann = ((q - p) ** 2).sum() * page.dx
     assert_close(riemann.item(), l2_squared(*q_params, *p_params), rtol=1e-6, atol=0)
+    # the page's loss, against the page's P: the closed-form squared L² distance
+    # ∫ q² − 2 ∫ q p + ∫ p², divided by the grid's length N Δx
+    reference = (
+        1 / (2 * 2.0 * math.sqrt(math.pi))
+        - 2 * mixture_overlap(0.0, 2.0)
+        + mixture_self_overlap()
+    )
+    grid_length = len(page.x) * page.dx
+    on_the_page = page.density_mse(log_q.view(1, -1))[0].item()
+    assert_close(on_the_page, reference / grid_length, rtol=1e-6, atol=0)
 
 
 def cosine_closed_form(mu_a, sigma_a, mu_b, sigma_b):
@@ -168,6 +178,15 @@ def test_cosine_distance_is_zero_only_when_q_is_p():
         torch.tensor([[2.5]], dtype=F64), torch.zeros(1, 1, dtype=F64)
     )
     assert page.cosine_distance(other).item() > 0.1
+    # at least 0, and above it for every Gaussian of a grid of (mu, sigma): none is P
+    mus = torch.linspace(-12.0, 17.0, 59, dtype=F64)
+    sigmas = torch.linspace(0.5, 12.0, 24, dtype=F64)
+    mu_grid, sigma_grid = torch.meshgrid(mus, sigmas, indexing="xy")
+    log_q = page.log_q_on_grid(mu_grid.reshape(-1, 1), sigma_grid.log().reshape(-1, 1))
+    assert (page.cosine_distance(log_q) > 1e-6).all()
+    # "for densities of mass 1": the cosine ignores scale, so 2P is at 0 too
+    twice = (2 * page.p).log().view(1, -1)
+    assert page.cosine_distance(twice).abs().item() < 1e-12
 
 
 def test_mse_lands_between_the_peaks_wider_than_the_forward_fit(fits):
