@@ -11,6 +11,7 @@ of a page's module is a claim some marker names, unless the module lists it in
 """
 
 import ast
+import functools
 import html
 import re
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def claim_tests(module: str, root: Path = ROOT) -> dict[str, ClaimTest]:
     if not path.is_file():
         return {}
     source = path.read_text()
+    return _claim_tests(module, source)
+
+
+@functools.lru_cache(maxsize=256)  # a page names one module hundreds of times
+def _claim_tests(module: str, source: str) -> dict[str, ClaimTest]:
     tree = ast.parse(source)
     constants = _module_constants(source, tree)
     tests = {}
@@ -242,10 +248,10 @@ def page_markers(page_path: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def coverage_problems(root: Path, not_yet_marked: set[str]) -> list[str]:
+def coverage_problems(root: Path, not_yet_marked: set[str] = frozenset()) -> list:
     """What breaks the promise, both ways: a marker naming no test, and a test of
     a page's module that no marker names (unless listed in SUPPORTING_TESTS, or
-    the page is one of ``not_yet_marked``)."""
+    the page is one of ``not_yet_marked``: a page being marked)."""
     problems, named = [], set()
     pages = sorted((root / "snippets").glob("[!_]*.py"))
     for page_path in pages:

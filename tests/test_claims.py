@@ -9,21 +9,11 @@ from conftest import ROOT, mkdocs_build, write_project
 from sitebuild import claims
 from sitebuild.pages import snippet_pages
 
-# Pages whose sentences do not carry their markers yet (issue 12, in progress):
-# their tests are not required to be named. Shrinks to nothing; a page listed
-# here that is fully marked fails test_pages_not_yet_marked_are_not_marked_yet.
-NOT_YET_MARKED = {page.stem for page in snippet_pages() if page.stem != "kl_definition"}
+NOT_YET_MARKED = set()  # every page is marked
 
 
 def test_every_marker_names_a_test_and_every_claim_test_is_named():
     assert claims.coverage_problems(ROOT, NOT_YET_MARKED) == []
-
-
-def test_pages_not_yet_marked_are_not_marked_yet():
-    for page in NOT_YET_MARKED:
-        assert claims.coverage_problems(ROOT, NOT_YET_MARKED - {page}), (
-            f"{page} is fully marked: remove it from NOT_YET_MARKED"
-        )
 
 
 @pytest.fixture
