@@ -40,10 +40,6 @@ class ClaimTest:
     def identifier(self) -> str:
         return f"{self.module}::{self.name}"
 
-    @property
-    def anchor(self) -> str:
-        return f"claim-{self.name.removeprefix('test_').replace('_', '-')}"
-
 
 def module_for(page: str) -> str:
     return f"test_{page}"
@@ -109,33 +105,44 @@ def resolve(module: str, test: str, page: str, root: Path = ROOT) -> ClaimTest:
 
 def render(page_html: str, page: str, root: Path = ROOT) -> str:
     """Markers replaced by buttons, each test's card added once after the page."""
-    cards, seen = {}, {}
+    cards, ids = {}, MarkIds()
 
     def button(match: re.Match) -> str:
         module = match["module"] or module_for(page)
         test = resolve(module, match["test"], page, root)
-        cards[test.identifier] = test
-        seen[test.anchor] = seen.get(test.anchor, 0) + 1
-        label = f"Tested by {test.name}: show the test"
+        card_id, mark_id = ids.next(test.identifier)
+        cards[card_id] = test
+        # short ids and label: a page carries dozens of these (page weight); the
+        # card names the test
         return (
-            f'<button type="button" class="claim-mark" popovertarget="{test.anchor}"'
-            f' id="{mark_id(test.anchor, seen[test.anchor])}"'
-            f' aria-label="{label}" title="{label}">✓</button>'
+            f'<button type="button" class="claim-mark" popovertarget="{card_id}"'
+            f' id="{mark_id}" aria-label="Show its test">✓</button>'
         )
 
     page_html = MARKER.sub(button, page_html)
-    return page_html + "".join(_card(test) for test in cards.values())
+    return page_html + "".join(_card(*card) for card in cards.items())
+
+
+class MarkIds:
+    """Ids of a page's markers, in page order: ``claim-3`` is the first marker of
+    the page's third test, ``claim-3-2`` its second; ``card-3`` is that test's card.
+    The claims page numbers the Markdown's markers the same way to link to them."""
+
+    def __init__(self):
+        self.tests: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+
+    def next(self, identifier: str) -> tuple[str, str]:
+        number = self.tests.setdefault(identifier, len(self.tests) + 1)
+        self.seen[identifier] = occurrence = self.seen.get(identifier, 0) + 1
+        mark = f"claim-{number}" + (f"-{occurrence}" if occurrence > 1 else "")
+        return f"card-{number}", mark
 
 
 def table_cell(text: str) -> str:
     """``text`` in a Markdown table cell: TeX's ``\\|`` as ``\\Vert``, other
     pipes escaped (an escaped ``\\|`` would end the cell)."""
     return text.replace("\\|", "\\Vert ").replace("|", "\\|")
-
-
-def mark_id(anchor: str, occurrence: int) -> str:
-    """The id of the ``occurrence``-th marker of a test on a page (from 1)."""
-    return f"{anchor}-mark" + (f"-{occurrence}" if occurrence > 1 else "")
 
 
 def sentence_before(markdown: str, end: int) -> str:
@@ -152,20 +159,20 @@ def sentence_before(markdown: str, end: int) -> str:
     return re.sub(r"\s+([;:,.])", r"\1", text).strip()
 
 
-def _card(test: ClaimTest) -> str:
+def _card(card_id: str, test: ClaimTest) -> str:
     rows = [
         ("Test", f"<code>{test.module}.py::{test.name}</code>"),
         ("Tolerance", _listed(test.tolerances, "none named: exact or a bound")),
         ("Runs at", _listed(test.runs_at, "the inputs in its source, below")),
     ]
     table = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
-    code = html.escape(test.source)  # added after Markdown: newlines stay
+    code = html.escape(test.source, quote=False)  # after Markdown: newlines stay
     return (
-        f'<div popover id="{test.anchor}" class="claim-card" role="dialog"'
+        f'<div popover id="{card_id}" class="claim-card" role="dialog"'
         ' aria-label="The test of this claim" data-search-exclude>'
         f"<dl>{table}</dl>"
         f'<pre><code class="language-python">{code}</code></pre>'
-        f'<button type="button" popovertarget="{test.anchor}"'
+        f'<button type="button" popovertarget="{card_id}"'
         ' popovertargetaction="hide">Close</button></div>'
     )
 
@@ -276,14 +283,38 @@ def coverage_problems(root: Path, not_yet_marked: set[str] = frozenset()) -> lis
     return problems
 
 
-def claims_page(root: Path = ROOT, titles: dict[str, str] | None = None) -> str:
-    """Markdown of the claims page: every marker, grouped by page."""
+def claims_pages(root: Path = ROOT, titles: dict[str, str] | None = None):
+    """{path: Markdown}: the claims page (every page, its claims and tests
+    counted) and, per page, the list of its claims: one page listing all of them
+    would weigh 450 KB."""
+    titles = titles or {}
+    listed = {}
+    for page_path in sorted((root / "snippets").glob("[!_]*.py")):
+        found = page_markers(page_path)
+        if found:
+            page = page_path.stem
+            listed[page] = found
+    pages = {SITE_PATH: _overview(listed, titles)}
+    for page, found in listed.items():
+        pages[list_path(page)] = _page_claims(page, found, titles.get(page, page))
+    return pages
+
+
+def list_path(page: str) -> str:
+    return f"{SITE_PATH.removesuffix('.md')}/{page}.md"
+
+
+def _overview(listed, titles) -> str:
+    n_claims = sum(len(found) for found in listed.values())
+    n_tests = len({(m, t) for found in listed.values() for m, t, _ in found})
     lines = [
         "# Every claim, and its test",
         "",
-        "Each ✓ on this site marks a sentence that a test asserts; the table below",
-        "lists them all, page by page. Select a ✓ on a page to see the test's",
-        "source, its tolerance and the sizes and dtypes it runs at.",
+        "Each ✓ on this site marks a sentence that a test asserts. Select a ✓ on a",
+        "page to see the test's source, its tolerance and the sizes and dtypes it",
+        "runs at. Below, each page with the number of its claims and of the tests",
+        "that assert them; the list of a page's claims gives each sentence, its",
+        f"test and a link to its place. In all: {n_claims} claims, {n_tests} tests.",
         "",
         "What the site shows is what the tests check, not whether they passed: a",
         "page cannot know that. The deployment workflow",
@@ -291,20 +322,39 @@ def claims_page(root: Path = ROOT, titles: dict[str, str] | None = None) -> str:
         "suite, `make test`, passed on that commit; that workflow, not this page,",
         "is what enforces it.",
         "",
+        "| Page | Claims | Tests | |",
+        "|---|--:|--:|---|",
     ]
-    titles = titles or {}
-    for page_path in sorted((root / "snippets").glob("[!_]*.py")):
-        found = page_markers(page_path)
-        if not found:
-            continue
-        page = page_path.stem
-        lines += [f"## [{titles.get(page, page)}]({page}.py)", ""]
-        lines += ["| Claim | Test |", "|---|---|"]
-        seen = {}
-        for module, test, sentence in found:
-            anchor = ClaimTest(module, test, "", (), ()).anchor
-            seen[anchor] = seen.get(anchor, 0) + 1
-            target = f"{page}.py#{mark_id(anchor, seen[anchor])}"
-            lines.append(f"| {table_cell(sentence)} | [`{test}`]({target}) |")
-        lines.append("")
-    return "\n".join(lines)
+    for page, found in listed.items():
+        n_page_tests = len({(m, t) for m, t, _ in found})
+        lines.append(
+            f"| [{titles.get(page, page)}]({page}.py) | {len(found)} |"
+            f" {n_page_tests} | [its claims]({list_path(page)}) |"
+        )
+    return "\n".join(lines + [""])
+
+
+def _page_claims(page, found, title) -> str:
+    lines = [
+        f"# Claims of “{title}”",
+        "",
+        f"Every ✓ of [{title}](../{page}.py), in page order: the sentence, and the",
+        "test that asserts it, linked to the ✓ on the page. [All pages' claims]"
+        f"(../{SITE_PATH})",
+        "",
+        "| Claim | Test |",
+        "|---|---|",
+    ]
+    ids = MarkIds()
+    for module, test, sentence in found:
+        target = f"../{page}.py#{ids.next(f'{module}::{test}')[1]}"
+        lines.append(f"| {listed_sentence(sentence, page)} | [`{test}`]({target}) |")
+    return "\n".join(lines + [""])
+
+
+def listed_sentence(sentence: str, page: str) -> str:
+    """A sentence of ``page`` as a cell of its list under ``claims/``, its relative
+    links pointing where they did: ``(#x)`` to the page's own section,
+    ``(other.py)`` one level up."""
+    sentence = re.sub(r"\]\(#", f"](../{page}.py#", sentence)
+    return table_cell(re.sub(r"\]\((?![a-z]+:|/|\.\./|#)", "](../", sentence))

@@ -56,8 +56,8 @@ def on_files(files, config):
     content = report.build_report(executed)
     files.append(File.generated(config, report.SITE_PATH, content=content))
     titles = {source.stem: pages.title(source) for source in executed}
-    claims_page = claims.claims_page(ROOT, titles)
-    files.append(File.generated(config, claims.SITE_PATH, content=claims_page))
+    for path, content in claims.claims_pages(ROOT, titles).items():
+        files.append(File.generated(config, path, content=content))
     return files
 
 

@@ -42,6 +42,9 @@ class MathError(ValueError):
 
 
 RADICAL = "\u221a"
+# An HTML parser puts <math> in the MathML namespace and makes it inline by
+# itself: on a page of formulas these attributes weigh kilobytes.
+REDUNDANT = [' xmlns="http://www.w3.org/1998/Math/MathML"', ' display="inline"']
 
 
 def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
@@ -50,6 +53,8 @@ def tex_to_mathml(tex: str, display: bool, page: str = "?") -> str:
     mathml = FUNCTION_NAME.sub(THIN_SPACE, mathml)
     mathml = mathml.replace(INFINITY_AS_OPERATOR, INFINITY_AS_SYMBOL)
     mathml = UNARY_SIGN.sub(UNARY_FORM, mathml)
+    for attribute in REDUNDANT:
+        mathml = mathml.replace(attribute, "")
     unknown = UNKNOWN_COMMAND.search(mathml)
     if unknown:
         raise MathError(

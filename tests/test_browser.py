@@ -115,6 +115,7 @@ def pytest_generate_tests(metafunc):
         )
         pages.append("/build/")  # made by the build: how long each page took
         pages.append("/claims/")  # made by the build: every claim and its test
+        pages.append("/claims/checked_kl/")  # one page's list, the most claims
         metafunc.parametrize("path", pages)
 
 

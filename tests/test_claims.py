@@ -70,10 +70,16 @@ def test_a_build_with_a_marker_naming_no_test_fails_naming_the_page(tmp_path):
 
 
 def test_a_marker_becomes_a_button_opening_the_card_of_its_test():
-    marked = "<p>KL ≥ 0. {✓ test_kl_is_never_negative}</p>"
+    marked = (
+        "<p>KL ≥ 0. {✓ test_kl_is_never_negative} Asymmetric."
+        " {✓ test_kl_is_asymmetric} Never negative. {✓ test_kl_is_never_negative}</p>"
+    )
     html = claims.render(marked, "kl_definition")
-    assert 'popovertarget="claim-kl-is-never-negative"' in html
-    assert '<div popover id="claim-kl-is-never-negative"' in html
+    assert html.count('popovertarget="card-1" id="claim-1"') == 1
+    assert html.count('popovertarget="card-2" id="claim-2"') == 1
+    assert html.count('popovertarget="card-1" id="claim-1-2"') == 1
+    assert html.count("<div popover id=") == 2  # one card per test
+    assert '<div popover id="card-1"' in html
     assert "def test_kl_is_never_negative():" in html
     assert "{✓" not in html
 
@@ -88,12 +94,36 @@ def test_a_card_shows_tolerance_constants_and_the_sizes_and_dtypes():
     assert any(t.startswith("FLOAT64 = {") for t in gaussian.tolerances)
 
 
-def test_the_claims_page_lists_every_marker_with_a_link_to_it():
-    page = claims.claims_page(ROOT)
+def test_the_claims_page_counts_each_pages_claims_and_links_its_list():
+    pages = claims.claims_pages(ROOT)
+    overview = pages[claims.SITE_PATH]
     for source in snippet_pages():
+        found = claims.page_markers(source)
+        n_tests = len({(module, test) for module, test, _ in found})
+        row = f"]({source.stem}.py) | {len(found)} | {n_tests} |"
+        assert row in overview
+        assert f"]({claims.list_path(source.stem)})" in overview
+
+
+def test_each_pages_list_gives_every_marker_its_sentence_and_a_link_to_it():
+    pages = claims.claims_pages(ROOT)
+    for source in snippet_pages():
+        listing = pages[claims.list_path(source.stem)]
         for _, test, sentence in claims.page_markers(source):
-            assert f"[`{test}`]({source.stem}.py#claim-" in page
-            assert claims.table_cell(sentence) in page
+            assert f"[`{test}`](../{source.stem}.py#claim-" in listing
+            assert claims.listed_sentence(sentence, source.stem) in listing
+
+
+def test_links_in_a_listed_sentence_point_where_they_did_on_the_page():
+    sentence = (
+        "See [below](#a-section), [half precision](half_precision.py#overflow),"
+        " [the docs](https://pytorch.org/docs) and [home](../index.md)."
+    )
+    listed = claims.listed_sentence(sentence, "checked_kl")
+    assert "[below](../checked_kl.py#a-section)" in listed
+    assert "[half precision](../half_precision.py#overflow)" in listed
+    assert "[the docs](https://pytorch.org/docs)" in listed
+    assert "[home](../index.md)" in listed
 
 
 def test_the_site_is_published_only_after_the_whole_suite_passed():

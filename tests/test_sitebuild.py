@@ -1,7 +1,9 @@
 """The build's own machinery: TeX to MathML, links between notebook pages."""
 
 import logging
+from pathlib import Path
 
+import material
 import nbformat
 import pytest
 from bs4 import BeautifulSoup
@@ -130,17 +132,49 @@ def test_edit_link_of_a_snippet_page_points_into_snippets():
 def test_simplified_notebook_html_uses_material_code_blocks():
     html = (
         '<div class="jp-Cell"><div class="jp-Cell" id="cell-id=x">'
-        '<style>.big{}</style><div class="highlight-ipynb"><pre>'
-        '<span class="n">x</span><span class="w"> </span></pre></div>'
-        '<div class="clipboard-copy-txt">x</div></div></div>'
+        '<style>.big{}</style><div class="highlight-ipynb"><pre><span></span>'
+        '<span class="n">x</span><span class="w"> </span><span class="o">=</span>'
+        '</pre></div><div class="clipboard-copy-txt">x</div></div></div>'
     )
     simplified = notebook_html.simplify(html)
     assert "<style>" not in simplified and "clipboard-copy-txt" not in simplified
+    # names and spaces take the code's own colour: no span
     assert (
-        '<div class="highlight"><pre><code><span class="n">x</span> </code>'
+        '<div class="highlight"><pre><code>x <span class="o">=</span></code>'
         in simplified
     )
     assert simplified.count("jp-Cell") == 1
+
+
+def test_names_need_no_span_as_material_colours_them_like_plain_code():
+    stylesheets = Path(material.__file__).parent / "templates/assets/stylesheets"
+    css = next(stylesheets.glob("main.*.min.css")).read_text()
+    assert ".highlight .n{color:var(--md-code-hl-name-color)}" in css
+    assert "--md-code-hl-name-color:var(--md-code-fg-color)" in css
+
+
+def test_cells_lose_editor_wrappers_and_their_tab_stops():
+    html = (
+        '<div class="jp-Cell jp-CodeCell"><div class="jp-Cell-inputWrapper"'
+        ' tabindex="0"><div class="jp-InputArea jp-Cell-inputArea"><div'
+        ' class="jp-CodeMirrorEditor jp-Editor"><div class="CodeMirror">'
+        '<div class="highlight-ipynb"><pre>x</pre></div></div></div></div></div>'
+        '<div class="jp-Cell-outputWrapper"><div class="jp-OutputArea"><div'
+        ' class="jp-OutputArea-child"><div class="jp-OutputArea-output"><pre>1</pre>'
+        "</div></div></div></div></div>"
+        '<div class="jp-Cell jp-MarkdownCell"><div class="jp-Cell-inputWrapper"'
+        ' tabindex="0"><div class="jp-InputArea"><div class="jp-RenderedHTMLCommon'
+        ' jp-RenderedMarkdown" data-mime-type="text/markdown"><p>Prose</p>'
+        "</div></div></div></div>"
+    )
+    simplified = notebook_html.simplify(html)
+    assert "tabindex" not in simplified
+    assert "CodeMirror" not in simplified and "Wrapper" not in simplified
+    assert '<div class="jp-InputArea"><div class="highlight">' in simplified
+    assert '<div class="jp-OutputArea"><div class="jp-OutputArea-output">' in (
+        simplified
+    )
+    assert '<div class="jp-RenderedMarkdown"><p>Prose</p>' in simplified
 
 
 def test_consecutive_prints_become_one_output_whatever_the_flushes():
