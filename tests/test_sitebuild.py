@@ -170,10 +170,9 @@ def test_cells_lose_editor_wrappers_and_their_tab_stops():
     simplified = notebook_html.simplify(html)
     assert "tabindex" not in simplified
     assert "CodeMirror" not in simplified and "Wrapper" not in simplified
+    assert "jp-OutputArea-child" not in simplified
     assert '<div class="jp-InputArea"><div class="highlight">' in simplified
-    assert '<div class="jp-OutputArea"><div class="jp-OutputArea-output">' in (
-        simplified
-    )
+    assert '"><div class="jp-OutputArea-output"><pre>1</pre>' in simplified
     assert '<div class="jp-RenderedMarkdown"><p>Prose</p>' in simplified
 
 
