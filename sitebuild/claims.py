@@ -145,14 +145,23 @@ def table_cell(text: str) -> str:
     return text.replace("\\|", "\\Vert ").replace("|", "\\|")
 
 
+SENTENCE_END = re.compile(r"[.!?]\s+|\n- |\n\n")
+ABBREVIATIONS = ("e.g", "i.e", "et al", "cf", "vs", "eq", "Eq", "Fig")
+
+
 def sentence_before(markdown: str, end: int) -> str:
-    """The sentence or list item a marker ending at ``end`` closes, as text: from
-    the last sentence end, list item, paragraph or earlier marker before it."""
-    text = markdown[:end]
-    while (trimmed := MARKER.sub("", text[-200:]).rstrip()) != text[-200:]:
-        text = text[: len(text) - 200] + trimmed if len(text) > 200 else trimmed
-    stops = [m.end() for m in re.finditer(r"[.!?]\s+|\n- |\n\n", text)]
-    stops += [m.end() for m in MARKER.finditer(text)]
+    """The sentence or list item a marker starting at ``end`` closes, as text: from
+    the last sentence end, list item or paragraph before it. Earlier markers are
+    left out, not taken as ends: a clause marked in the middle of a sentence is
+    listed with the start of its sentence, not as a fragment."""
+    text = MARKER.sub("\0", markdown[:end])
+    text = re.sub(r"\n[ \t\0]*\0[ \t\0]*(?=\n)", "", text)  # a marker's own line
+    text = text.replace("\0", "")
+    stops = [
+        match.end()
+        for match in SENTENCE_END.finditer(text)
+        if not text[: match.start()].endswith(ABBREVIATIONS)
+    ]
     text = text[max(stops, default=0) :]
     text = re.sub(r"^[\s\-.;:,]+", "", text)
     text = re.sub(r"\s+", " ", text)
@@ -313,7 +322,7 @@ def _overview(listed, titles) -> str:
         "Each ✓ on this site marks a sentence that a test asserts. Select a ✓ on a",
         "page to see the test's source, its tolerance and the sizes and dtypes it",
         "runs at. Below, each page with the number of its claims and of the tests",
-        "that assert them; the list of a page's claims gives each sentence, its",
+        "that assert them, linked to the list of its claims: each sentence, its",
         f"test and a link to its place. In all: {n_claims} claims, {n_tests} tests.",
         "",
         "What the site shows is what the tests check, not whether they passed: a",
@@ -322,14 +331,14 @@ def _overview(listed, titles) -> str:
         "suite, `make test`, passed on that commit; that workflow, not this page,",
         "is what enforces it.",
         "",
-        "| Page | Claims | Tests | |",
-        "|---|--:|--:|---|",
+        "| The claims of | Claims | Tests |",
+        "|---|--:|--:|",
     ]
-    for page, found in listed.items():
+    for page, found in listed.items():  # three columns: a phone shows them all
         n_page_tests = len({(m, t) for m, t, _ in found})
         lines.append(
-            f"| [{titles.get(page, page)}]({page}.py) | {len(found)} |"
-            f" {n_page_tests} | [its claims]({list_path(page)}) |"
+            f"| [{titles.get(page, page)}]({list_path(page)}) | {len(found)} |"
+            f" {n_page_tests} |"
         )
     return "\n".join(lines + [""])
 

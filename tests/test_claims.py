@@ -100,9 +100,8 @@ def test_the_claims_page_counts_each_pages_claims_and_links_its_list():
     for source in snippet_pages():
         found = claims.page_markers(source)
         n_tests = len({(module, test) for module, test, _ in found})
-        row = f"]({source.stem}.py) | {len(found)} | {n_tests} |"
+        row = f"]({claims.list_path(source.stem)}) | {len(found)} | {n_tests} |"
         assert row in overview
-        assert f"]({claims.list_path(source.stem)})" in overview
 
 
 def test_each_pages_list_gives_every_marker_its_sentence_and_a_link_to_it():
@@ -132,3 +131,35 @@ def test_the_site_is_published_only_after_the_whole_suite_passed():
     assert workflow["jobs"]["deploy"]["needs"] == "test"
     test_steps = [step.get("run", "") for step in workflow["jobs"]["test"]["steps"]]
     assert any(step.startswith("make test") for step in test_steps)
+
+
+def listed(markdown: str) -> list[str]:
+    """The sentence the claims list gives each marker of ``markdown``."""
+    return [
+        claims.sentence_before(markdown, match.start())
+        for match in claims.MARKER.finditer(markdown)
+    ]
+
+
+def test_a_clause_marked_mid_sentence_is_listed_with_its_sentences_start():
+    markdown = "Intro. The KL is finite {✓ test_a}, and never negative {✓ test_b}."
+    assert listed(markdown) == [
+        "The KL is finite",
+        "The KL is finite, and never negative",
+    ]
+
+
+def test_a_marker_on_its_own_line_ends_no_paragraph():
+    markdown = "It reaches 65,520\n{✓ test_a}\n(65,520 equal logits, say)\n{✓ test_b}."
+    assert listed(markdown)[1] == "It reaches 65,520 (65,520 equal logits, say)"
+
+
+def test_abbreviations_end_no_sentence_but_list_items_and_paragraphs_do():
+    markdown = (
+        "Hinton et al. (§2) use a temperature, e.g. 2 {✓ test_a}.\n\n"
+        "- sum, then divide {✓ test_b}\n- or not"
+    )
+    assert listed(markdown) == [
+        "Hinton et al. (§2) use a temperature, e.g. 2",
+        "sum, then divide",
+    ]
