@@ -18,10 +18,11 @@
 # %% [markdown]
 # ## The set-up, done right
 #
-# As on the forward-vs-reverse page {✓ test_set_up_is_the_forward_reverse_pages}:
-# $P = \tfrac12\,\mathcal{N}(-5, 1) + \tfrac12\,\mathcal{N}(10, 1)$, a mixture of
-# total mass 1, on a grid of spacing $\Delta x$ whose cells hold probability
-# $p(x)\,\Delta x$ {✓ test_forward_reverse::test_target_integrates_to_one_on_the_grid}.
+# The set-up is the forward-vs-reverse page's, with
+# $P = \tfrac12\,\mathcal{N}(-5, 1) + \tfrac12\,\mathcal{N}(10, 1)$ on a grid of
+# spacing $\Delta x$ {✓ test_set_up_is_the_forward_reverse_pages}: a mixture of
+# total mass 1, whose grid cells hold probability $p(x)\,\Delta x$
+# {✓ test_forward_reverse::test_target_integrates_to_one_on_the_grid}.
 # The forward KL $D_{\mathrm{KL}}(P\,\|\,Q)$ of one $Q$ is a `"sum"` over the grid
 # {✓ test_forward_kl_is_the_forward_reverse_pages_and_matches_quadrature}, and
 # over Gaussians it is smallest at moment matching {✓ test_forward_reverse::
@@ -134,8 +135,8 @@ def common_setup_fit(steps=COMMON_STEPS, lr=COMMON_LR):
 # print(f"sigma* = {sigma_star:.4f}")
 
 # %% [markdown]
-# At the end $\sigma$ is still climbing, by more than half as much between the
-# last two prints as between the first two, well short of $\sigma^*$, and the
+# At the end $\sigma$ is still climbing, about as fast between the last two prints
+# as between the first two, well short of $\sigma^*$, and the
 # printed loss is a fraction of the true divergence of the $Q$ it reached
 # {✓ test_common_setup_stops_well_before_sigma_converges}. The forward-vs-reverse
 # page fixes all four: a mixture of mass 1, grid probabilities with $\Delta x$
