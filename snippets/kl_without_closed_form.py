@@ -91,8 +91,9 @@ def kl_or_error(p, q):
 # window a component is below $e^{-12^2/2} = e^{-72}$ of its peak
 # {✓ test_outside_its_window_a_component_is_below_e_minus_72_of_its_peak}, and so is
 # the mixture between two far windows
-# {✓ test_between_far_windows_the_mixture_is_below_e_minus_72_of_its_peak}. Its
-# assumptions are checked rather than left to a docstring
+# {✓ test_between_far_windows_the_mixture_is_below_e_minus_72_of_its_peak}. The
+# registered function checks its assumptions (Normal components, no batch
+# dimensions) and raises `ValueError` otherwise
 # {✓ test_registered_kl_refuses_batches_and_other_components_with_a_value_error}.
 
 
@@ -143,9 +144,9 @@ kl_mixture_normal = kl_divergence(registered_mixture, moment_matched)
 #
 # For any pair whose densities you can evaluate and $p$ you can sample, the
 # average of $\log p(x) - \log q(x)$ over $n$ samples $x \sim p$ is unbiased
-# {✓ test_monte_carlo_is_unbiased}. It is the estimator called $k_1$ on
-# [KL estimators](rl_estimators.py)
-# {✓ test_monte_carlo_estimator_is_k1_the_mean_log_ratio}, which also measures
+# {✓ test_monte_carlo_is_unbiased}. This average is the estimator called $k_1$ on
+# [KL estimators](rl_estimators.py) (which samples from its $q$, so the names swap)
+# {✓ test_monte_carlo_estimator_is_k1_the_mean_log_ratio}; that page also measures
 # $k_3$, often of lower variance {✓ test_rl_estimators::
 # test_k3_spread_is_a_small_fraction_of_k1_spread_for_the_near_pair}. The standard
 # error falls as $1/\sqrt{n}$ provided $\log p(x) - \log q(x)$ has a finite
@@ -154,7 +155,7 @@ kl_mixture_normal = kl_divergence(registered_mixture, moment_matched)
 # test_k3_variance_is_infinite_once_p_variance_is_at_least_twice_q_variance}. Drawn
 # with `rsample` (the reparameterisation $x = \mu + \sigma \varepsilon$), the
 # samples carry gradients
-# {✓ test_rsample_gradient_is_the_closed_form_gradient_in_expectation}. `rsample`
+# {✓ test_rsample_is_the_reparameterisation_mu_plus_sigma_epsilon}. `rsample`
 # takes no generator {✓ test_rsample_takes_no_generator}: seed the global one for
 # repeatable draws.
 
@@ -216,18 +217,19 @@ def monte_carlo_errors():
 # unbiased value of the KL, but no gradient
 # {✓ test_mixture_has_no_rsample_but_sample_gives_an_unbiased_estimate}. The score
 # function gives one: since
-# $\mathbb{E}_p[\nabla_\theta \log p_\theta] = 0$,
+# $\mathbb{E}_p[\nabla_\theta \log p_\theta] = 0$ {✓ test_score_has_mean_zero},
 #
 # $$\nabla_\theta D_{\mathrm{KL}}(p_\theta\,\|\,q) = \mathbb{E}_{x \sim
 # p_\theta}\big[(\log p_\theta(x) - \log q(x))\,\nabla_\theta \log
-# p_\theta(x)\big],$$
+# p_\theta(x)\big].$$
 #
-# the gradient of a surrogate whose log-ratio is detached. It is unbiased
+# The score-function gradient, the gradient of a surrogate whose log-ratio is
+# detached, is unbiased
 # {✓ test_score_function_gradient_is_unbiased_for_the_mixture} and usually noisier
 # than `rsample`, as it is on the Gaussian pair above
 # {✓ test_score_function_gradient_is_noisier_than_rsample_on_the_gaussian_pair}.
-# Below it is checked against the gradient of the registered quadrature, with
-# respect to the components' means
+# Below, the score-function estimate is checked against the gradient of the
+# registered quadrature, with respect to the components' means
 # {✓ test_page_score_function_estimate_is_near_the_quadrature_gradient}; that
 # gradient itself matches finite differences of the KL on a dense grid
 # {✓ test_quadrature_gradient_matches_finite_differences_on_a_dense_grid}.
