@@ -4,7 +4,7 @@
 # `torch.distributions.kl_divergence(p, q)` returns $D_{\mathrm{KL}}(p\,\|\,q)$ in
 # closed form, in the order of the formula
 # {✓ test_kl_divergence_p_q_in_the_prose_runs_as_written_p_first}, for every pair
-# of distribution types registered with `register_kl`
+# of distribution types registered with `register_kl` (or subclasses of them)
 # {✓ test_register_kl_gives_kl_divergence_the_formula_of_a_new_pair}; for any other
 # pair it raises `NotImplementedError`
 # {✓ test_unregistered_pair_raises_not_implemented}, and you register a formula of
@@ -131,13 +131,14 @@ kl_narrow_wide = kl_divergence(narrow, wide)
 # ## The KL term of a variational autoencoder
 #
 # An encoder outputs a mean and a log-variance per latent dimension; the prior is
-# $\mathcal{N}(0, I)$. With $\sigma^2 = e^{\text{logvar}}$ the closed form is
+# $\mathcal{N}(0, I)$. With $\sigma^2 = e^{\text{logvar}}$ the closed form per
+# dimension is
 #
 # $$D_{\mathrm{KL}}\big(\mathcal{N}(\mu, \sigma^2)\,\|\,\mathcal{N}(0, 1)\big)
-#   = -\tfrac12\left(1 + \log\sigma^2 - \mu^2 - \sigma^2\right)$$
+#   = -\tfrac12\left(1 + \log\sigma^2 - \mu^2 - \sigma^2\right).$$
 #
-# per dimension, summed over the latent dimensions and averaged over the batch;
-# `kl_divergence` on `Normal` pairs gives the same
+# Summed over the latent dimensions and averaged over the batch, this is what
+# `kl_divergence` gives on `Normal` pairs
 # {✓ test_vae_closed_form_matches_kl_divergence}. `Normal` takes the standard
 # deviation $\sigma = e^{\text{logvar}/2}$, not the variance
 # {✓ test_normal_takes_the_standard_deviation_so_the_variance_gives_another_kl}.
@@ -186,7 +187,7 @@ variance_as_scale = kl_divergence(Normal(mu, logvar.exp()), prior).sum(dim=-1).m
 # - `kl_divergence(p, q)` is $D_{\mathrm{KL}}(p\,\|\,q)$, $p$ first
 #   {✓ test_kl_divergence_takes_p_first}, closed form, batched
 #   {✓ test_normal_closed_form_matches_the_formula_for_every_pair_of_the_batch}; it
-#   raises `NotImplementedError` for an unregistered pair of types
+#   raises `NotImplementedError` for a pair of types no registered formula covers
 #   {✓ test_unregistered_pair_raises_not_implemented} (then see
 #   [KL without a closed form](kl_without_closed_form.py)).
 # - A support mismatch is $+\infty$

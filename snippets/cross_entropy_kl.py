@@ -62,7 +62,8 @@ cross_entropy_pq = F.cross_entropy(q.log(), p)  # H(P, Q); log Q serves as logit
 # %% [markdown]
 # Minimising cross-entropy over $Q$ therefore *is* minimising
 # $D_{\mathrm{KL}}(P\,\|\,Q)$, which is why classifiers trained with cross-entropy
-# fit the forward KL. The loss values differ (by $H(P)$)
+# fit the forward KL {✓ test_cross_entropy_and_kl_have_the_same_gradient}. The
+# loss values differ (by $H(P)$)
 # {✓ test_cross_entropy_and_kl_losses_differ_by_the_entropy}; the gradients with
 # respect to the model do not {✓ test_cross_entropy_and_kl_have_the_same_gradient}:
 
@@ -219,8 +220,8 @@ steps = {name: compare_steps(make) for name, make in optimizers.items()}
 # Adam divides each step by a running estimate of the gradient's size, which
 # cancels a constant scale, but it adds `eps` to that size first.
 # {✓ test_adam_first_step_is_gradient_over_its_size_plus_eps} Most of the KL's
-# gradients here lie below `eps` (printed under Adam), so its step is several times
-# smaller than the cross-entropy's, not $C$ times.
+# gradients here lie below `eps` (printed under Adam), so its step is about ten
+# times smaller than the cross-entropy's (printed), not $C$ times.
 # {✓ test_adam_step_ratio_is_several_not_c_because_kl_gradients_are_below_eps} And
 # Adam cancels the scale of the whole loss, not of one term: a KL that is added to
 # other terms (an auxiliary loss, a regulariser) weighs $C$ times less against them
@@ -299,8 +300,9 @@ kl_batchmean_3d = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 # `F.cross_entropy(logits_q.transpose(1, -1), p.transpose(1, -1), reduction="none")`,
 # fixes the cross-entropy's classes
 # {✓ test_transposed_cross_entropy_moves_the_vocabulary_to_dim_1}, but a flattened
-# `"mean"` or `"batchmean"` still counts the padding: select the real tokens with
-# the mask first.
+# `"mean"` or `"batchmean"` still counts the padding
+# {✓ test_flattened_mean_and_batchmean_still_count_the_padding}: select the real
+# tokens with the mask first.
 #
 # ## What to remember
 #

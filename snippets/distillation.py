@@ -8,8 +8,9 @@
 # cross-entropy against the soft targets: the same gradient, since the two differ
 # by the teacher's entropy, a constant
 # {✓ test_soft_target_cross_entropy_has_the_same_student_gradient_as_the_kl}). In
-# PyTorch, with student logits `z_s`, teacher logits `z_t` and temperature `T`
-# {✓ test_prose_formula_runs_as_written_and_is_the_page_loss}:
+# PyTorch the loss is the block below, the same as the page's `distillation_loss`
+# {✓ test_prose_formula_runs_as_written_and_is_the_page_loss}, with student logits
+# `z_s`, teacher logits `z_t` and temperature `T`:
 #
 # ```python
 # loss = F.kl_div(
@@ -50,16 +51,16 @@
 # is a fixed target, so its logits are detached (compute them under
 # `torch.no_grad()` in training) {✓ test_teacher_gets_no_gradient}. The
 # logits are cast to at least float32 before they are divided by $T$: in bfloat16
-# or float16 the quotient is rounded (exactly only when $T$ is a power of 2)
+# or float16 the quotient is rounded (it is exact only when $T$ is a power of 2)
 # {✓ test_logits_are_cast_to_float32_before_they_are_divided_by_t}, and
 # that costs the loss digits
-# {✓ test_headline_block_without_float_is_off_by_percents_in_bfloat16}.
+# {✓ test_rounding_the_quotient_in_half_precision_costs_the_loss_digits}.
 #
-# Hinton et al. (§2) combine it with the cross-entropy on the hard labels, at
-# temperature 1 {✓ test_hard_label_weight_is_lower_than_the_soft_target_weight},
-# and found the best results "by using a considerably lower weight
-# on the second objective function", the hard labels; the weight itself is a
-# hyperparameter (`HARD_LABEL_WEIGHT` below).
+# Hinton and colleagues (§2) combine it with the cross-entropy on the hard labels,
+# at temperature 1, and found the best results "by using a considerably lower
+# weight on the second objective function", the hard labels
+# {✓ test_hard_label_weight_is_lower_than_the_soft_target_weight}; the weight
+# itself is a hyperparameter (`HARD_LABEL_WEIGHT` below).
 
 # %%
 import torch
@@ -210,9 +211,9 @@ limit_norms = {
 # {✓ test_masked_loss_is_the_mean_over_real_tokens} (see
 # [reductions](reductions.py)). Selecting, rather than multiplying by the mask,
 # keeps garbage at padded positions out of the loss and of the logits' gradient
-# {✓ test_masked_loss_ignores_prompt_and_padding_positions}, not out of the
-# parameters' gradients: NaN or inf hidden states at padded positions make the
-# head's weight gradient NaN (0 · NaN in the matmul's backward) {✓
+# {✓ test_masked_loss_ignores_prompt_and_padding_positions}. It does not keep it
+# out of the parameters' gradients: NaN or inf hidden states at padded positions
+# make the head's weight gradient NaN (0 · NaN in the matmul's backward) {✓
 # test_garbage_hidden_states_at_padding_reach_the_heads_gradient_unless_selected}.
 # Select `hidden[mask]` before the head, or replace them with `torch.where` first
 # {✓
@@ -253,8 +254,10 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 # print(f"masked sum / all positions:              {lm_loss_wrong_count:.4f}")
 
 # %% [markdown]
-# The flattened mean is near the right one here only because these random logits
-# are alike at every position; in a real batch, prompt and padding positions
+# The flattened mean is near the right one here
+# {✓ test_page_masked_loss_is_the_mean_over_its_real_tokens} only because these
+# random logits are alike at every position; in a real batch, prompt and padding
+# positions
 # behave differently, and the value depends on whatever the models output there
 # {✓ test_masked_loss_ignores_prompt_and_padding_positions}. Zeroing the masked
 # terms but dividing by every position shrinks the loss by the fraction of real
@@ -265,10 +268,13 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 #
 # - **Direction.** This page minimises the forward KL, teacher first
 #   {✓ test_loss_is_t_squared_times_the_mean_kl_per_example}:
-#   mass-covering, the student spreads over everything the teacher allows (see
-#   [forward vs reverse KL](forward_reverse.py)). MiniLLM ([Gu et al., 2023])
-#   minimises the reverse KL, student first, which is mode-seeking, over
-#   sequences the student samples, with a policy gradient; per token, the reverse
+#   mass-covering, the student spreads over everything the teacher allows
+#   {✓ test_forward_reverse::test_forward_kl_fit_is_moment_matching_from_every_start}
+#   (see [forward vs reverse KL](forward_reverse.py)). MiniLLM ([Gu et al., 2023])
+#   minimises the reverse KL, student first, which is mode-seeking {✓
+#   test_forward_reverse::
+#   test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2},
+#   over sequences the student samples, with a policy gradient; per token, the reverse
 #   KL is the call with its arguments swapped, the gradient flowing through
 #   `kl_div`'s target (below)
 #   {✓ test_reverse_loss_is_kl_student_teacher_and_trains_the_student}. GKD
@@ -292,13 +298,14 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 #   student with no mass outside the $k$ scores 0, so the loss pushes the
 #   student's tail to 0 {✓
 #   test_top_k_loss_is_0_only_without_a_tail_and_pushes_the_students_tail_down}.
-#   It exceeds the full KL by about $-\log$(kept mass), far from the teacher as
-#   near it {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass}:
-#   negligible beside a random student's KL
-#   {✓ test_top_k_loss_is_close_to_the_full_loss_far_from_the_teacher}, larger
-#   than that of a student near the teacher (the teacher's logits plus noise of
-#   standard deviation 0.1), printed below
-#   {✓ test_near_the_page_teacher_the_top_k_gap_exceeds_the_full_kl}.
+#   Near the teacher it exceeds the full KL by about $-\log$(kept mass)
+#   {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass}, more
+#   than that KL itself for a student off by noise of standard deviation 0.1,
+#   printed below {✓ test_near_the_page_teacher_the_top_k_gap_exceeds_the_full_kl}.
+#   Far from the teacher the gap grows with the KL
+#   {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass} but stays
+#   negligible beside it, as for the random student printed below
+#   {✓ test_top_k_loss_is_close_to_the_full_loss_far_from_the_teacher}.
 # - **One vocabulary.** Teacher and student must share the tokenizer: the loss
 #   compares logit $i$ with logit $i$. Models pad their embedding table, so cut
 #   both logits to the tokenizer's size, `logits[..., :vocab_size]`, before the

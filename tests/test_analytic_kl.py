@@ -135,17 +135,19 @@ def test_independent_with_another_number_of_event_dimensions_raises():
     assert_close(kl_divergence(Independent(base, 2), Independent(other, 2)), summed)
 
 
-class Coin(Distribution):
-    """A distribution type of the test's own: no KL formula registered for it."""
-
-    arg_constraints = {}
-
-    def __init__(self, p):
-        self.p = torch.as_tensor(p, dtype=torch.float64)
-        super().__init__(validate_args=False)
-
-
 def test_register_kl_gives_kl_divergence_the_formula_of_a_new_pair():
+    class Coin(Distribution):
+        """A distribution type of the test's own: no KL formula registered for it."""
+
+        arg_constraints = {}
+
+        def __init__(self, p):
+            self.p = torch.as_tensor(p, dtype=torch.float64)
+            super().__init__(validate_args=False)
+
+    class BiasedCoin(Coin):
+        """A subclass: the lookup follows the class hierarchy."""
+
     with pytest.raises(NotImplementedError):
         kl_divergence(Coin(0.5), Coin(0.25))
 
@@ -153,6 +155,11 @@ def test_register_kl_gives_kl_divergence_the_formula_of_a_new_pair():
     def _kl_coin_coin(p, q):
         return p.p * (p.p / q.p).log() + (1 - p.p) * ((1 - p.p) / (1 - q.p)).log()
 
-    # the definition for two outcomes, written out: 0.5 log 2 + 0.5 log(2/3)
-    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert_close(kl_divergence(Coin(0.5), Coin(0.25)).item(), expected)
+    try:
+        # the definition for two outcomes, written out: 0.5 log 2 + 0.5 log(2/3)
+        expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+        assert_close(kl_divergence(Coin(0.5), Coin(0.25)).item(), expected)
+        assert_close(kl_divergence(BiasedCoin(0.5), Coin(0.25)).item(), expected)
+    finally:  # leave torch's registry as it was
+        del torch.distributions.kl._KL_REGISTRY[Coin, Coin]
+        torch.distributions.kl._KL_MEMOIZE.clear()
