@@ -9,9 +9,8 @@
 # of `torch.finfo(torch.float16).min` overflows to $-\infty$ once the log-sum-exp
 # of the logits reaches 16 {✓ test_finfo_min_overflows_once_the_logsumexp_reaches_16},
 # and on CPU a float16 `log_softmax` is $-\infty$ everywhere once the row's sum of
-# exponentials $\sum_j e^{z_j - \max z}$ reaches 65,520
+# exponentials $\sum_j e^{z_j - \max z}$ reaches 65,520 (65,520 equal logits, say)
 # {✓ test_float16_cpu_log_softmax_overflows_iff_its_sum_of_exponentials_reaches_65520}
-# (65,520 equal logits, say)
 # {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}.
 # bfloat16 has float32's range
 # {✓ test_bfloat16_has_float32_range_and_8_significant_bits}, so none of float16's
@@ -21,14 +20,13 @@
 # {✓ test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits}, but
 # it keeps 8 significant bits: a KL comes out rounded
 # {✓ test_half_log_softmax_is_finite_but_rounded}. And float32's own failures are
-# bfloat16's too: a probability below its smallest positive value rounds to 0
+# bfloat16's too: a probability below half its smallest positive value rounds to 0
 # {✓ test_softmax_rounds_a_probability_to_zero_exactly_beyond_the_underflow_gap},
-# so `softmax` then `log`
+# so `softmax` then `log` gives NaN in both
 # {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner},
-# or a $-\infty$ mask
-# {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type},
-# gives NaN in both. The fix is the same for both 16-bit types: mask with a
-# moderate constant
+# and so does a $-\infty$ mask
+# {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type}.
+# The fix is the same for both 16-bit types: mask with a moderate constant
 # {✓ test_mask_value_gives_the_kl_over_unmasked_classes_in_every_type} and compute
 # log-probabilities in float32
 # {✓ test_mask_value_with_float32_log_softmax_at_llm_vocabularies}.
@@ -201,8 +199,8 @@ classes_at_the_threshold = [65_519, 65_520]  # sums of exponentials, all terms 1
 # {✓ test_most_probabilities_of_a_large_vocabulary_are_below_float16_range}, so a
 # `softmax` in float16 rounds them to exactly 0
 # {✓ test_float16_softmax_rounds_most_probabilities_to_zero_bfloat16_none}, and
-# `log` of them to $-\infty$; a few such zeros are enough for a NaN
-# {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does}.
+# `log` of them to $-\infty$; one class rounded to 0 in both $P$ and $Q$ is enough
+# for a NaN {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does}.
 # `log_softmax` in float16 stays finite but rounds every log-probability to
 # float16's digits {✓ test_half_log_softmax_is_finite_but_rounded}. bfloat16
 # reaches down to float32's `tiny`
@@ -268,7 +266,8 @@ kl_half_upcast = kl_of_log_softmax(student_half, teacher_half, torch.float32)
 # type {✓ test_minus_infinity_mask_is_nan_where_the_target_is_zero_in_every_type}.
 # `log_softmax` with a moderate mask avoids both, in bfloat16 as in float32
 # {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner}.
-# Below, $P = Q$, so the KL is 0 where it is computed at all.
+# Below, $P = Q$, so the KL is 0 where it is computed at all
+# {✓ test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner}.
 
 
 # %%
@@ -304,9 +303,12 @@ second_logits = {
 # it runs `kl_div` in float32 but leaves `log_softmax` in half precision
 # {✓ test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32}, and a float32
 # `kl_div` of rounded log-probabilities keeps their error
-# {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}. On CUDA,
-# `aten/src/ATen/autocast_mode.cpp` puts `kl_div` on the float32 list and
+# {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}. On CUDA, the
+# lists in `aten/src/ATen/autocast_mode.h`, registered for CUDA in
+# `autocast_mode.cpp`, put `kl_div` on the float32 list (`AT_FORALL_FP32`) and
 # `log_softmax` on the list that runs in float32 unless a `dtype` is given
+# (`AT_FORALL_FP32_SET_OPT_DTYPE`)
+# {✓ test_installed_autocast_header_lists_kl_div_and_log_softmax_in_float32}
 # {✓ test_cuda_autocast_runs_kl_div_and_log_softmax_in_float32}; that is read from
 # the source and was not run here (no GPU).
 
@@ -338,9 +340,10 @@ def kl_under_autocast(student_logits, teacher_logits, dtype=torch.bfloat16):
 # - Compute log-probabilities in float32: `logits.float().log_softmax(dim=-1)`,
 #   whatever the model's dtype
 #   {✓ test_mask_value_with_float32_log_softmax_at_llm_vocabularies} and even
-#   under CPU autocast
-#   {✓ test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32}
-#   {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}.
+#   under CPU autocast {✓ test_upcast_under_cpu_autocast_matches_float64}, which
+#   by itself leaves `log_softmax` in half precision
+#   {✓ test_cpu_autocast_runs_kl_div_but_not_log_softmax_in_float32} and the KL
+#   with that error {✓ test_autocast_keeps_the_error_of_half_precision_log_softmax}.
 # - float16 fails by range (zeros, $-\infty$, NaN)
 #   {✓ test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does}; bfloat16
 #   by precision (a KL rounded to 8 significant bits)

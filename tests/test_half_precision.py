@@ -18,6 +18,7 @@ from snippets import half_precision as page
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 ALL_TYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP16_MIN = torch.finfo(torch.float16).min
+FP16_OVERFLOW = torch.finfo(torch.float16).max + 32 / 2  # max + half the spacing
 SEED = 0
 SEED_CONFIDENT = 11
 SUPPORTING_TESTS = {
@@ -105,6 +106,9 @@ def test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches
     for largest in page.largest_logits:
         logits = torch.tensor([largest, 0.0, 0.5], dtype=torch.float16)
         assert masked_kl(logits, FP16_MIN).isnan() == (largest >= 16)
+        # one dominant logit: the log-sum-exp is the largest logit, to 1e-6
+        lse = torch.logsumexp(logits.double(), dim=0).item()
+        assert abs(lse - largest) < 1e-6
     sixteen = torch.tensor(16.0, dtype=torch.float16)
     just_below = sixteen.nextafter(torch.zeros_like(sixteen))
     assert page.largest_logits[1] == just_below.item()
@@ -112,16 +116,24 @@ def test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches
 
 @pytest.mark.parametrize("vocab", [3, 100, 32_000])
 def test_finfo_min_overflows_once_the_logsumexp_reaches_16(vocab):
-    """With many similar logits the largest can stay well below 16."""
-    for level in [-2.0, 0.0, 2.0, 5.0, 8.0, 12.0, 16.0]:
+    """With many similar logits the largest can stay well below 16; the levels
+    put the log-sum-exp at 16 ± 0.1 and 16 ± 0.01 for each vocabulary (below
+    65,520 classes, so the sum of exponentials cannot overflow)."""
+    assert vocab < FP16_OVERFLOW
+    near_16 = [target - math.log(vocab - 1) for target in (15.9, 15.99, 16.01, 16.1)]
+    checked = {"finite": 0, "-inf": 0}
+    for level in [-2.0, 0.0, 2.0, 5.0, 8.0, 12.0, 16.0, *near_16]:
         logits = torch.full((vocab,), level, dtype=torch.float16)
         logits[0] = FP16_MIN
         lse = torch.logsumexp(logits[1:].double(), dim=0).item()
         masked = logits.log_softmax(dim=-1)[0]
-        if lse < 15.95:
+        if lse < 16 - 1e-3:
             assert masked.isfinite()
-        elif lse > 16.05:
+            checked["finite"] += 1
+        elif lse > 16 + 1e-3:
             assert masked == -math.inf
+            checked["-inf"] += 1
+    assert checked["finite"] >= 2 and checked["-inf"] >= 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -204,9 +216,6 @@ def test_mask_value_in_float16_itself_survives_at_32k():
     )
     got = recommended_kl(logits, target, class_mask, padding_mask, upcast=False)
     assert got.isfinite().all()
-
-
-FP16_OVERFLOW = torch.finfo(torch.float16).max + 32 / 2  # max + half the spacing
 
 
 def test_float16_cpu_log_softmax_is_minus_infinity_from_65520_equal_logits():
@@ -299,6 +308,15 @@ def test_float16_softmax_then_log_gives_no_finite_kl_bfloat16_does():
     args = (page.student_logits, page.teacher_logits)
     assert page.kl_of_softmax_then_log(*args, torch.float16).isnan()
     assert page.kl_of_softmax_then_log(*args, torch.bfloat16).isfinite()
+    # one class rounded to 0 in both P and Q is enough: 0 · (-inf) is NaN
+    generator = torch.Generator().manual_seed(SEED)
+    student, teacher = torch.randn(2, 1, 1000, generator=generator)
+    assert page.kl_of_softmax_then_log(student, teacher, torch.float16).isfinite()
+    student[0, 7] = teacher[0, 7] = -30.0  # e**-30 is below float16's range
+    p, q = (x.half().softmax(dim=-1) for x in (teacher, student))
+    assert (p == 0).sum() == (q == 0).sum() == 1 and p[0, 7] == q[0, 7] == 0
+    assert page.kl_of_softmax_then_log(student, teacher, torch.float16).isnan()
+    assert page.kl_of_softmax_then_log(student, teacher, torch.bfloat16).isfinite()
 
 
 def float64_kl():
@@ -309,15 +327,35 @@ def float64_kl():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_log_softmax_is_finite_but_rounded(dtype):
+    """The KL is within two of the type's spacings of the float64 value and more
+    than five times further from it than the float32 one (measured: 9 times in
+    float16, 39 in bfloat16); each log-probability is the float64 one of the
+    same rounded logits, to within the type's eps."""
+    exact = float64_kl().item()
     kl = page.kl_of_log_softmax(page.student_logits, page.teacher_logits, dtype)
     assert kl.dtype == dtype and kl.isfinite()
-    exponent = math.floor(math.log2(kl.item()))
-    spacing = torch.finfo(dtype).eps * 2.0**exponent
-    assert kl.item() % spacing == 0  # a multiple of the type's spacing there
-    assert abs(kl.double() - float64_kl()) > abs(page.kl_upcast.double() - float64_kl())
+    spacing = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(exact))
+    assert abs(kl.item() - exact) <= 2 * spacing
+    assert abs(kl.item() - exact) > 5 * abs(page.kl_upcast.item() - exact)
+    logits = page.student_logits.to(dtype)
+    log_q = logits.log_softmax(dim=-1)
+    reference = logits.double().log_softmax(dim=-1)
+    assert log_q.dtype == dtype and log_q.isfinite().all()
+    error = (log_q.double() - reference).abs()
+    assert (error <= torch.finfo(dtype).eps * reference.abs()).all()
 
 
-def test_upcast_log_softmax_matches_float64():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_upcast_log_softmax_matches_float64(dtype):
+    """Half-precision logits cast up to float32 before log_softmax give the KL of
+    the same logits computed in float64."""
+    student, teacher = page.student_half.to(dtype), page.teacher_half.to(dtype)
+    exact = page.kl_of_log_softmax(student, teacher, torch.float64)
+    upcast = page.kl_of_log_softmax(student, teacher, torch.float32)
+    assert upcast.dtype == torch.float32
+    assert_close(upcast.double(), exact, rtol=1e-4, atol=0)
+    if dtype == torch.float16:
+        assert_close(page.kl_half_upcast.double(), exact, rtol=1e-4, atol=0)
     assert_close(page.kl_upcast.double(), float64_kl(), rtol=1e-4, atol=0)
 
 
@@ -328,6 +366,8 @@ def test_bfloat16_softmax_then_log_is_nan_where_float32_is_and_a_little_sooner()
             naive, in_log_space = page.kl_of_two_classes(second_logit, dtype)
             underflows = -second_logit > page.underflow_gap(dtype)
             assert math.isnan(naive) == underflows, (case, dtype)
+            if not math.isnan(naive):
+                assert naive == 0  # KL(P‖P)
             assert math.isnan(in_log_space) == (second_logit == -math.inf)
             if not math.isnan(in_log_space):
                 assert in_log_space == 0  # KL(P‖P)
@@ -382,6 +422,38 @@ def test_autocast_keeps_the_error_of_half_precision_log_softmax():
     )
     assert_close(kl, half_log_probs, **FLOAT32)
     assert not torch.isclose(kl, page.kl_half_upcast, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_upcast_under_cpu_autocast_matches_float64(dtype):
+    """Under CPU autocast, logits.float().log_softmax(dim=-1) stays in float32 and
+    gives the float64 KL of the same logits; plain autocast does not."""
+    student, teacher = page.student_half.to(dtype), page.teacher_half.to(dtype)
+    exact = page.kl_of_log_softmax(student, teacher, torch.float64)
+    with torch.autocast("cpu", dtype=dtype):
+        log_q = run_inline("logits.float().log_softmax(dim=-1)", logits=student)
+        log_p = run_inline("logits.float().log_softmax(dim=-1)", logits=teacher)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    assert log_q.dtype == log_p.dtype == kl.dtype == torch.float32
+    assert_close(kl.double(), exact, rtol=1e-4, atol=0)
+    plain, _ = page.kl_under_autocast(student, teacher, dtype)
+    assert not torch.isclose(plain.double(), exact, rtol=1e-4, atol=0)
+
+
+def test_installed_autocast_header_lists_kl_div_and_log_softmax_in_float32():
+    """The installed ATen header: kl_div in AT_FORALL_FP32, log_softmax (int dim)
+    in AT_FORALL_FP32_SET_OPT_DTYPE (the lists autocast_mode.cpp registers)."""
+    header = Path(torch.__file__).parent / "include/ATen/autocast_mode.h"
+    if not header.exists():
+        pytest.skip("this torch build ships no ATen headers")
+    lists = {}
+    for match in re.finditer(
+        r"#define (AT_FORALL_\w+)\(_\)(.*?)\n\n", header.read_text(), re.S
+    ):
+        lists[match[1]] = re.findall(r"_\(([^)]*)\)", match[2])
+    assert "kl_div" in lists["AT_FORALL_FP32"]
+    assert "log_softmax, int" in lists["AT_FORALL_FP32_SET_OPT_DTYPE"]
+    assert "kl_div" not in lists["AT_FORALL_LOWER_PRECISION_FP"]
 
 
 @pytest.mark.cuda
