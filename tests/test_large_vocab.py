@@ -30,11 +30,24 @@ def test_straightforward_version_creates_several_logits_sized_tensors():
     operations = page.large_allocations(page.straightforward_kl)
     assert len(operations) == 8
     assert operations.count("aten._log_softmax.default") == 2
+    # the mode sees the backward pass too
+    assert "aten._log_softmax_backward_data.default" in operations
 
 
-def test_chunked_version_creates_only_the_gradient():
-    operations = page.large_allocations(lambda s, t: page.chunked_kl(s, t, 8))
+@pytest.mark.parametrize("chunk_size", [8, 16])
+def test_chunked_version_creates_only_the_gradient(chunk_size):
+    """On (64, 4096) logits: the gradient is the only tensor larger than a
+    (chunk, vocabulary) block, and there are temporaries of that block's size,
+    so they grow with the chunk (at 16 rows, past what 8 rows allocate)."""
+
+    def loss(s, t):
+        return page.chunked_kl(s, t, chunk_size)
+
+    operations = page.large_allocations(loss)
     assert operations == ["aten.empty_like.default"]
+    block = chunk_size * 4096
+    assert page.large_allocations(loss, numel=block + 1) == ["aten.empty_like.default"]
+    assert len(page.large_allocations(loss, numel=block)) > 1
 
 
 def test_chunked_value_and_gradients_match_kl_div_to_1e_5_relative():
@@ -126,8 +139,16 @@ def test_gradients_are_the_closed_forms_divided_by_the_temperature(temperature):
     log_ratio = p.log() - q.log()
     kl_rows = (p * log_ratio).sum(-1, keepdim=True)
     n = page.batch * page.tokens * temperature  # the mean over tokens, and 1/T
-    assert_close(grad_s, (q - p) / n, rtol=1e-9, atol=1e-15)
-    assert_close(grad_t, p * (log_ratio - kl_rows) / n, rtol=1e-9, atol=1e-15)
+    closed_s, closed_t = (q - p) / n, p * (log_ratio - kl_rows) / n
+    assert_close(grad_s, closed_s, rtol=1e-9, atol=1e-15)
+    assert_close(grad_t, closed_t, rtol=1e-9, atol=1e-15)
+    # the closed forms are the gradients of the definition, by autograd
+    every_token = torch.ones(page.student.shape[:-1], dtype=torch.bool)
+    by_autograd = torch.autograd.grad(
+        reference_kl(student, teacher, every_token, temperature), (student, teacher)
+    )
+    for closed, reference in zip((closed_s, closed_t), by_autograd, strict=True):
+        assert_close(closed, reference, rtol=1e-9, atol=1e-15)
 
 
 def test_straightforward_version_is_f_kl_div_batchmean_with_log_target():
@@ -258,6 +279,11 @@ def test_dropped_tokens_get_zero_gradient_whatever_their_logits_hold():
     clean_s, clean_t = student.clone(), teacher.clone()
     clean_s[0, 1] = clean_t[0, 1] = 0.0
     assert_close(value, page.chunked_kl(clean_s, clean_t, mask=mask), **RELATIVE)
+    # multiplying by the mask instead lets the dropped row's NaN through: 0 · NaN
+    log_q, log_p = student.log_softmax(dim=-1), teacher.log_softmax(dim=-1)
+    kl_rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+    assert kl_rows[mask].isfinite().all()
+    assert (kl_rows * mask).sum().isnan()
 
 
 def test_a_batch_with_no_kept_token_gives_zero_loss_and_zero_gradients():
@@ -328,8 +354,11 @@ def test_chunked_kl_on_cuda_gives_the_cpu_value_and_gradients_with_bf16_logits()
     on_cuda = chunked_value_and_gradients(
         student.cuda(), teacher.cuda(), mask=mask.cuda(), temperature=2.0
     )
-    for a, b in zip(on_cuda, on_cpu, strict=True):
-        assert a.device.type == "cuda"
+    assert on_cuda[0].dtype == on_cpu[0].dtype == torch.float32
+    assert_close(on_cuda[0].cpu(), on_cpu[0], rtol=1e-5, atol=0)
+    assert all(a.device.type == "cuda" for a in on_cuda)
+    for a, b in zip(on_cuda[1:], on_cpu[1:], strict=True):
+        # gradients come back in bfloat16: compared at its precision
         assert_close(a.cpu().float(), b.float(), rtol=2**-8, atol=1e-6)
 
 
