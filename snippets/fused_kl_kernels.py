@@ -4,16 +4,20 @@
 # What does a large-vocabulary KL cost in bfloat16, and what do fused GPU kernels
 # do that [the chunked KL](large_vocab.py) does not? Plain `F.kl_div` on bfloat16
 # logits computes in bfloat16
-# {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16} and loses accuracy,
-# in the value and in the gradient, that upcasting to float32 keeps
-# {✓ test_bfloat16_terms_summed_in_float64_lose_accuracy_that_float32_keeps}
+# {✓ test_plain_bfloat16_kl_div_computes_and_returns_bfloat16} and loses accuracy
+# that upcasting to float32 keeps: in the value {✓
+# test_bfloat16_result_is_at_best_the_exact_value_rounded_and_is_it_on_this_seed},
+# in the terms it sums
+# {✓ test_bfloat16_terms_summed_in_float64_lose_accuracy_that_float32_keeps} and
+# in the gradient
 # {✓ test_bfloat16_gradient_is_off_where_the_float32_upcast_differs_in_few_elements}.
-# Liger-Kernel's kernels tile the vocabulary inside each row, and its JSD and
-# fused-linear-JSD kernels compute the gradient in the forward pass (its
-# KL-divergence kernel has a separate backward), where the chunked KL splits rows
-# {✓ test_row_chunk_arithmetic_is_the_chunked_kls_default} and recomputes in the
-# backward pass {✓ test_large_vocab::
-# test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row}.
+# The chunked KL splits rows
+# {✓ test_large_vocab::test_chunked_version_creates_only_the_gradient} and
+# recomputes in the backward pass {✓ test_large_vocab::
+# test_forward_keeps_only_its_inputs_the_mask_and_three_numbers_per_row};
+# Liger-Kernel's kernels (read from its source, below) tile the vocabulary inside
+# each row, and its JSD and fused-linear-JSD kernels compute the gradient in the
+# forward pass (its KL-divergence kernel has a separate backward).
 #
 # On this page you will measure the bfloat16 error against a float64 reference,
 # count the chunks a long sequence takes, and read how Liger-Kernel's kernels
@@ -136,7 +140,8 @@ gradient_errors = {
 # leaves few rows per chunk, so a long batch takes many Python iterations per pass
 # (printed below) {✓ test_row_chunk_arithmetic_is_the_chunked_kls_default}. On
 # a GPU each iteration launches several kernels, so pass a larger `chunk_size`
-# there: the (chunk, vocabulary) temporaries grow with it.
+# there: the (chunk, vocabulary) temporaries grow with it
+# {✓ test_large_vocab::test_chunked_version_creates_only_the_gradient}.
 
 # %%
 CHUNK_VALUES = 1 << 20  # the chunked KL's default: about a million values
