@@ -3,11 +3,11 @@
 #
 # `F.kl_div(input, target, reduction="sum")` computes $D_{\mathrm{KL}}(P\,\|\,Q)$
 # with $P$ in `target` and $\log Q$ in `input`: the **model goes first, as
-# log-probabilities**, the target second, as probabilities.
-# {✓ test_model_first_is_forward_kl_and_log_target_agrees} So
+# log-probabilities**, the target second, as probabilities
+# {✓ test_prose_calls_model_first_and_roles_swapped_at_vocabulary_size}. So
 # `F.kl_div(log_q, p, reduction="sum")` is $D_{\mathrm{KL}}(P\,\|\,Q)$, the reverse
-# of the order in the formula.
-# {✓ test_prose_calls_model_first_and_roles_swapped_at_vocabulary_size} Swapping
+# of the order in the formula
+# {✓ test_prose_calls_model_first_and_roles_swapped_at_vocabulary_size}. Swapping
 # the roles of $P$ and $Q$ (the log moving with them to the new first argument)
 # silently computes the other divergence {✓ test_swapping_arguments_computes_reverse_kl}
 # {✓ test_swapping_arguments_raises_no_warning}; a literal swap of the two tensors
@@ -17,9 +17,9 @@
 # passing them as the target with `log_target=True` returns positive numbers that
 # are far too large {✓ test_probabilities_as_log_target_grow_with_the_vocabulary}.
 # And `F.kl_div` differentiates with respect to its target too: a target that
-# comes out of a network (a teacher) is trained by the loss unless you detach it.
+# comes out of a network (a teacher) is trained by the loss unless you detach it
 # {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it}
-# {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}
+# {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}.
 #
 # On this page you will:
 #
@@ -34,10 +34,12 @@
 # %% [markdown]
 # ## What the source says
 #
-# `torch.nn.functional.kl_div` checks no shapes and no values (only that the dtypes
-# are floating point) {✓ test_kl_div_checks_neither_shapes_nor_values_only_dtypes}
-# and calls `torch.kl_div` {✓ test_functional_kl_div_calls_torch_kl_div}, which since
-# [PR #80334] is a composite of two formulas. With $x$ the `input` and $y$ the
+# Neither `F.kl_div` nor `torch.kl_div` checks shapes (any that broadcast are
+# accepted) or values; `torch.kl_div` rejects only integral and complex dtypes
+# {✓ test_kl_div_checks_neither_shapes_nor_values_only_dtypes}. `F.kl_div` calls
+# `torch.kl_div` {✓ test_functional_kl_div_calls_torch_kl_div}, which since
+# [PR #80334] is a composite of two formulas {✓ test_torch_kl_div_is_composite}.
+# With $x$ the `input` and $y$ the
 # `target`, each element of the default form is computed as
 # `xlogy(target, target) - target * input` {✓ test_source_formula_default_form},
 # and with `log_target=True` as `exp(target) * (target - input)`
@@ -46,23 +48,25 @@
 # $$\ell(x, y) = y\,(\log y - x), \qquad \ell_{\log}(x, y) = e^{y}\,(y - x).$$
 #
 # Read $x = \log Q$ and $y = P$: the sum of $P\,(\log P - \log Q)$ is
-# $D_{\mathrm{KL}}(P\,\|\,Q)$. {✓ test_model_first_computes_kl_of_target_from_model}
+# $D_{\mathrm{KL}}(P\,\|\,Q)$ {✓ test_model_first_computes_kl_of_target_from_model}.
 # The order mirrors the other losses in `torch.nn` (prediction first, target
-# second). {✓
-# test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch}
+# second) {✓
+# test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch}.
 # The mismatch with the formula was reported as a bug ([pytorch#57459])
 # and resolved as documentation: [PR #67443] added the note that the docs carry
-# today. {✓
-# test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch}
+# today {✓
+# test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch}.
 #
 # Before torch 1.13, the first release with [PR #80334], the ATen kernel
 # (`aten/src/ATen/native/Loss.cpp`) computed
 # `where(target > 0, target * (log(target) - input), 0)`: every element whose
-# target is not positive gave a silent 0 instead of NaN ([pytorch#69230])
-# {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}, and the reporter of
+# target is negative (a log-probability, say) gave a silent 0 where it is NaN now
+# ([pytorch#69230]) {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan},
+# and the reporter of
 # [pytorch#89558] found the gradient with respect to a zero target to be 0 on 1.12,
 # where it is NaN now {✓ test_gradient_with_respect_to_a_zero_target_is_nan_since_1_13}.
-# On an older torch the failures below look different: zeros instead of NaN.
+# On an older torch the failures below look different: zeros instead of NaN
+# {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}.
 #
 # [PR #80334]: https://github.com/pytorch/pytorch/pull/80334
 # [pytorch#69230]: https://github.com/pytorch/pytorch/issues/69230
@@ -98,8 +102,8 @@ kl_qp = kl_per_row(q, p)
 # ## The model first, in log space
 #
 # Four pairs of distributions over five classes, one per row. `reduction="none"`
-# keeps every term; summing each row gives one divergence per pair.
-# {✓ test_model_first_computes_kl_of_target_from_model} The second
+# keeps every term; summing each row gives one divergence per pair
+# {✓ test_model_first_computes_kl_of_target_from_model}. The second
 # call swaps the roles: $Q$ becomes the target and $\log P$ goes first. The third
 # swaps the two tensors as they stand, so the log-probabilities of $Q$ arrive as
 # the target.
@@ -121,16 +125,16 @@ kl_div_tensors_swapped = F.kl_div(p, log_q, reduction="none").sum(dim=-1)
 # row {✓ test_model_first_computes_kl_of_target_from_model}, and the call with the
 # roles swapped matches $D_{\mathrm{KL}}(Q\,\|\,P)$
 # {✓ test_swapping_arguments_computes_reverse_kl}, a different number in every row
-# {✓ test_forward_and_reverse_kl_differ_in_every_row}. Nothing warns you
-# {✓ test_swapping_arguments_raises_no_warning}: both are valid divergences,
+# {✓ test_forward_and_reverse_kl_differ_in_every_row}. Nothing warns that the roles
+# are swapped {✓ test_swapping_arguments_raises_no_warning}: both are valid divergences,
 # just not the same one. Which one you want is a modelling decision (the forward
 # KL covers all of $P$'s mass {✓ test_forward_reverse::
 # test_forward_kl_fit_is_moment_matching_from_every_start}, the reverse KL can lock
 # onto a mode {✓ test_forward_reverse::
 # test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2});
 # the argument order is how you state it. The literal swap is NaN: its target,
-# $\log Q$, is negative, and a negative "probability" has no log.
-# {✓ test_literal_swap_of_the_tensors_gives_nan}
+# $\log Q$, is negative, and a negative "probability" has no log
+# {✓ test_literal_swap_of_the_tensors_gives_nan}.
 
 # %% [markdown]
 # ## Probabilities where log-probabilities belong
@@ -138,8 +142,8 @@ kl_div_tensors_swapped = F.kl_div(p, log_q, reduction="none").sum(dim=-1)
 # The `input` is read as $\log Q$ whatever you pass. Give it probabilities and each
 # term becomes $P\,(\log P - Q)$: not a divergence at all, and never positive,
 # since $\log P \le 0$ and $Q \ge 0$ {✓ test_probabilities_as_input_are_never_positive};
-# each row sums to $-H(P) - \sum_x P(x) Q(x)$.
-# {✓ test_probabilities_as_input_give_minus_entropy_minus_overlap}
+# each row sums to $-H(P) - \sum_x P(x) Q(x)$
+# {✓ test_probabilities_as_input_give_minus_entropy_minus_overlap}.
 # Give the target as log-probabilities without saying so and it is read as
 # probabilities: $\log$ of a negative number, NaN
 # {✓ test_log_probabilities_as_target_without_log_target_give_nan} (a silent 0
@@ -149,8 +153,8 @@ kl_div_tensors_swapped = F.kl_div(p, log_q, reduction="none").sum(dim=-1)
 # {✓ test_probabilities_as_target_with_log_target_read_p_as_log_p}, and each row is
 # at least $-\sum_x \log Q(x)$, which is at least $C \log C$ over $C$ classes
 # {✓ test_probabilities_as_log_target_are_at_least_c_log_c_on_the_page}
-# {✓ test_probabilities_as_log_target_are_at_least_c_log_c_for_any_rows}: a
-# wrong number that grows with the vocabulary
+# {✓ test_probabilities_as_log_target_are_at_least_c_log_c_for_any_rows}: the
+# wrong number grows with the vocabulary
 # {✓ test_probabilities_as_log_target_grow_with_the_vocabulary}.
 
 # %%
@@ -167,8 +171,8 @@ probabilities_as_log_target = F.kl_div(log_q, p, reduction="none", log_target=Tr
 # print("F.kl_div(log_q, p), log_target=True: ", probabilities_as_log_target)
 
 # %% [markdown]
-# A target that does not sum to 1 is just as silent.
-# {✓ test_kl_div_checks_neither_shapes_nor_values_only_dtypes} This is the report
+# `F.kl_div` is just as silent about a target that does not sum to 1
+# {✓ test_kl_div_checks_neither_shapes_nor_values_only_dtypes}. This is the report
 # in [pytorch#60928], run as posted: the model's output goes through `.log()` as it
 # should, but the target's three entries add up to about 0.3
 # {✓ test_issue_60928_target_does_not_sum_to_one}, so the "divergence" comes out
@@ -231,8 +235,8 @@ kl_log_target = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(di
 # ## nn.KLDivLoss is the same computation
 #
 # The module stores `reduction` and `log_target` and calls `F.kl_div` in its
-# `forward`, with the same order: `loss_fn(log_q, log_p)`, model first.
-# {✓ test_kldivloss_module_is_the_functional_call}
+# `forward`, with the same order: `loss_fn(log_q, log_p)`, model first
+# {✓ test_kldivloss_module_is_the_functional_call}.
 
 # %%
 loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=True)
@@ -247,13 +251,13 @@ kl_functional = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 # %% [markdown]
 # ## The target gets a gradient too: detach the teacher
 #
-# `F.kl_div` is differentiable in both arguments.
-# {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it} When the target
+# `F.kl_div` is differentiable in both arguments
+# {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it}. When the target
 # comes from a network, as in distillation, self-distillation or R-Drop, the loss
 # trains that network as well unless you cut the graph: `.detach()` on the target,
-# or compute it under `torch.no_grad()`. Nothing warns you
-# {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}; the teacher
-# just drifts towards the student
+# or compute it under `torch.no_grad()`. Nothing warns that the teacher gets a
+# gradient {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}; the
+# teacher just drifts towards the student
 # {✓ test_a_step_on_the_undetached_teacher_moves_it_towards_the_student}. A
 # student and a teacher, each one linear layer over eight
 # features and five classes:
@@ -295,9 +299,9 @@ def teacher_gradient_norm_no_grad():
 # %% [markdown]
 # An optimizer over both networks' parameters (or a shared backbone, as in
 # self-distillation) would step the teacher with that gradient
-# {✓ test_a_step_on_the_undetached_teacher_moves_it_towards_the_student}. The same
-# holds with `log_target=True`.
-# {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it}
+# {✓ test_a_step_on_the_undetached_teacher_moves_it_towards_the_student}.
+# `F.kl_div` sends the target a gradient with `log_target=True` too
+# {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it}.
 #
 # ## What to remember
 #
@@ -311,20 +315,20 @@ def teacher_gradient_norm_no_grad():
 #   they stand and you get NaN {✓ test_literal_swap_of_the_tensors_gives_nan}.
 # - The input must be log-probabilities (`log_softmax`, not `softmax`); the target
 #   probabilities that sum to 1, or log-probabilities with `log_target=True`.
-#   Neither shapes nor values are checked
+#   Neither shapes (any that broadcast pass) nor values are checked
 #   {✓ test_kl_div_checks_neither_shapes_nor_values_only_dtypes}: wrong inputs give
 #   wrong numbers. Probabilities passed as the input give numbers that are never
 #   positive {✓ test_probabilities_as_input_are_never_positive}; probabilities
 #   passed as the target with `log_target=True` give positive numbers of at least
 #   $C \log C$ for $C$ classes
 #   {✓ test_probabilities_as_log_target_are_at_least_c_log_c_for_any_rows}.
-#   Before torch 1.13 a log-probability target gave a silent 0, not NaN.
-#   {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}
+#   Before torch 1.13 a log-probability target gave a silent 0, not NaN
+#   {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}.
 # - Prefer `log_target=True` with `log_softmax` outputs on both sides.
 # - `nn.KLDivLoss(reduction="batchmean")(log_q, p)` is
-#   `F.kl_div(log_q, p, reduction="batchmean")`.
-#   {✓ test_prose_module_call_is_the_functional_call}
+#   `F.kl_div(log_q, p, reduction="batchmean")`
+#   {✓ test_prose_module_call_is_the_functional_call}.
 # - Detach a target that comes out of a network (`.detach()` or
-#   `torch.no_grad()`): `F.kl_div` sends it a gradient otherwise.
+#   `torch.no_grad()`): `F.kl_div` sends it a gradient otherwise
 #   {✓ test_kl_div_sends_a_gradient_to_a_target_that_requires_it}
-#   {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}
+#   {✓ test_teacher_gets_a_gradient_unless_detached_or_under_no_grad}.

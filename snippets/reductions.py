@@ -9,14 +9,14 @@
 # it by `input.size(0)`, whatever the first dimension holds
 # {✓ test_batchmean_divides_by_input_size_0}
 # {✓ test_batchmean_divides_a_single_distribution_by_its_classes}. `"batchmean"` is
-# the mean KL per distribution only when the distributions lie along the last
-# dimension of a 2-D tensor {✓
-# test_batchmean_is_the_mean_kl_per_row_when_rows_are_distributions}
+# the mean KL per distribution when the tensor is (distributions, classes) {✓
+# test_batchmean_is_the_mean_kl_per_row_when_rows_are_distributions}; in other
+# layouts it generally is not
 # {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}: one distribution
 # of shape (C,) gets divided by C
 # {✓ test_batchmean_divides_a_single_distribution_by_its_classes}. For
-# language-model outputs of shape (B, T, V) it divides by B, not by the B·T tokens.
-# {✓ test_language_model_batchmean_divides_by_batch_not_tokens}
+# language-model outputs of shape (B, T, V) it divides by B, not by the B·T tokens
+# {✓ test_language_model_batchmean_divides_by_batch_not_tokens}.
 #
 # On this page you will:
 #
@@ -40,12 +40,12 @@
 #   {✓ test_mean_divides_by_every_element}
 # - `"batchmean"`: $\sum \ell \,/\, B$, with $B$ = `input.size(0)`
 #   {✓ test_batchmean_divides_by_input_size_0}; the wrapper asks ATen for the sum
-#   and divides by `input.size()[0]` itself.
-#   {✓ test_the_wrapper_divides_the_sum_by_input_size_0_itself}
+#   and divides by `input.size()[0]` itself
+#   {✓ test_the_wrapper_divides_the_sum_by_input_size_0_itself}.
 #
 # Four rows of distributions over five classes: the distributions lie along the
-# last dimension, so `"batchmean"` divides by the number of rows.
-# {✓ test_batchmean_divides_by_input_size_0}
+# last dimension, so `"batchmean"` divides by the number of rows
+# {✓ test_batchmean_divides_by_input_size_0}.
 
 # %%
 import warnings
@@ -97,11 +97,11 @@ def kl_with_mean_reduction(log_q, log_p):
 #     and so are its gradients
 #     {✓ test_mean_scales_gradients_down_by_the_number_of_classes}. For a
 #     language-model vocabulary that factor is the vocabulary size (the ratio at
-#     32,000 classes is printed below).
-#     {✓ test_the_page_prints_the_ratio_at_32k_classes}
+#     32,000 classes is printed below)
+#     {✓ test_the_page_prints_the_ratio_at_32k_classes}.
 #     The warning says `"mean"` will behave like `"batchmean"` in the next major
-#     release; PyTorch 2.0 was a major release and kept `"mean"` as it was.
-#     {✓ test_the_promised_change_did_not_come_with_major_release_2} Name the
+#     release; PyTorch 2.0 was a major release and kept `"mean"` as it was
+#     {✓ test_the_promised_change_did_not_come_with_major_release_2}. Name the
 #     reduction you mean.
 
 # %%
@@ -121,10 +121,10 @@ kl_vocab_batchmean = F.kl_div(
 
 # %% [markdown]
 # A single distribution of shape (C,) is not a batch of one: its `input.size(0)` is
-# C, so `"batchmean"` divides its KL by the number of classes.
-# {✓ test_batchmean_divides_a_single_distribution_by_its_classes} Use `"sum"` for
-# one distribution, or give it a batch dimension with `unsqueeze(0)`.
-# {✓ test_sum_or_unsqueeze_0_give_the_kl_of_a_single_distribution}
+# C, so `"batchmean"` divides its KL by the number of classes
+# {✓ test_batchmean_divides_a_single_distribution_by_its_classes}. Use `"sum"` for
+# one distribution, or give it a batch dimension with `unsqueeze(0)`
+# {✓ test_sum_or_unsqueeze_0_give_the_kl_of_a_single_distribution}.
 
 # %%
 one_log_p, one_log_q = log_p[0], log_q[0]  # one distribution, shape (5,)
@@ -143,13 +143,13 @@ one_as_batch = F.kl_div(
 
 # %% [markdown]
 # Nothing checks that the input and the target have the same shape
-# ([pitfalls](numerical_pitfalls.py#nothing-is-validated)).
-# {✓ test_numerical_pitfalls::test_mismatched_shapes_broadcast_without_a_warning}
+# ([pitfalls](numerical_pitfalls.py#nothing-is-validated))
+# {✓ test_numerical_pitfalls::test_mismatched_shapes_broadcast_without_a_warning}.
 # Shapes that broadcast bend both divisors: `"mean"`
 # divides by the number of terms *after* broadcasting
 # {✓ test_mean_divides_by_the_terms_after_broadcasting}, `"batchmean"` still by the
-# input's first dimension, even when the target has more rows.
-# {✓ test_batchmean_divides_by_the_input_rows_when_the_target_has_more}
+# input's first dimension, even when the target has more rows
+# {✓ test_batchmean_divides_by_the_input_rows_when_the_target_has_more}.
 
 # %%
 one_model_row = log_q[:1]  # shape (1, 5) against four target rows
@@ -168,11 +168,13 @@ broadcast_sum = F.kl_div(one_model_row, log_p, reduction="sum", log_target=True)
 # A language model's log-probabilities have shape (batch B, sequence T, vocabulary
 # V), one distribution per token along the last dimension. `"batchmean"` still
 # divides by `input.size(0)` = B: the result is the KL *summed over the tokens of a
-# sequence*, averaged over sequences.
-# {✓ test_language_model_batchmean_divides_by_batch_not_tokens} For the mean KL per
+# sequence*, averaged over sequences
+# {✓ test_language_model_batchmean_divides_by_batch_not_tokens_on_the_page}
+# {✓ test_language_model_batchmean_divides_by_batch_not_tokens}. For the mean KL per
 # token, divide the sum by the token count yourself
 # {✓ test_token_mean_divides_by_the_token_count}, and with padding count only the
-# real tokens {✓ test_masked_token_mean_counts_only_real_tokens}.
+# real tokens {✓ test_masked_token_mean_counts_only_real_tokens_on_the_page}
+# {✓ test_masked_token_mean_counts_only_real_tokens}.
 
 # %%
 batch_size, seq_len, vocab_size = 2, 3, 6
@@ -206,21 +208,21 @@ lm_masked_token_mean = kl_per_token[padding_mask].mean()  # padded tokens droppe
 # ### Padding and NaN: select, and clean what comes from upstream
 #
 # Select the real tokens rather than multiply by the mask: a NaN at a padded
-# position times 0 is still NaN.
-# {✓ test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not}
+# position times 0 is still NaN
+# {✓ test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not}.
 # Selection fixes the value, and the gradients too when the NaN is made inside the
-# KL term (a padded target row of $-\infty$ log-probabilities: $0 \cdot (-\infty)$).
-# {✓ test_selection_fixes_value_and_gradient_of_a_nan_made_inside_the_kl} It does
+# KL term (a padded target row of $-\infty$ log-probabilities: $0 \cdot (-\infty)$)
+# {✓ test_selection_fixes_value_and_gradient_of_a_nan_made_inside_the_kl}. It does
 # not fix a NaN that reaches the padded positions from upstream: the selected loss
 # is finite, but the output layer's gradient sums over *every* position, padded
-# ones included, and $0 \cdot \text{NaN}$ is NaN. {✓
+# ones included, and $0 \cdot \text{NaN}$ is NaN {✓
 # test_selection_leaves_nan_gradients_from_an_upstream_nan_on_the_page}
-# {✓ test_selection_leaves_nan_gradients_from_an_upstream_nan} Such a NaN comes,
+# {✓ test_selection_leaves_nan_gradients_from_an_upstream_nan}. Such a NaN comes,
 # for instance, from a hand-written attention whose row is fully masked: a
-# `softmax` over scores that are all $-\infty$ is NaN.
-# {✓ test_softmax_over_a_fully_masked_attention_row_gives_nan} Replace the padded
-# inputs with `torch.where` before they enter the layer {✓
-# test_torch_where_on_the_padded_inputs_gives_finite_gradients_on_the_page}
+# `softmax` over scores that are all $-\infty$ is NaN
+# {✓ test_softmax_over_a_fully_masked_attention_row_gives_nan}. Replacing the padded
+# inputs with `torch.where` before the layer gives the real tokens' gradient,
+# finite {✓ test_torch_where_on_the_padded_inputs_gives_finite_gradients_on_the_page}
 # {✓ test_torch_where_on_the_padded_inputs_gives_the_real_tokens_gradient}: the
 # same fix as for `torch.where` on the [pitfalls page][where-nan].
 #
@@ -260,11 +262,11 @@ loss_cleaned = token_kl(hidden_clean, weight, log_p_tokens, padding_mask)
 # %% [markdown]
 # ## A well-known example, rerun
 #
-# An often-copied [blog post] explains the reductions with two samples from
-# $\mathrm{Uniform}(0, 10)$ of shape (5, 2), normalised with `softmax` and
-# `log_softmax` over **dim 0**, and prints all four. Here it is with the same
-# seed (the post seeds the global generator, so this cell does too), then again
-# with shape (10, 6, 4).
+# An often-copied [blog post], as we read it, explains the reductions with two
+# samples from $\mathrm{Uniform}(0, 10)$ of shape (5, 2), normalised with `softmax`
+# and `log_softmax` over **dim 0**, and prints all four. Here it is with the seed
+# we read there (the post seeds the global generator, so this cell does too), then
+# again with shape (10, 6, 4).
 #
 # [blog post]: https://douglasrizzo.com.br/kl-div-pytorch/
 
@@ -289,19 +291,19 @@ def blog_example(shape, reduction):
 
 # %% [markdown]
 # The numbers are right for what was asked {✓ test_blog_reductions_divide_the_same_sum},
-# but `"batchmean"` is not the mean KL of anything in this layout.
-# {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}
-# `F.softmax(b, dim=0)` makes each **column** a distribution
-# {✓ test_blog_softmax_over_dim_0_makes_each_column_a_distribution}: two
-# distributions over five outcomes for shape (5, 2), 6 × 4 = 24 over ten outcomes
-# for (10, 6, 4). `"batchmean"` divides by `input.size(0)`: by 5 and by 10, the
-# number of *outcomes*. {✓ test_blog_reductions_divide_the_same_sum} The mean KL
-# per distribution divides the same sum by 2 and by 24.
-# {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}
+# but `"batchmean"` is not the mean KL of anything in this layout
+# {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}.
+# `F.softmax(b, dim=0)` makes each **column** a distribution: two distributions
+# over five outcomes for shape (5, 2), 6 × 4 = 24 over ten outcomes for (10, 6, 4)
+# {✓ test_blog_softmax_over_dim_0_makes_each_column_a_distribution}. `"batchmean"`
+# divides by `input.size(0)`: by 5 and by 10, the number of *outcomes*
+# {✓ test_blog_reductions_divide_the_same_sum}. The mean KL per distribution
+# divides the same sum by 2 and by 24
+# {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}.
 #
 # The fix is the layout, not the reduction: put each distribution on the last
-# dimension (`softmax(dim=-1)`) and flatten everything else into the first.
-# {✓ test_fixed_layout_batchmean_is_the_mean_kl_per_distribution}
+# dimension (`softmax(dim=-1)`) and flatten everything else into the first
+# {✓ test_fixed_layout_batchmean_is_the_mean_kl_per_distribution}.
 
 
 # %%
@@ -354,24 +356,26 @@ def mean_kl_per_distribution(shape):
 # %% [markdown]
 # ## What to remember
 #
-# - Name the reduction: the default `"mean"` divides by batch × classes.
+# - Name the reduction: the default `"mean"` divides by batch × classes
 #   {✓ test_mean_is_still_the_default_and_warns}
-#   {✓ test_mean_divides_by_every_element}
-# - `"batchmean"` divides by `input.size(0)`.
-#   {✓ test_batchmean_divides_by_input_size_0} It is the mean KL per distribution
-#   only when the tensor is (number of distributions, number of classes) {✓
-#   test_batchmean_is_the_mean_kl_per_row_when_rows_are_distributions}
+#   {✓ test_mean_divides_by_every_element}.
+# - `"batchmean"` divides by `input.size(0)`
+#   {✓ test_batchmean_divides_by_input_size_0}. It is the mean KL per distribution
+#   when the tensor is (distributions, classes) {✓
+#   test_batchmean_is_the_mean_kl_per_row_when_rows_are_distributions}; in other
+#   layouts it generally is not
 #   {✓ test_blog_batchmean_divides_by_outcomes_not_distributions}; a single
 #   (C,) distribution gets divided by C
 #   {✓ test_batchmean_divides_a_single_distribution_by_its_classes}: use `"sum"` for
-#   it. {✓ test_sum_or_unsqueeze_0_give_the_kl_of_a_single_distribution}
+#   it {✓ test_sum_or_unsqueeze_0_give_the_kl_of_a_single_distribution}.
 # - The dimension that holds each distribution is yours to choose, through the
 #   `dim` of `softmax` / `log_softmax`
 #   {✓ test_blog_softmax_over_dim_0_makes_each_column_a_distribution}; keep it last.
 # - For (B, T, V) language-model outputs, sum and divide by the number of real
-#   tokens. {✓ test_masked_token_mean_counts_only_real_tokens} Select them with the
-#   mask rather than multiply
-#   {✓ test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not}, and
-#   replace NaN inputs at padded positions with `torch.where` before the layer, or
-#   the gradients are NaN {✓ test_selection_leaves_nan_gradients_from_an_upstream_nan}
+#   tokens {✓ test_masked_token_mean_counts_only_real_tokens}. Selecting them with
+#   the mask survives a NaN; multiplying by it does not
+#   {✓ test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not}. NaN
+#   inputs at padded positions still make the gradients NaN
+#   {✓ test_selection_leaves_nan_gradients_from_an_upstream_nan}; replacing them
+#   with `torch.where` before the layer gives the real tokens' gradient
 #   {✓ test_torch_where_on_the_padded_inputs_gives_the_real_tokens_gradient}.

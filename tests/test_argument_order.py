@@ -60,14 +60,14 @@ def test_source_formula_default_form():
     target = torch.cat([page.p[:, :-1], torch.zeros(4, 1)], dim=-1)  # with zeros
     expected = torch.xlogy(target, target) - target * page.log_q
     terms = F.kl_div(page.log_q, target, reduction="none")
-    assert_close(terms, expected, **FLOAT32)
+    assert_close(terms, expected, rtol=0, atol=0)  # the same ops: bitwise equal
     assert (terms[:, -1] == 0).all()  # xlogy: 0 where the target is 0
 
 
 def test_source_formula_log_target_form():
     expected = page.log_p.exp() * (page.log_p - page.log_q)
     terms = F.kl_div(page.log_q, page.log_p, reduction="none", log_target=True)
-    assert_close(terms, expected, **FLOAT32)
+    assert_close(terms, expected, rtol=0, atol=0)  # the same ops: bitwise equal
 
 
 def test_model_first_computes_kl_of_target_from_model():
@@ -94,8 +94,20 @@ def test_kl_div_checks_neither_shapes_nor_values_only_dtypes():
         F.kl_div(page.log_q, -page.p, reduction="sum")  # negative "probabilities"
         F.kl_div(page.log_q, 3 * page.p, reduction="sum")  # rows summing to 3
         F.kl_div(page.log_q[:1], page.p, reduction="sum")  # (1, 5) against (4, 5)
-    with pytest.raises(RuntimeError, match="Integral inputs not supported"):
-        F.kl_div(page.log_q.long(), page.p.long(), reduction="sum")
+        torch.kl_div(page.log_q[:1], page.p)  # the same in torch.kl_div
+        torch.kl_div(page.log_q, -page.p)
+    with pytest.raises(RuntimeError, match="must match the size"):  # no broadcast
+        F.kl_div(page.log_q[:2], page.p, reduction="sum")  # (2, 5) against (4, 5)
+    for dtype in [torch.long, torch.bool]:
+        with pytest.raises(RuntimeError, match="Integral inputs not supported"):
+            torch.kl_div(page.log_q.to(dtype), page.p.to(dtype))
+        with pytest.raises(RuntimeError, match="Integral inputs not supported"):
+            F.kl_div(page.log_q.to(dtype), page.p.to(dtype), reduction="sum")
+    complex_q, complex_p = page.log_q.to(torch.complex64), page.p.to(torch.complex64)
+    with pytest.raises(RuntimeError, match="Complex inputs not supported"):
+        torch.kl_div(complex_q, complex_p)
+    with pytest.raises(RuntimeError, match="Complex inputs not supported"):
+        F.kl_div(complex_q, complex_p, reduction="sum")
 
 
 def test_probabilities_as_input_give_minus_entropy_minus_overlap():
@@ -141,6 +153,12 @@ def test_log_target_with_minus_infinity_in_log_p_gives_nan():
 
 
 def test_kldivloss_module_is_the_functional_call():
+    assert (page.loss_fn.reduction, page.loss_fn.log_target) == ("batchmean", True)
+    forward = inspect.getsource(nn.KLDivLoss.forward)
+    assert "F.kl_div(" in forward
+    assert "input, target, reduction=self.reduction, log_target=self.log_target" in (
+        " ".join(forward.split())
+    )
     assert_close(page.kl_module, page.kl_functional, rtol=0, atol=0)
     assert_close(page.kl_module, page.kl_pq.mean(), **FLOAT32)
 
@@ -194,6 +212,22 @@ def test_pre_1_13_formula_gave_a_silent_zero_where_now_nan():
 
     assert (kl_div_before_1_13(page.log_q, page.log_p) == 0).all()
     assert page.log_target_unannounced.isnan().all()
+    # one row of each kind of target: negative, zero, positive; finite input
+    target = torch.tensor([-0.5, 0.0, 0.3, 0.7])
+    log_q = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
+    before = kl_div_before_1_13(log_q, target)
+    now = F.kl_div(log_q, target, reduction="none")
+    assert before[0] == 0 and now[0].isnan()  # negative: 0 then, NaN now
+    assert before[1] == 0 and now[1] == 0  # zero: 0 then and now
+    expected = target[2:].double() * (target[2:].double().log() - log_q[2:].double())
+    assert_close(before[2:].double(), expected, **FLOAT32)  # positive: the same
+    assert_close(now[2:].double(), expected, **FLOAT32)
+
+
+def test_torch_kl_div_is_composite():
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has_kernel("aten::kl_div", "CompositeImplicitAutograd")
+    assert not has_kernel("aten::kl_div", "CPU")  # no kernel of its own
 
 
 def test_gradient_with_respect_to_a_zero_target_is_nan_since_1_13():
@@ -205,6 +239,10 @@ def test_gradient_with_respect_to_a_zero_target_is_nan_since_1_13():
 
 def test_the_issue_used_the_modules_default_reduction_mean():
     assert nn.KLDivLoss().reduction == "mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "mean" warning
+        default = nn.KLDivLoss()(page.output.log(), page.target)
+    assert_close(page.issue_60928_loss(), default, rtol=0, atol=0)
 
 
 def test_prose_module_call_is_the_functional_call():
@@ -229,16 +267,23 @@ def test_kl_div_sends_a_gradient_to_a_target_that_requires_it(vocab, log_target)
     generator = torch.Generator().manual_seed(vocab)
     teacher_logits, student_logits = torch.randn(2, 2, vocab, generator=generator)
     teacher_logits.requires_grad_()
+    student_logits.requires_grad_()
     log_q = student_logits.log_softmax(dim=-1)
     log_p = teacher_logits.log_softmax(dim=-1)
     target = log_p if log_target else log_p.exp()
     loss = F.kl_div(log_q, target, reduction="batchmean", log_target=log_target)
-    (grad,) = torch.autograd.grad(loss, teacher_logits)
-    assert grad.isfinite().all() and grad.norm() > 0
+    grads = torch.autograd.grad(
+        loss, [teacher_logits, student_logits], retain_graph=True
+    )
+    for grad in grads:  # both arguments: the target and the input
+        assert grad.isfinite().all() and grad.norm() > 0
     detached = F.kl_div(
         log_q, target.detach(), reduction="batchmean", log_target=log_target
     )
-    assert not detached.requires_grad  # no path left to the teacher
+    to_teacher, _ = torch.autograd.grad(
+        detached, [teacher_logits, student_logits], allow_unused=True
+    )
+    assert to_teacher is None  # no path left to the teacher
 
 
 def probabilities_as_log_target_float64(p, log_q):
@@ -254,6 +299,10 @@ def test_opening_says_never_positive_of_probabilities_as_the_input_only():
 
 
 def test_probabilities_as_target_with_log_target_read_p_as_log_p():
+    terms = F.kl_div(page.log_q, page.p, reduction="none", log_target=True)
+    p, log_q = page.p.double(), page.log_q.double()
+    assert_close(terms.double(), p.exp() * (p - log_q), **FLOAT32)  # e^P (P − log Q)
+    assert (terms > 0).all()
     expected = probabilities_as_log_target_float64(page.p, page.log_q)
     assert_close(page.probabilities_as_log_target.double(), expected, **FLOAT32)
     assert (page.probabilities_as_log_target > page.kl_pq).all()
@@ -308,18 +357,31 @@ def test_other_losses_take_the_prediction_first_and_the_docs_note_the_mismatch()
     assert "This differs from the standard mathematical notation" in note
 
 
+def one_joint_step(detach_teacher):
+    """One SGD step of an optimizer over both networks (copies of the page's)."""
+    student, teacher = copy.deepcopy(page.student), copy.deepcopy(page.teacher)
+    optimizer = torch.optim.SGD([*student.parameters(), *teacher.parameters()], lr=0.1)
+    optimizer.zero_grad()  # the copies carry the grads of earlier backward calls
+    log_q = student(page.features).log_softmax(dim=-1)
+    p = teacher(page.features).softmax(dim=-1)
+    F.kl_div(
+        log_q, p.detach() if detach_teacher else p, reduction="batchmean"
+    ).backward()
+    optimizer.step()
+    return teacher
+
+
 def test_a_step_on_the_undetached_teacher_moves_it_towards_the_student():
-    teacher = copy.deepcopy(page.teacher)
-    log_q = page.student(page.features).log_softmax(dim=-1).detach()
+    log_q_student = page.student(page.features).log_softmax(dim=-1).detach()
 
-    def kl_to_student():
-        p = teacher(page.features).softmax(dim=-1)
-        return F.kl_div(log_q, p, reduction="batchmean")
+    def kl_to_the_student(teacher):  # KL(teacher ‖ the student before the step)
+        with torch.no_grad():
+            p = teacher(page.features).softmax(dim=-1)
+        return F.kl_div(log_q_student, p, reduction="batchmean")
 
-    before = kl_to_student()
-    before.backward()
-    with torch.no_grad():
-        for parameter in teacher.parameters():
-            parameter -= 0.1 * parameter.grad
-    after = kl_to_student().detach()
-    assert after < before.detach() - 1e-4
+    teacher = one_joint_step(detach_teacher=False)
+    assert not torch.equal(teacher.weight, page.teacher.weight)
+    assert kl_to_the_student(teacher) < kl_to_the_student(page.teacher) - 1e-4
+    detached = one_joint_step(detach_teacher=True)
+    assert torch.equal(detached.weight, page.teacher.weight)
+    assert torch.equal(detached.bias, page.teacher.bias)

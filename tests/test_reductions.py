@@ -19,6 +19,7 @@ QUOTED_IN_PROSE = {
     "input.size()[0]": "quoted from torch/nn/functional.py's kl_div wrapper",
 }
 SHAPES = [(5, 2), (10, 6, 4)]
+LM_SIZES = [(2, 3, 6), (2, 8, 32_000), (2, 4, 128_000)]
 
 
 def blog_sum(shape):
@@ -45,9 +46,16 @@ def test_mean_is_still_the_default_and_warns():
 
 
 def test_the_promised_change_did_not_come_with_major_release_2():
-    _, caught = page.kl_with_mean_reduction(page.log_q, page.log_p)
-    assert any("in the next major release" in text for text in caught)
+    kl_mean, caught = page.kl_with_mean_reduction(page.log_q, page.log_p)
+    promise = (
+        "'mean' will be changed to behave the same as 'batchmean'"
+        " in the next major release"
+    )
+    assert any(promise in text for text in caught)
     assert int(torch.__version__.split(".")[0]) >= 2
+    # and "mean" still divides by every element, not by the batch
+    assert_close(kl_mean, page.kl_sum / page.terms.numel(), **FLOAT32)
+    assert not torch.isclose(kl_mean, page.kl_batchmean)
 
 
 def test_mean_scales_gradients_down_by_the_number_of_classes():
@@ -142,20 +150,54 @@ def test_batchmean_is_the_mean_kl_per_row_when_rows_are_distributions():
     assert_close(page.kl_batchmean, page.kl_per_row.mean(), **FLOAT32)
 
 
-def test_language_model_batchmean_divides_by_batch_not_tokens():
+def kl_per_token_float64(hidden, weight, log_p):
+    """KL(P‖Q) of every token of a linear head, in float64 from the definition."""
+    log_q = (hidden.double() @ weight.detach().double()).log_softmax(dim=-1)
+    log_p = log_p.double()
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # shape (B, T)
+
+
+def test_language_model_batchmean_divides_by_batch_not_tokens_on_the_page():
     total = page.kl_per_token.sum()
     assert_close(page.lm_batchmean, total / page.batch_size, **FLOAT32)
     assert not torch.isclose(page.lm_batchmean, page.kl_per_token.mean())
+
+
+@pytest.mark.parametrize("size", LM_SIZES, ids=str)
+def test_language_model_batchmean_divides_by_batch_not_tokens(size):
+    hidden, weight, log_p, _ = padded_lm_batch(*size)
+    log_q = (hidden @ weight).log_softmax(dim=-1)
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    per_token = kl_per_token_float64(hidden, weight, log_p)
+    batch, tokens, _ = size
+    assert_close(batchmean.double(), per_token.sum() / batch, rtol=1e-4, atol=1e-6)
+    token_mean = per_token.sum() / (batch * tokens)
+    assert not torch.isclose(batchmean.double(), token_mean, rtol=1e-2)
 
 
 def test_token_mean_divides_by_the_token_count():
     assert_close(page.lm_token_mean, page.kl_per_token.mean(), **FLOAT32)
 
 
-def test_masked_token_mean_counts_only_real_tokens():
-    real_tokens = page.kl_per_token[page.padding_mask]
-    assert real_tokens.numel() == 5
-    assert_close(page.lm_masked_token_mean, real_tokens.mean(), **FLOAT32)
+def test_masked_token_mean_counts_only_real_tokens_on_the_page():
+    assert page.padding_mask.sum() == 5  # of 6 tokens
+    log_p, log_q = page.log_p_tokens.double(), page.log_q_tokens.double()
+    per_token = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # the definition
+    expected = per_token[page.padding_mask].sum() / page.padding_mask.sum()
+    assert_close(page.lm_masked_token_mean.double(), expected, **FLOAT32)
+    assert not torch.isclose(expected, per_token.mean(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("size", LM_SIZES, ids=str)
+def test_masked_token_mean_counts_only_real_tokens(size):
+    hidden, weight, log_p, padding_mask = padded_lm_batch(*size)
+    assert not padding_mask.all()  # some tokens are padding
+    masked_mean = page.token_kl(hidden, weight, log_p, padding_mask)
+    per_token = kl_per_token_float64(hidden, weight, log_p)
+    expected = per_token[padding_mask].sum() / padding_mask.sum()
+    assert_close(masked_mean.double(), expected, rtol=1e-4, atol=1e-6)
+    over_every_token = per_token[padding_mask].sum() / padding_mask.numel()
+    assert not torch.isclose(expected, over_every_token, rtol=1e-2)
 
 
 def test_selecting_real_tokens_survives_a_nan_where_multiplying_does_not():
@@ -175,9 +217,6 @@ def padded_lm_batch(batch, tokens, vocab, hidden_size=8, dtype=torch.float32):
     lengths = torch.arange(tokens, tokens - batch, -1).clamp_min(1)
     padding_mask = torch.arange(tokens) < lengths[:, None]
     return hidden, weight.requires_grad_(), log_p.log_softmax(dim=-1), padding_mask
-
-
-LM_SIZES = [(2, 3, 6), (2, 8, 32_000), (2, 4, 128_000)]
 
 
 def weight_grad(hidden, weight, log_p, padding_mask):
@@ -253,11 +292,28 @@ def test_torch_where_on_the_padded_inputs_gives_the_real_tokens_gradient(size, d
     assert_close(grad.double(), expected_grad, **tolerance)
 
 
-def test_blog_softmax_over_dim_0_makes_each_column_a_distribution():
+def blog_samples(shape):
+    """The blog's two samples, drawn as the page draws them: a, then b."""
     torch.manual_seed(1)
-    sample = page.Uniform(0.0, 10.0).sample((5, 2))
-    column_sums = F.softmax(sample, dim=0).sum(dim=0)
-    assert_close(column_sums, torch.ones(2), **FLOAT32)
+    uniform = page.Uniform(0.0, 10.0)
+    return uniform.sample(shape), uniform.sample(shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "n_distributions", "n_outcomes"),
+    [((5, 2), 2, 5), ((10, 6, 4), 24, 10)],
+    ids=str,
+)
+def test_blog_softmax_over_dim_0_makes_each_column_a_distribution(
+    shape, n_distributions, n_outcomes
+):
+    a, b = blog_samples(shape)
+    for probabilities in [F.softmax(b, dim=0), F.log_softmax(a, dim=0).exp()]:
+        assert (probabilities >= 0).all()
+        column_sums = probabilities.sum(dim=0)  # one per distribution
+        assert_close(column_sums, torch.ones(shape[1:]), **FLOAT32)
+        assert column_sums.numel() == n_distributions
+        assert probabilities.size(0) == n_outcomes
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -269,21 +325,29 @@ def test_blog_reductions_divide_the_same_sum(shape):
     assert_close(batchmean, blog_sum(shape) / shape[0], **FLOAT32)
 
 
+def blog_mean_kl_per_distribution_float64(shape):
+    """The mean over the columns of KL(P‖Q), in float64 from the definition."""
+    a, b = blog_samples(shape)
+    p, log_q = F.softmax(b.double(), dim=0), F.log_softmax(a.double(), dim=0)
+    return (p * (p.log() - log_q)).sum(dim=0).mean()
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_blog_batchmean_divides_by_outcomes_not_distributions(shape):
-    n_distributions = torch.Size(shape[1:]).numel()
+    expected = blog_mean_kl_per_distribution_float64(shape)
+    n_distributions = torch.Size(shape[1:]).numel()  # 2 and 24
     mean_per_distribution = blog_sum(shape) / n_distributions
-    assert shape[0] != n_distributions
-    assert not torch.isclose(
-        page.blog_example(shape, "batchmean"), mean_per_distribution
-    )
+    assert_close(mean_per_distribution.double(), expected, rtol=1e-5, atol=0)
+    batchmean = page.blog_example(shape, "batchmean")
+    assert_close(batchmean, blog_sum(shape) / shape[0], **FLOAT32)  # 5 and 10
+    assert not torch.isclose(batchmean.double(), expected, rtol=1e-2)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_fixed_layout_batchmean_is_the_mean_kl_per_distribution(shape):
-    n_distributions = torch.Size(shape[1:]).numel()
-    expected = blog_sum(shape) / n_distributions
-    assert_close(page.mean_kl_per_distribution(shape), expected, **FLOAT32)
+    expected = blog_mean_kl_per_distribution_float64(shape)
+    fixed = page.mean_kl_per_distribution(shape)
+    assert_close(fixed.double(), expected, rtol=1e-5, atol=0)
 
 
 def test_softmax_over_a_fully_masked_attention_row_gives_nan():
