@@ -156,7 +156,7 @@ def sentence_before(markdown: str, end: int) -> str:
     listed with the start of its sentence, not as a fragment."""
     text = MARKER.sub("\0", markdown[:end])
     text = re.sub(r"\n[ \t\0]*\0[ \t\0]*(?=\n)", "", text)  # a marker's own line
-    text = text.replace("\0", "")
+    text = text.replace("\0", "").rstrip()  # "Sentence. {✓ t}" closes "Sentence."
     stops = [
         match.end()
         for match in SENTENCE_END.finditer(text)

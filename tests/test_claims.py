@@ -149,6 +149,11 @@ def test_a_clause_marked_mid_sentence_is_listed_with_its_sentences_start():
     ]
 
 
+def test_a_marker_after_the_full_stop_closes_that_sentence():
+    markdown = "Intro. The KL is finite. {✓ test_a}\n{✓ test_b} Next."
+    assert listed(markdown) == ["The KL is finite.", "The KL is finite."]
+
+
 def test_a_marker_on_its_own_line_ends_no_paragraph():
     markdown = "It reaches 65,520\n{✓ test_a}\n(65,520 equal logits, say)\n{✓ test_b}."
     assert listed(markdown)[1] == "It reaches 65,520 (65,520 equal logits, say)"
