@@ -126,10 +126,11 @@ share_below_eps = (logits_vocab[1].softmax(dim=-1) < eps).float().mean()
 # The categorical rule sets a term to $+\infty$ wherever $Q$'s probability, the
 # `exp` of its log-probability, is exactly 0 and $P$'s is not
 # {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not}.
-# In float32 that happens below a log-probability of about $-103$ (the log of the
-# smallest positive float32) {✓ test_float32_exp_underflows_below_about_minus_103},
-# so a class that $Q$ puts at $-120$ and $P$ at $-50$ gives an infinite KL, where
-# `F.kl_div`, which never exponentiates $\log Q$, returns the tiny true value
+# In float32 that happens below a log-probability of about $-104$ (the log of
+# $2^{-150}$, half the smallest positive float32)
+# {✓ test_float32_exp_underflows_below_about_minus_104}, so a class that $Q$ puts
+# at $-120$ and $P$ at $-50$ gives an infinite KL, where `F.kl_div`, which never
+# exponentiates $\log Q$, returns the tiny true value
 # {✓ test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not}:
 
 # %%

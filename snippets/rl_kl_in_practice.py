@@ -9,8 +9,8 @@
 # {✓ test_reverse_kl_gradient_recipes_hold_at_real_vocabularies}. $k_3$ alone
 # in the loss, as GRPO writes it, has the gradient of the *forward* KL
 # {✓ test_k3_in_the_loss_has_the_forward_kl_gradient}, and $k_1$ alone in the
-# loss a zero gradient {✓ test_k1_in_the_loss_has_zero_expected_gradient}: an
-# estimator of a value is not an estimator of its gradient. The estimators
+# loss a zero expected gradient {✓ test_k1_in_the_loss_has_zero_expected_gradient}:
+# an estimator of a value is not an estimator of its gradient. The estimators
 # themselves are on the previous page, [KL estimators in RL
 # fine-tuning](rl_estimators.py).
 #
@@ -32,11 +32,12 @@
 # Each
 # per-position KL is exact from the two logits tables (verl lists it as `"full"`)
 # {✓ test_full_kl_with_kl_div_matches_float64_definition_at_real_sizes};
-# $k_1$ and $k_3$ of the sampled token are its one-sample estimates, whose mean
-# over the vocabulary is that KL {✓
-# test_full_per_position_kl_is_the_mean_of_k1_and_of_k3_over_the_vocabulary}.
-# PPO-style RLHF subtracts $\beta k_1$ per token from the reward and adds the task
-# score at each sequence's *last real token*
+# $k_1$ and $k_3$ of the sampled token are its one-sample estimates, whose
+# expectation under $\pi_\theta$ is that KL {✓
+# test_full_per_position_kl_is_the_policy_expectation_of_k1_and_of_k3}.
+# The page's PPO-style reward subtracts $\beta k_1$ per token and adds the task
+# score at each sequence's *last real token* (TRL's PPO trainer uses the slot after
+# it, below)
 # {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing};
 # the reward is data, so it is computed without a graph
 # {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}. GRPO adds
@@ -202,13 +203,17 @@ def distance_to(target, recipe, log_sampler=None):
 # neither (its expected gradient is zero)
 # {✓ test_k1_in_the_loss_has_zero_expected_gradient}. From a stale
 # $\pi_{\text{old}}$ only the ratio-weighted $k_3$ stays exact
-# {✓ test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}:
-# the others would need the same importance ratio.
+# {✓ test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}.
+# $k_2$, $k_1$ in the reward and `"k3+"` would need the weight
+# $\pi_\theta / \pi_{\text{old}}$ detached; multiplied by it undetached, as $k_3$ is,
+# they miss the gradient {✓
+# test_k2_k1_reward_and_k3_plus_need_the_stale_weight_detached}.
 #
 # ## Per token or per sequence
 #
-# A per-token loss term differentiates each position's KL with the prefix held
-# fixed {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
+# A per-token $k_2$ term, or a $k_1$ reward credited to its own token,
+# differentiates each position's KL with the prefix held fixed
+# {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
 # The sequence KL also depends on which prefixes the policy makes likely:
 # $\nabla D_{\text{seq}} = \mathbb{E}\big[\sum_t \nabla D_t\big] +
 # \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big]$
@@ -275,8 +280,8 @@ sequence_gradients = sequence_kl_gradients()
 # %% [markdown]
 # Returns recover the sequence KL's gradient
 # {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}; a
-# per-token term, or a reward that credits each token only its own KL, does not
-# {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
+# per-token $k_2$ term, or a reward that credits each token only its own KL, does
+# not {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}.
 #
 # ## Length normalisation rescales beta
 #
@@ -398,13 +403,14 @@ def kl_weight_per_token(mode, mask, beta, horizon=None):
 #   too {✓
 #   test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}).
 #   $k_3$ alone in the loss gives the forward KL's gradient
-#   {✓ test_reverse_kl_gradient_recipes_hold_for_any_logits}; $k_1$ alone, zero
-#   {✓ test_k1_in_the_loss_has_zero_expected_gradient}.
+#   {✓ test_reverse_kl_gradient_recipes_hold_for_any_logits}; $k_1$ alone, a zero
+#   expected gradient {✓ test_reverse_kl_gradient_recipes_hold_for_any_logits}.
 # - Compute rewards under `torch.no_grad()`
 #   {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}; add the score
 #   at each sequence's last real token and mask padding
 #   {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing}.
-# - Per-token terms differentiate each position's KL with its prefix fixed
+# - Per-token $k_2$, or $k_1$ credited to its own token, differentiates each
+#   position's KL with its prefix fixed
 #   {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient};
 #   $k_1$ through returns differentiates the sequence KL
 #   {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}.

@@ -58,13 +58,18 @@ def test_probs_categorical_is_wrong_at_32k_in_value_and_more_in_gradient():
     assert (by_probs < page.kl_float64(*page.logits_vocab)).all()
 
 
-def test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps():
-    eps = torch.finfo(torch.float32).eps
-    q = torch.tensor([1 - 1e-9, 1e-9], requires_grad=True)  # 1e-9 < eps
+@pytest.mark.parametrize(
+    ("dtype", "tiny"), [(torch.float32, 1e-9), (torch.float64, 1e-17)]
+)
+def test_probs_categorical_takes_the_log_of_probabilities_clamped_to_eps(dtype, tiny):
+    eps = torch.finfo(dtype).eps
+    assert tiny < eps
+    q = torch.tensor([1 - tiny, tiny], dtype=dtype, requires_grad=True)
     log_q = Categorical(probs=q).logits
     # raised to eps before the log, and below 1 - eps capped to it
-    expected = torch.tensor([math.log(1 - eps), math.log(eps)])
-    assert_close(log_q, expected, rtol=1e-6, atol=1e-7)
+    expected = torch.tensor([math.log1p(-eps), math.log(eps)], dtype=dtype)
+    assert_close(log_q, expected, rtol=1e-6, atol=0)
+    assert log_q[1] > math.log(tiny) + 1  # not the log of the probability itself
     # the clamp passes no gradient to the clamped entry
     (gradient,) = torch.autograd.grad(log_q[1], q)
     assert (gradient == 0).all()
@@ -140,22 +145,27 @@ def test_recommended_calls_agree_with_the_definition_over_sizes_and_scales(
         assert ((value - reference).abs() <= limit).all(), kl_call.__name__
 
 
-def test_float32_exp_underflows_below_about_minus_103():
-    smallest_log = math.log(torch.finfo(torch.float32).smallest_normal * 2.0**-23)
-    assert -103.5 < smallest_log < -103
+def test_float32_exp_underflows_below_about_minus_104():
+    smallest = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # 2**-149
+    assert smallest == 2.0**-149 and torch.tensor(smallest).item() == smallest
+    log_half = math.log(smallest / 2)  # log 2**-150 = -103.97...
+    assert -104 < log_half < -103.9
     # exp rounds to the nearest float32: 0 from half the smallest one down
-    assert torch.tensor(smallest_log - 1).exp() == 0
-    assert torch.tensor(smallest_log).exp() > 0
+    assert torch.tensor(log_half - 1e-3).exp() == 0
+    assert torch.tensor(log_half + 1e-3).exp() == smallest
+    assert torch.tensor(-103.5).exp() > 0  # so not "below -103"
 
 
 def test_logits_categorical_is_infinite_once_q_underflows_where_p_does_not():
-    assert page.log_q_farther[1] < -103 < page.log_p_far[1]
+    assert page.log_q_farther[1] < -104 < page.log_p_far[1]
+    assert page.log_q_farther[1].exp() == 0 < page.log_p_far[1].exp()
     assert page.kl_underflow_categorical == math.inf
-    # the true value: P's tiny mass times the gap of log-probabilities
-    p_far = math.exp(page.log_p_far[1].item())
-    gap = (page.log_p_far - page.log_q_farther)[1].item()
-    exact = (1 - p_far) * (page.log_p_far - page.log_q_farther)[0].item() + p_far * gap
-    assert_close(page.kl_underflow_functional.double(), torch.tensor(exact).double())
+    # the true value, ~1.35e-20: the definition in float64 from the same logits
+    log_p = torch.tensor([0.0, -50.0], dtype=torch.float64).log_softmax(dim=-1)
+    log_q = torch.tensor([0.0, -120.0], dtype=torch.float64).log_softmax(dim=-1)
+    exact = (log_p.exp() * (log_p - log_q)).sum()
+    assert page.kl_underflow_functional > 0
+    assert_close(page.kl_underflow_functional.double(), exact, rtol=1e-5, atol=0)
 
 
 def test_masked_logit_gives_infinity_in_both_recommended_calls():
