@@ -14,16 +14,18 @@
 # divergence just under $\log 2$ {✓ test_reverse_kl_on_a_peak_is_just_under_log_2},
 # and fits started narrow and to one side of the middle reach the peak on their
 # side {✓ test_reverse_kl_fits_from_narrow_starts_to_one_side_reach_the_peak_there}.
-# That is not a guarantee: the reverse KL has a third local minimum, a wide
-# Gaussian between the peaks, where fits started wider near the middle end
+# That is not a guarantee: the reverse KL has a third local minimum
+# {✓ test_reverse_kl_minima::test_covering_minimum_hessian_is_positive_definite},
+# a wide Gaussian between the peaks, where fits started wider near the middle end
 # {✓ test_wide_central_start_stops_on_a_third_minimum_covering_both_peaks}, and
 # which minimum a start reaches depends on the optimiser too
 # {✓ test_reverse_kl_minima::
 # test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
-# The reverse KL is the direction variational inference minimises
-# (maximising the ELBO minimises $D_{\mathrm{KL}}(Q\,\|\,P)$), which is why VI is
-# said to seek modes; Bishop's *Pattern Recognition and Machine Learning*, section
-# 10.1.2 and Fig. 10.3, draws the same two fits.
+# The reverse KL is the direction variational inference minimises: with $P$ the
+# posterior, the ELBO is $\log p(x) - D_{\mathrm{KL}}(Q\,\|\,P)$, so maximising
+# it minimises the reverse KL {✓ test_elbo_is_log_evidence_minus_the_reverse_kl}.
+# That is why VI is said to seek modes; Bishop's *Pattern Recognition and Machine
+# Learning*, section 10.1.2 and Fig. 10.3, draws the same two fits.
 #
 # On this page you will:
 #
@@ -45,8 +47,10 @@
 # {✓ test_target_integrates_to_one_on_the_grid}. On a grid of spacing $\Delta x$
 # each cell holds probability $p(x)\,\Delta x$, so the grid's log-probabilities are
 # $\log p(x) + \log \Delta x$; `MixtureSameFamily.log_prob` computes $\log p(x)$
-# with `logsumexp`, in log space. How far the grid reaches, in standard deviations
-# of the widest $Q$ on this page, is printed once the fits have run: more than five
+# with `logsumexp`, in log space, finite where $p(x)$ underflows to 0
+# {✓ test_mixture_log_prob_is_logsumexp_and_finite_where_p_underflows}. How far
+# the grid reaches, in standard deviations of the widest $Q$ on this page, is
+# printed once the fits have run: more than five
 # {✓ test_grid_holds_more_than_five_sigma_of_the_widest_q_on_the_page}.
 
 # %%
@@ -170,10 +174,11 @@ LONG_STEPS = 2 * STEPS
 # depends on $Q$:
 #
 # $$D_{\mathrm{KL}}(P\,\|\,Q) = -H(P) + \log \sigma + \tfrac12 \log 2\pi
-#   + \frac{\mathbb{E}_P[(x - \mu)^2]}{2\sigma^2},$$
+#   + \frac{\mathbb{E}_P[(x - \mu)^2]}{2\sigma^2}.$$
 #
-# and setting its derivatives to zero gives $\mu^* = \mathbb{E}_P[x]$ and
-# $\sigma^{*2} = \mathrm{Var}_P[x]$: the fit matches $P$'s first two moments
+# Setting the derivatives of this closed form to zero gives
+# $\mu^* = \mathbb{E}_P[x]$ and $\sigma^{*2} = \mathrm{Var}_P[x]$: the fit matches
+# $P$'s first two moments
 # {✓ test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}.
 # For this mixture, $\mathbb{E}_P[x] = \tfrac12(-5) + \tfrac12 \cdot 10$ and
 # $\mathrm{Var}_P[x] = \tfrac12(1 + 25) + \tfrac12(1 + 100) - \mathbb{E}_P[x]^2$,
@@ -282,8 +287,8 @@ def video_player(path):
 # is $\tfrac12 q$ wherever $q$ has mass, plus a sliver of the other peak's tail,
 # so the divergence is just under $\mathbb{E}_Q[\log \frac{q}{q/2}] = \log 2$
 # {✓ test_reverse_kl_on_a_peak_is_just_under_log_2}.
-# The three starts of `STARTS` lie to one side of the middle, $\mu = 2.5$, and
-# their fits end on the peak on that side, as printed below {✓
+# Each of the three starts of `STARTS` lies to one side of the middle, $\mu = 2.5$,
+# and its fit ends on the peak on that side, as printed below {✓
 # test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2}.
 # By symmetry the two peaks are equally good: each is a global minimum
 # {✓ test_reverse_kl_has_two_equal_global_minima_one_on_each_peak}.
@@ -335,9 +340,13 @@ def video_player(path):
 # plt.show()
 
 # %% [markdown]
-# A common set-up of this experiment finds the same minimiser but prints a number
-# that is not the KL and stops before $\sigma$ converges: see
-# [A common set-up for the two-peak fit](kl_fit_common_setup.py).
+# A common set-up of this experiment finds the same minimiser
+# {✓ test_kl_fit_common_setup::test_common_setup_loss_has_the_same_minimiser_as_the_kl}
+# but prints a number that is not the KL
+# {✓ test_kl_fit_common_setup::test_common_setup_prints_a_scaled_and_shifted_kl} and
+# stops before $\sigma$ converges
+# {✓ test_kl_fit_common_setup::test_common_setup_stops_well_before_sigma_converges}:
+# see [A common set-up for the two-peak fit](kl_fit_common_setup.py).
 
 # %% [markdown]
 # ## The fits side by side
@@ -368,11 +377,11 @@ def video_player(path):
 #
 # - Forward KL, $D_{\mathrm{KL}}(P\,\|\,Q)$, of one distribution given as grid
 #   log-probabilities is `F.kl_div(log_q, log_p, reduction="sum", log_target=True)`
+#   {✓ test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}
 #   (finite `log_p`; if $P$ has zeros, pass `p` with `log_target=False`:
 #   `F.kl_div(log_q, p, reduction="sum", log_target=False)`)
-#   {✓ test_takeaway_formula_with_reduction_sum_is_the_forward_kl_of_one_row}
-#   {✓ test_takeaway_forward_kl_with_zeros_in_p_needs_p_and_log_target_false};
-#   it covers every mode of $P$
+#   {✓ test_takeaway_forward_kl_with_zeros_in_p_needs_p_and_log_target_false}.
+#   The forward KL covers every mode of $P$
 #   {✓ test_forward_kl_fit_is_moment_matching_from_every_start}, and over
 #   Gaussians its only minimum matches $P$'s mean and variance
 #   {✓ test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching},
@@ -384,13 +393,16 @@ def video_player(path):
 #   starts to one side of the middle lock onto the mode on that side
 #   {✓ test_reverse_kl_fits_from_narrow_starts_to_one_side_reach_the_peak_there}:
 #   "mode-seeking" describes those. It is not a guarantee: it has other local
-#   minima, here one covering both modes, which wider central starts reach
+#   minima {✓ test_reverse_kl_minima::
+#   test_covering_minimum_hessian_is_positive_definite}, here one covering both
+#   modes, which wider central starts reach
 #   {✓ test_wide_central_start_stops_on_a_third_minimum_covering_both_peaks}, and
 #   the optimiser decides too ([its three minima](reverse_kl_minima.py))
 #   {✓ test_reverse_kl_minima::
 #   test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}.
 # - Distributions on a grid need $\Delta x$: probabilities are densities times the
 #   spacing, and a mixture's weights make its mass 1
-#   {✓ test_target_integrates_to_one_on_the_grid}.
+#   {✓ test_target_integrates_to_one_on_the_grid}
+#   {✓ test_kl_fit_common_setup::test_common_setup_target_has_mass_two}.
 # - Optimise $\log \sigma$, run to convergence, and check it: the distance to where
 #   a longer run ends, and parameters that stop moving.

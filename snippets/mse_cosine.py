@@ -3,14 +3,17 @@
 #
 # What happens if you fit one Gaussian $Q$ to two peaks with the squared error, or
 # one minus the cosine similarity, between the densities instead of a KL? Both
-# compare $q$ and $p$ as curves, not through the ratio $q/p$, and both have more
-# than one optimum: squared error from central starts lands on a Gaussian centred
-# between the peaks, wider than the forward-KL fit
+# compare $q$ and $p$ as curves, not through the ratio $q/p$
+# {✓ test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl}, and both
+# have more than one optimum
+# {✓ test_each_loss_has_two_optima_with_positive_definite_hessians}. Squared error
+# from central starts lands on a Gaussian centred between the peaks, wider than
+# the forward-KL fit
 # {✓ test_mse_lands_between_the_peaks_wider_than_the_forward_fit}, yet its best
 # fit sits on one peak {✓
 # test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma} at
-# about twice the peak's width {✓ test_mse_width_on_a_peak_is_the_closed_form};
-# cosine similarity either settles on a peak, with the peak's own width {✓
+# about twice the peak's width {✓ test_mse_width_on_a_peak_is_the_closed_form}.
+# Cosine similarity either settles on a peak, with the peak's own width {✓
 # test_cosine_on_a_peak_keeps_its_width_and_has_similarity_one_over_root_2}, or on
 # a Gaussian wider still than squared error's
 # {✓ test_cosine_settles_on_the_left_peak_from_minus_2_and_wide_otherwise}.
@@ -32,7 +35,7 @@
 #   $\int (q - p)^2$, the squared $L^2$ distance between the densities, divided by
 #   the grid's length
 #   {✓ test_mse_on_the_grid_is_the_squared_l2_distance_over_the_grid_length} (its
-#   square root is a metric {✓ test_the_root_of_squared_l2_is_a_metric_on_gaussians};
+#   square root is a metric {✓ test_the_root_of_squared_l2_is_a_metric};
 #   the square itself breaks the triangle inequality
 #   {✓ test_squared_l2_breaks_the_triangle_inequality_and_its_root_keeps_it});
 # - one minus the cosine similarity of the two densities seen as vectors: at least
@@ -265,10 +268,11 @@ PEAK_SIGMA = math.sqrt(2 ** (-1 / 3) / (1 - 2 ** (-1 / 3)))
 #   cosine's optimum on a peak is the reverse KL's, the peak itself
 #   {✓ test_cosines_optimum_on_a_peak_is_the_reverse_kls_the_peak_itself}.
 # - Both have several optima
+#   {✓ test_each_loss_has_two_optima_with_positive_definite_hessians}: where a fit
+#   ends depends on where it starts
 #   {✓ test_cosine_settles_on_the_left_peak_from_minus_2_and_wide_otherwise}
-#   {✓ test_mse_started_on_a_peak_stays_there_at_a_lower_loss_than_centred}: where
-#   a fit ends depends on where it starts, and the centred optimum of squared error
-#   is not its best {✓
+#   {✓ test_mse_started_on_a_peak_stays_there_at_a_lower_loss_than_centred}, and
+#   the centred optimum of squared error is not its best {✓
 #   test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma}.
 # - Check closed forms where they exist: on a peak squared error's width is
 #   $\sqrt{2^{-1/3}/(1 - 2^{-1/3})}$ {✓ test_mse_width_on_a_peak_is_the_closed_form}

@@ -12,9 +12,11 @@
 # {✓ test_covering_minimum_matches_quadrature_in_location_and_value}, where fits
 # started wider near the middle stop
 # {✓ test_reverse_kl_grid_starts_reach_the_minimum_the_table_names}. Which
-# minimum a start reaches is a property of the optimiser too: from wider starts
-# still, Adam at this page's learning rate can rush past the covering minimum onto
-# a peak, even the far one {✓ test_other_starts_reach_the_minima_the_page_names}.
+# minimum a start reaches is a property of the optimiser too {✓
+# test_wide_starts_reach_the_covering_minimum_with_adam_at_a_tenth_of_the_lr}:
+# from wider starts still, Adam at this page's learning rate can rush past the
+# covering minimum onto a peak, even the far one {✓
+# test_wide_starts_narrow_below_the_ridge_and_those_carried_across_reach_far_peak}.
 # "Mode-seeking" describes the global minima and narrow starts, not every fit. On
 # this page you will fit the reverse KL from a grid of starts and see which minimum
 # each reaches, check that the covering Gaussian is a true minimum, find the width
@@ -35,8 +37,10 @@
 # positive at every step {✓ test_sigma_stays_positive_at_every_step}, and a start
 # without $\sigma > 0$ is refused
 # {✓ test_a_start_with_sigma_not_positive_is_refused}. `mu_star` and `sigma_star`
-# are $P$'s mean and standard deviation: the middle between the peaks, and the
-# forward KL's minimiser {✓ test_set_up_is_the_forward_reverse_pages}.
+# are $P$'s mean and standard deviation {✓ test_set_up_is_the_forward_reverse_pages}:
+# the middle between the peaks, and the forward KL's minimiser
+# {✓ test_forward_reverse::
+# test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}.
 
 # %%
 import math
@@ -172,15 +176,18 @@ def minimum_reached(mu, sigma):
 # optimiser together. `OTHER_STARTS` adds a start of $\sigma = 2$ just left of the
 # middle, and four starts wider than any in the grid, fitted the same way (Adam,
 # `STEPS` steps at learning rate `LR`).
-# The first is narrow, but $Q$ widens past the ridge between the peaks (see the
-# next section) while $\mu$ is less than a third of the way to a peak {✓
+# The first is fairly narrow, but $Q$ widens past the ridge between the peaks (see
+# the next section) while $\mu$ is less than a third of the way to a peak {✓
 # test_narrow_start_near_the_middle_widens_past_the_ridge_before_mu_nears_a_peak},
 # and it stops on the covering Gaussian
-# {✓ test_other_starts_reach_the_minima_the_page_names}. Of the wide starts,
-# Adam's first steps narrow two so fast that $\sigma$ drops to about a peak's
-# width (the narrowest $\sigma$ on each path is printed), far below that ridge's
-# width, and the fit runs onto a peak: the far one, on the other side of the
-# middle from its start {✓ test_other_starts_reach_the_minima_the_page_names}.
+# {✓ test_other_starts_reach_the_minima_the_page_names}. Adam's first
+# `EARLY_STEPS` steps shrink $\sigma$ of all four wide starts from 12 to about 4.6
+# (printed below), under the ridge's width (printed in the next section); for
+# $(2, 12)$ and $(3, 12)$ they also carry $\mu$ across the middle, and these two
+# fits run onto the far peak, on the other side of the middle from their start;
+# $(1, 12)$ and $(4, 12)$ are still on their own side then, and widen again to stop
+# on the covering Gaussian {✓
+# test_wide_starts_narrow_below_the_ridge_and_those_carried_across_reach_far_peak}.
 # Change the optimiser and the basins change: in the tests, Adam at a tenth of
 # `LR`, run five times as long, takes all four wide starts to the covering minimum
 # (not run here, to keep the page fast) {✓
@@ -188,16 +195,16 @@ def minimum_reached(mu, sigma):
 
 # %%
 OTHER_STARTS = [(2.4, 2.0), (1.0, 12.0), (2.0, 12.0), (3.0, 12.0), (4.0, 12.0)]
+EARLY_STEPS = 20  # where the wide starts are printed on their way
 
 # %% active="ipynb"
 # other_fits = fit_gaussians({"reverse KL": reverse_kl}, OTHER_STARTS)["reverse KL"]
-# narrowest = other_fits[:, :, 1].amin(dim=0)  # smallest sigma on each path
-# for (mu0, sigma0), (mu, sigma, kl), low in zip(
-#     OTHER_STARTS, other_fits[-1], narrowest
+# for (mu0, sigma0), (mu, sigma, kl), (mu_early, sigma_early, _) in zip(
+#     OTHER_STARTS, other_fits[-1], other_fits[EARLY_STEPS]
 # ):
 #     print(f"from ({mu0:g}, {sigma0:g}): {minimum_reached(mu, sigma)},"
 #           f" mu = {mu:.4f}, sigma = {sigma:.4f}, KL(Q‖P) = {kl:.4f};"
-#           f" narrowest on the way: sigma = {low:.2f}")
+#           f" at step {EARLY_STEPS}: mu = {mu_early:.2f}, sigma = {sigma_early:.2f}")
 
 # %% [markdown]
 # ## The covering Gaussian is a true minimum
@@ -263,8 +270,8 @@ def ridge_to_valley_sigma(low=2.0, high=12.0, iterations=40):
 # {✓ test_forward_reverse::
 # test_forward_kl_is_the_closed_form_whose_only_minimum_is_moment_matching}, and
 # every forward path heads there {✓ test_every_forward_path_heads_to_the_one_basin}.
-# The reverse KL has three: one per peak
-# {✓ test_reverse_kl_peaks_are_two_equal_global_minima}, and the
+# The reverse KL has three {✓ test_reverse_kl_landscape_has_exactly_three_minima}:
+# one per peak {✓ test_reverse_kl_peaks_are_two_equal_global_minima}, and the
 # covering one at $\mu = 2.5$ above the $\sigma$ where the ridge between the peaks
 # turns into a valley
 # {✓ test_reverse_kl_landscape_has_a_local_minimum_at_the_covering_gaussian}

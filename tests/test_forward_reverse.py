@@ -63,6 +63,45 @@ def test_target_integrates_to_one_on_the_grid():
     assert_close(page.grid_mass, torch.tensor(1.0, dtype=page.DTYPE), rtol=0, atol=1e-9)
 
 
+def test_mixture_log_prob_is_logsumexp_and_finite_where_p_underflows():
+    # log N(x; m, 1) of each peak, in float64; log p(x) is the logsumexp of log ½ + them
+    components = torch.stack([Normal(m, 1.0).log_prob(page.x) for m in (-5.0, 10.0)])
+    logsumexp = torch.logsumexp(components + math.log(0.5), dim=0)
+    assert_close(page.target.log_prob(page.x), logsumexp, rtol=1e-12, atol=0)
+    # in log space: finite at every grid point, where p itself underflows to 0
+    assert torch.isfinite(page.log_p).all()
+    assert (page.p == 0).sum() > 100
+    # at x = -60 the density is exp(-1516): 0 in float64, and its log -inf
+    edge = torch.tensor(page.X_MIN, dtype=F64)
+    naive = (0.5 * Normal(-5.0, 1.0).log_prob(edge).exp()).add(
+        0.5 * Normal(10.0, 1.0).log_prob(edge).exp()
+    )
+    assert naive == 0 and naive.log() == -math.inf
+    by_hand = -0.5 * 55.0**2 - 0.5 * math.log(2 * math.pi) + math.log(0.5)
+    assert_close(page.target.log_prob(edge).item(), by_hand, rtol=1e-12, atol=0)
+
+
+def test_elbo_is_log_evidence_minus_the_reverse_kl():
+    # variational inference with a discrete latent z: for any Q, the ELBO
+    # E_Q[log p(x, z) − log q(z)] is log p(x) − KL(Q‖P), P = p(z | x)
+    generator = torch.Generator().manual_seed(0)
+    log_joint = torch.randn(8, generator=generator, dtype=F64)  # log p(x, z)
+    log_evidence = torch.logsumexp(log_joint, dim=0)  # log p(x)
+    log_posterior = log_joint - log_evidence  # log p(z | x)
+    for _ in range(50):
+        log_q = torch.log_softmax(
+            3 * torch.randn(8, generator=generator, dtype=F64), dim=0
+        )
+        elbo = (log_q.exp() * (log_joint - log_q)).sum()
+        reverse_kl = F.kl_div(log_posterior, log_q, reduction="sum", log_target=True)
+        assert_close(elbo, log_evidence - reverse_kl, rtol=1e-12, atol=1e-12)
+        # log p(x) does not depend on Q: the higher the ELBO, the lower the KL,
+        # and the ELBO is highest, log p(x), at Q = P
+        assert elbo < log_evidence
+    at_posterior = (log_posterior.exp() * (log_joint - log_posterior)).sum()
+    assert_close(at_posterior, log_evidence, rtol=1e-12, atol=0)
+
+
 def test_grid_moments_are_the_analytic_moments():
     assert_close(page.grid_mean.item(), 2.5, rtol=0, atol=1e-9)
     assert_close(page.grid_variance.item(), 57.25, rtol=0, atol=1e-7)
@@ -157,11 +196,13 @@ def test_forward_fit_widens_fast_overshoots_while_the_mean_drifts_right(fits):
 
 
 def test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2(fits):
-    expected_peaks = [(-5.0, 1.0), (10.0, 1.0), (-5.0, 1.0)]  # (-2,2) (6,2) (0,5)
-    for (mu, sigma), (peak, width) in zip(
-        end_points(fits, "reverse KL"), expected_peaks, strict=True
+    assert len(page.STARTS) == 3
+    for (mu0, _), (mu, sigma) in zip(
+        page.STARTS, end_points(fits, "reverse KL"), strict=True
     ):
-        assert_close((mu.item(), sigma.item()), (peak, width), rtol=0, atol=1e-6)
+        assert mu0 != page.mu_star  # to one side of the middle
+        peak = -5.0 if mu0 < page.mu_star else 10.0  # the peak on that side
+        assert_close((mu.item(), sigma.item()), (peak, 1.0), rtol=0, atol=1e-6)
     log_2 = torch.full((3,), math.log(2), dtype=page.DTYPE)
     assert_close(fits["reverse KL"][-1, :, 2], log_2, rtol=0, atol=1e-6)
 

@@ -158,6 +158,7 @@ def test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl():
     dy = 0.005
     cosine = (q_y * p_y).sum() / ((q_y**2).sum() * (p_y**2).sum()).sqrt()
     kl_pq = (p_y * (log_p_y - log_q_y)).sum() * dy
+    kl_qp = (q_y * (log_q_y - log_p_y)).sum() * dy
     squared_l2 = ((q_y - p_y) ** 2).sum() * dy
     on_page = page.after_change_of_variable(
         page.log_q_example, page.CHANGES_OF_VARIABLE["y = x + x³/100"]
@@ -169,7 +170,11 @@ def test_a_nonlinear_change_of_variable_changes_cosine_and_keeps_kl():
         page.log_q_example, page.CHANGES_OF_VARIABLE["y = x"]
     )
     assert abs(on_page[1] - identity[1]) > 1e-3  # the cosine changed
-    assert_close(on_page[2], identity[2], rtol=1e-9, atol=0)  # the KL did not
+    assert abs(on_page[0] - identity[0]) > 0.05  # and so did the squared L²
+    assert_close(on_page[2], identity[2], rtol=1e-9, atol=0)  # KL(P‖Q) did not
+    # nor did KL(Q‖P): the y-grid sum above against the x grid's, no g' in it
+    log_q, log_p = page.log_q_example, page.target.log_prob(page.x) + math.log(page.dx)
+    assert_close(kl_qp, (log_q.exp() * (log_q - log_p)).sum(), rtol=1e-6, atol=0)
 
 
 def test_cosine_distance_is_zero_only_when_q_is_p():
@@ -283,14 +288,28 @@ def test_squared_l2_breaks_the_triangle_inequality_and_its_root_keeps_it():
 @given(
     params=st.lists(
         st.tuples(st.floats(-10, 10), st.floats(0.2, 5)), min_size=3, max_size=3
-    )
+    ),
+    grid_vectors=st.lists(
+        st.lists(st.floats(0.0, 1.0), min_size=20, max_size=20), min_size=3, max_size=3
+    ),
 )
-def test_the_root_of_squared_l2_is_a_metric_on_gaussians(params):
+def test_the_root_of_squared_l2_is_a_metric(params, grid_vectors):
+    # on Gaussians, by the closed form: the triangle inequality
     (a, b, c) = params
     ab, bc, ac = (
         math.sqrt(max(l2_squared(*u, *v), 0.0)) for u, v in [(a, b), (b, c), (a, c)]
     )
     assert ac <= ab + bc + 1e-12
+    # on any non-negative grid vectors, as the page computes it: a metric
+    f, g, h = (torch.tensor(v, dtype=F64) * page.dx for v in grid_vectors)
+    d = {
+        pair: l2_on_the_grid(*pair).sqrt()
+        for pair in [(f, g), (g, f), (g, h), (f, h), (f, f)]
+    }
+    assert d[f, g] == d[g, f]  # symmetric
+    assert d[f, f] == 0  # zero at equal vectors
+    assert (d[f, g] > 0) == (not torch.equal(f, g))  # and only there
+    assert d[f, h] <= d[f, g] + d[g, h] + 1e-12  # the triangle inequality
 
 
 def test_squared_errors_best_fit_on_a_coarse_grid_is_on_a_peak_at_peak_sigma():
@@ -330,6 +349,45 @@ def lbfgs_fit(loss, mu, sigma):
 
     optimizer.step(closure)
     return mu.item(), log_sigma.exp().item()
+
+
+def gradient_and_hessian(loss, mu, sigma):
+    """The gradient and Hessian of ``loss`` in (mu, log sigma), by autograd."""
+
+    def loss_at(theta):
+        return loss(page.log_q_on_grid(theta[0].view(1, 1), theta[1].view(1, 1)))[0]
+
+    theta = torch.tensor([mu, math.log(sigma)], dtype=F64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(loss_at(theta), theta)
+    return gradient, torch.autograd.functional.hessian(loss_at, theta.detach())
+
+
+def test_each_loss_has_two_optima_with_positive_definite_hessians(fits, on_a_peak):
+    # where Adam stopped, refined by LBFGS: a stationary point (the gradient
+    # vanishes) whose Hessian is positive definite is a strict local minimum
+    optima = {
+        "MSE": [fits["MSE"][-1, 0], on_a_peak[-1, 0]],  # centred; on a peak
+        "cosine": [fits["cosine"][-1, 0], fits["cosine"][-1, 1]],  # a peak; wide
+    }
+    for name, ends in optima.items():
+        loss = page.LOSSES[name]
+        found = [lbfgs_fit(loss, *end[:2].tolist()) for end in ends]
+        for end, (mu, sigma) in zip(ends, found, strict=True):
+            assert_close((mu, sigma), tuple(end[:2].tolist()), rtol=0, atol=1e-3)
+            gradient, hessian = gradient_and_hessian(loss, mu, sigma)
+            assert gradient.norm() < 1e-8
+            eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+            assert (eigenvalues > 0).all()
+            # independently of the Hessian: higher a step away along its axes
+            at = loss(page.log_q_on_grid(mu, torch.tensor(sigma, dtype=F64).log()))
+            for step in [*eigenvectors.T, *-eigenvectors.T]:
+                moved = page.log_q_on_grid(
+                    mu + 0.1 * step[0], math.log(sigma) + 0.1 * step[1]
+                )
+                assert loss(moved.view(1, -1)) > at
+        # two distinct optima: far apart
+        (mu_a, sigma_a), (mu_b, sigma_b) = found
+        assert abs(mu_a - mu_b) + abs(sigma_a - sigma_b) > 5
 
 
 def reverse_kl(log_q):
@@ -380,3 +438,15 @@ def test_set_up_is_the_forward_reverse_pages():
         rtol=0,
         atol=0,
     )
+    # and the fits: same starts, steps, learning rate, and the same Adam loop
+    assert (page.STARTS, page.STEPS, page.LR) == (
+        forward_reverse.STARTS,
+        forward_reverse.STEPS,
+        forward_reverse.LR,
+    )
+    losses = {"reverse KL": forward_reverse.reverse_kl, "MSE": page.density_mse}
+    starts = [(-2.0, 2.0), (2.0, 4.0)]
+    ours = page.fit_gaussians(losses, starts, steps=50)
+    theirs = forward_reverse.fit_gaussians(losses, starts, steps=50)
+    for name in losses:
+        assert_close(ours[name], theirs[name], rtol=0, atol=0)

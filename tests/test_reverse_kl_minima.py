@@ -170,12 +170,33 @@ def test_other_starts_reach_the_minima_the_page_names(other_fits):
     for i, start in enumerate(page.OTHER_STARTS):
         mu, sigma, _ = other_fits[-1, i].tolist()
         assert_close((mu, sigma), expected[start], rtol=0, atol=1e-4)
-        narrowest = other_fits[:, i, 1].min()
-        if expected[start] != cover:  # narrowed to about a peak's width on the way
-            assert narrowest < 1.5
-        else:  # never that narrow
-            assert narrowest > 1.5
     assert page.largest_recent_move(other_fits) < 1e-9
+
+
+def test_wide_starts_narrow_below_the_ridge_and_those_carried_across_reach_far_peak(
+    other_fits,
+):
+    ridge, cover = page.ridge_to_valley_sigma(), golden_section_sigma()
+    assert page.EARLY_STEPS == 20
+    far_peak = {(2.0, 12.0): 10.0, (3.0, 12.0): -5.0}  # the others: covering
+    wide = [start for start in page.OTHER_STARTS if start[1] == 12.0]
+    assert len(wide) == 4
+    for start in wide:
+        path = other_fits[:, page.OTHER_STARTS.index(start)]
+        mu_early, sigma_early, _ = path[page.EARLY_STEPS].tolist()
+        # from 12 to about 4.6 in EARLY_STEPS steps: under the ridge's width, and so
+        # past the covering minimum's sigma, which lies above it
+        assert_close(sigma_early, 4.6, rtol=0, atol=0.05)
+        assert path[: page.EARLY_STEPS + 1, 1].min() < ridge < cover
+        side_then = (mu_early - page.mu_star) * (start[0] - page.mu_star)
+        mu, sigma, _ = path[-1].tolist()
+        if start in far_peak:  # carried across the middle, then onto the far peak
+            assert side_then < 0
+            assert (far_peak[start] - page.mu_star) * (start[0] - page.mu_star) < 0
+            assert_close((mu, sigma), (far_peak[start], 1.0), rtol=0, atol=1e-4)
+        else:  # still on its own side, then wider again, onto the covering Gaussian
+            assert side_then > 0
+            assert_close((mu, sigma), (2.5, cover), rtol=0, atol=1e-4)
 
 
 def test_narrow_start_near_the_middle_widens_past_the_ridge_before_mu_nears_a_peak(
@@ -342,3 +363,28 @@ def test_reverse_kl_landscape_has_a_local_minimum_at_the_covering_gaussian():
     landscape = page.loss_landscape(page.reverse_kl, mus, sigmas)
     row, column = divmod(landscape.argmin().item(), len(mus))
     assert (row, column) == (20, 20)  # the centre of the window, not its edge
+    # above the sigma where the middle turns from a ridge into a valley
+    assert sigma > page.ridge_to_valley_sigma() + 0.1
+
+
+def test_reverse_kl_landscape_has_exactly_three_minima():
+    # every strict local minimum (lower than its 8 neighbours) of the page's reverse
+    # KL on a grid of mu in [-14, 19] and log-spaced sigma in [0.3, 25]
+    mus = torch.linspace(-14.0, 19.0, 133, dtype=F64)  # step 0.25: -5, 2.5, 10 on it
+    sigmas = torch.logspace(math.log10(0.3), math.log10(25.0), 120, dtype=F64)
+    landscape = torch.cat(
+        [page.loss_landscape(page.reverse_kl, mus, s) for s in sigmas.split(20)]
+    )
+    inner = landscape[1:-1, 1:-1]
+    lowest = torch.ones_like(inner, dtype=torch.bool)
+    for d_row in (-1, 0, 1):
+        for d_col in (-1, 0, 1):
+            if d_row or d_col:
+                lowest &= inner < landscape.roll((-d_row, -d_col), (0, 1))[1:-1, 1:-1]
+    rows, columns = (lowest.nonzero() + 1).T
+    found = sorted(zip(mus[columns].tolist(), sigmas[rows].tolist(), strict=True))
+    expected = [(-5.0, 1.0), (2.5, golden_section_sigma()), (10.0, 1.0)]
+    assert len(found) == 3
+    for (mu, sigma), (mu_ref, sigma_ref) in zip(found, expected, strict=True):
+        assert mu == mu_ref
+        assert_close(sigma, sigma_ref, rtol=0.04, atol=0)  # one log-spaced step
