@@ -72,7 +72,8 @@
 # **What the checks cost.** They run without autograd and end in a single `if` on
 # a tensor: **one host synchronisation per call** (only a refusal reads more)
 # {✓ test_a_valid_call_costs_exactly_one_host_synchronisation}. On a GPU that `if`
-# waits for every queued kernel {✓ test_a_valid_call_synchronises_the_gpu_once};
+# waits for every kernel queued on the current stream
+# {✓ test_a_valid_call_synchronises_the_gpu_once};
 # under `torch.compile` it is a graph break
 # {✓ test_under_torch_compile_the_one_sync_is_one_graph_break}. The count at the
 # end of the page is taken on CPU; that this read waits for the GPU is read from
@@ -104,7 +105,8 @@ def checked_kl(
     input, not its "mean"), "sum", or "none" (one value per distribution, ``dim``
     removed, 0 where padded). mask: None, or a bool tensor shaped like log_p
     without ``dim``, True at real positions; padded ones are neither checked nor
-    counted, and get zero gradient. atol: how far a row's log-total may be from 0;
+    counted, and get zero gradient (NaN logits there still give NaN through
+    log_softmax: fill them first). atol: how far a row's log-total may be from 0;
     None derives it from the dtype and the number of classes. Computed in float32
     at least (half inputs on float32 copies, a float32 result), on each row
     renormalised there. Rounded inputs bound the resolution: a KL below the
@@ -323,15 +325,18 @@ misuses = {
 # {✓ test_every_real_log_softmax_output_is_accepted_and_matches_float64}
 # {✓ test_half_precision_log_softmax_at_real_vocabularies_is_accepted}. In
 # bfloat16 each log-probability keeps 8 significant bits
-# {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums}, so a
-# row's total probability is not exactly 1 (the largest deviation is printed
-# below); the tolerance grows with the dtype's rounding and the logarithm of the
-# vocabulary (see `normalisation_tolerance` above)
-# {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums}, real
-# rows stay within half of it
+# {✓ test_tolerance_grows_with_the_rounding_times_log_v_plus_a_term_linear_in_v},
+# so a row's total probability is not exactly 1 (the largest deviation is printed
+# below) {✓ test_the_page_bf16_rows_are_accepted_within_the_tolerance}; the
+# tolerance grows with the dtype's rounding times the logarithm of the vocabulary,
+# plus a term linear in the vocabulary for the float32 sums (see
+# `normalisation_tolerance` above)
+# {✓ test_tolerance_grows_with_the_rounding_times_log_v_plus_a_term_linear_in_v},
+# real rows stay within half of it
 # {✓ test_real_log_softmax_rounding_stays_below_half_the_tolerance}, on either side
-# of 1 {✓ test_rounding_above_zero_within_tolerance_is_accepted}, and the check
-# sums in float32 {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}.
+# of 1 {✓ test_real_rows_round_to_either_side_of_1_and_the_check_is_two_sided}, and
+# the check sums in float32
+# {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}.
 # Below, the largest deviation of real bfloat16 rows, and the tolerance
 # {✓ test_the_page_bf16_rows_are_accepted_within_the_tolerance}.
 #
@@ -369,11 +374,13 @@ bf16_tolerance = normalisation_tolerance(torch.bfloat16, 32_000)
 # bfloat16 ones it is several times too large, and so it is from bfloat16
 # *logits* even with `log_softmax` in float32: the rounding already happened
 # {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}
-# {✓ test_small_kl_resolution_follows_the_rounding_of_the_inputs}. Every value is
-# positive {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding},
-# since each row is renormalised before the KL
-# {✓ test_kl_of_nearby_half_precision_log_probabilities_is_never_below_zero}
-# {✓ test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative}.
+# {✓ test_small_kl_resolution_follows_the_rounding_of_the_inputs}. Every value
+# here is positive
+# {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}:
+# renormalising removes each row's offset
+# {✓ test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative},
+# leaving float32 rounding, which can take a KL below 0 by less than $10^{-6}$
+# {✓ test_kl_of_nearby_log_probabilities_is_never_below_float32_rounding}.
 
 
 # %%
@@ -418,7 +425,9 @@ small_kl = {
 # {✓ test_mask_averages_over_real_tokens_only_and_ignores_padded_rows}. The mean
 # is over the real tokens only
 # {✓ test_the_page_mask_example_averages_its_real_tokens}. Padded positions get
-# zero gradient and real ones the gradient of the same KL without padding
+# zero gradient with respect to `log_p` and `log_q` (NaN logits there still give
+# NaN through `log_softmax`: fill them first), and real ones the gradient of the
+# same KL without padding
 # {✓ test_padded_positions_get_zero_gradient_and_real_ones_match_the_unpadded_kl};
 # the mask works along any `dim` {✓ test_mask_works_along_another_dim}, and a mask
 # with no real position gives 0, not NaN
@@ -547,7 +556,7 @@ with CountSyncsAndAllocations(log_p_bf16.numel()) as cost:
 #   rows that sum to 1 along the `dim` you mean, no NaN
 #   {✓ test_checked_kl_refuses_each_misuse_with_a_message_that_says_what_to_do};
 #   with a tolerance that follows the dtype and the vocabulary size
-#   {✓ test_tolerance_is_four_roundings_per_log_class_plus_the_float32_sums},
+#   {✓ test_tolerance_grows_with_the_rounding_times_log_v_plus_a_term_linear_in_v},
 #   checked in float32
 #   {✓ test_half_inputs_are_computed_in_float32_on_rows_renormalised}.
 # - Handle $P = 0$ by masking *before* subtracting, so that neither the value nor
