@@ -131,9 +131,9 @@ log_softmax = logits.log_softmax(dim=-1)
 # Zeros in the *model* are not, when they meet zeros in the target: a logit masked
 # with $-\infty$ (a forbidden token, padding) gives $\log Q = -\infty$, and the
 # term `target * input` is $0 \cdot (-\infty)$ = NaN
-# {✓ test_minus_infinity_meeting_a_zero_target_gives_nan}. Either replace the
-# masked log-probabilities after `log_softmax`, or mask the logits with a large
-# negative *finite* value
+# {✓ test_minus_infinity_meeting_a_zero_target_gives_nan}. Two fixes give the KL
+# over the unmasked classes: replace the masked log-probabilities after
+# `log_softmax`, or mask the logits with a large negative *finite* value
 # {✓ test_both_mask_fixes_give_the_kl_over_the_unmasked_classes}.
 #
 # Both fixes assume that the target is 0 wherever the model is masked; check it.
@@ -163,8 +163,10 @@ kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
 # print(f"mask with {MASK_VALUE:g} instead:        {kl_fixed_before:.6f}")
 
 # %% [markdown]
-# The finite value has to survive `log_softmax`. $-10^4$ does in float32, bfloat16
-# and float16 {✓ test_mask_value_survives_log_softmax_in_all_three_float_types};
+# The finite value has to survive `log_softmax`. $-10^4$ survives `log_softmax` in
+# float32, bfloat16 and float16
+# {✓ test_mask_value_survives_log_softmax_in_all_three_float_types}
+# {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_at_vocabulary_size};
 # `torch.finfo(dtype).min`, a common choice, does in float32 and bfloat16
 # {✓ test_half_precision::test_finfo_min_survives_in_float32_and_bfloat16} but
 # overflows to $-\infty$ in float16 once the log-sum-exp of the logits reaches 16
@@ -180,7 +182,9 @@ kl_fixed_before = F.kl_div(log_q_finite, p_masked, reduction="sum")
 # {✓ test_log_target_with_minus_infinity_on_both_sides_gives_nan}. Clamp both
 # sides to the same finite floor before the call: the masked terms become
 # $0 \cdot 0$ {✓ test_clamping_both_sides_gives_the_kl_over_the_unmasked_classes}.
-# The same precondition holds: the target must be 0 wherever the model is masked.
+# The same precondition holds: if the target puts mass on a masked class, the
+# clamped call returns a finite number where the true divergence is $+\infty$
+# {✓ test_mask_fixes_hide_an_infinite_kl_when_the_target_uses_a_masked_class}.
 
 # %%
 log_p_both = torch.tensor([0.6, 0.4, 0.0]).log()  # log P = -inf on class 2
@@ -253,10 +257,11 @@ kl_sanitised = torch.where(
 # the term is $e^{\log P}(\log P - \log Q)$ and the gradient stays finite
 # {✓ test_log_target_keeps_the_gradient_with_respect_to_the_target_finite}.
 #
-# Before PyTorch 1.13 ([PR #80334], which made `kl_div` a composite function) the
-# kernel computed the term only where the target was positive, so this gradient
-# was 0, not NaN, and a target of log-probabilities passed as probabilities gave a
-# silent 0 where it now gives NaN.
+# A target of log-probabilities passed as probabilities (without `log_target=True`)
+# gives NaN {✓ test_log_probabilities_passed_as_the_target_give_nan}. Before
+# PyTorch 1.13 ([PR #80334], which made `kl_div` a composite function) the kernel
+# computed the term only where the target was positive, so that target gave a
+# silent 0, and the gradient above was 0, not NaN.
 #
 # [pytorch#89558]: https://github.com/pytorch/pytorch/issues/89558
 # [PR #80334]: https://github.com/pytorch/pytorch/pull/80334
@@ -342,15 +347,16 @@ terms_identical = F.kl_div(
 # ## What to remember
 #
 # - Stay in log space: `log_prob`, `log_softmax`, `torch.logsumexp`,
-#   `log_target=True`. Never `logits.softmax(dim=-1).log()`
-#   {✓ test_summary_calls_run_as_written}: use `logits.log_softmax(dim=-1)`
+#   `log_target=True`. Never `logits.softmax(dim=-1).log()` ($-\infty$ where a
+#   class underflows) {✓ test_summary_calls_run_as_written}: use
+#   `logits.log_softmax(dim=-1)`
 #   {✓ test_log_of_softmax_is_minus_infinity_where_log_softmax_is_finite}.
 # - Mask logits with a finite `MASK_VALUE = -1e4`
 #   {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_at_vocabulary_size},
 #   not $-\infty$ (NaN where it meets a zero target)
 #   {✓ test_minus_infinity_meeting_a_zero_target_gives_nan} and not
-#   `torch.finfo(dtype).min` (NaN in float16)
-#   {✓ test_finfo_min_named_in_the_summary_is_nan_in_float16_only}; or replace
+#   `torch.finfo(dtype).min` (NaN in float16 once the logits' log-sum-exp reaches
+#   16) {✓ test_finfo_min_named_in_the_summary_is_nan_in_float16_only}; or replace
 #   masked log-probabilities after `log_softmax`
 #   {✓ test_both_mask_fixes_give_the_kl_over_unmasked_classes_for_any_mask}.
 # - `torch.where` and `torch.xlogy` fix values, not gradients
