@@ -137,8 +137,8 @@ kl_narrow_wide = kl_divergence(narrow, wide)
 # $$D_{\mathrm{KL}}\big(\mathcal{N}(\mu, \sigma^2)\,\|\,\mathcal{N}(0, 1)\big)
 #   = -\tfrac12\left(1 + \log\sigma^2 - \mu^2 - \sigma^2\right).$$
 #
-# Summed over the latent dimensions and averaged over the batch, this is what
-# `kl_divergence` gives on `Normal` pairs
+# It equals `kl_divergence` on `Normal` pairs, summed over the latent dimensions
+# and averaged over the batch the same way
 # {✓ test_vae_closed_form_matches_kl_divergence}. `Normal` takes the standard
 # deviation $\sigma = e^{\text{logvar}/2}$, not the variance
 # {✓ test_normal_takes_the_standard_deviation_so_the_variance_gives_another_kl}.

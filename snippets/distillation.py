@@ -57,10 +57,11 @@
 # {✓ test_rounding_the_quotient_in_half_precision_costs_the_loss_digits}.
 #
 # Hinton and colleagues (§2) combine it with the cross-entropy on the hard labels,
-# at temperature 1, and found the best results "by using a considerably lower
-# weight on the second objective function", the hard labels
+# and found the best results "by using a considerably lower weight on the second
+# objective function", the hard labels. Below, that cross-entropy is taken at
+# temperature 1, with a lower weight than the soft targets'
 # {✓ test_hard_label_weight_is_lower_than_the_soft_target_weight}; the weight
-# itself is a hyperparameter (`HARD_LABEL_WEIGHT` below).
+# itself is a hyperparameter (`HARD_LABEL_WEIGHT`).
 
 # %%
 import torch
@@ -210,7 +211,7 @@ limit_norms = {
 # vocabulary) table whose `"batchmean"` is the mean over real tokens
 # {✓ test_masked_loss_is_the_mean_over_real_tokens} (see
 # [reductions](reductions.py)). Selecting, rather than multiplying by the mask,
-# keeps garbage at padded positions out of the loss and of the logits' gradient
+# keeps NaN or inf at padded positions out of the loss and of the logits' gradient
 # {✓ test_masked_loss_ignores_prompt_and_padding_positions}. It does not keep it
 # out of the parameters' gradients: NaN or inf hidden states at padded positions
 # make the head's weight gradient NaN (0 · NaN in the matmul's backward) {✓
@@ -302,9 +303,9 @@ lm_loss_wrong_count = (kl_per_position * response_mask).sum() / response_mask.nu
 #   {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass}, more
 #   than that KL itself for a student off by noise of standard deviation 0.1,
 #   printed below {✓ test_near_the_page_teacher_the_top_k_gap_exceeds_the_full_kl}.
-#   Far from the teacher the gap grows with the KL
-#   {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass} but stays
-#   negligible beside it, as for the random student printed below
+#   For a random student the gap is several times $-\log$(kept mass)
+#   {✓ test_top_k_loss_exceeds_the_full_kl_by_about_minus_log_kept_mass} but
+#   within 1% of its KL, as printed below
 #   {✓ test_top_k_loss_is_close_to_the_full_loss_far_from_the_teacher}.
 # - **One vocabulary.** Teacher and student must share the tokenizer: the loss
 #   compares logit $i$ with logit $i$. Models pad their embedding table, so cut

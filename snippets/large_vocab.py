@@ -46,8 +46,8 @@ def straightforward_kl(student_logits, teacher_logits):
 # %% [markdown]
 # ## Counting what it allocates
 #
-# A `TorchDispatchMode` sees every operation PyTorch runs, the backward pass's
-# included {✓ test_straightforward_version_creates_several_logits_sized_tensors}.
+# A `TorchDispatchMode` sees every ATen operation PyTorch dispatches, the backward
+# pass's included {✓ test_straightforward_version_creates_several_logits_sized_tensors}.
 # The one below counts the results that are new tensors (not views of an input)
 # at least as large as the logits: log-softmax twice, then each elementwise step
 # of $e^{\log p}(\log p - \log q)$, then the backward through them

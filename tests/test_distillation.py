@@ -112,9 +112,10 @@ def test_rounding_the_quotient_in_half_precision_costs_the_loss_digits(dtype):
         if temperature == 2.0:  # a power of 2: the quotient is exact, nothing lost
             assert torch.equal(loss, cast_first)
         else:
-            assert abs(cast_first.double() / reference - 1) < 2e-5
-    # bfloat16 keeps 8 significant bits, float16 11
-    assert errors[1.5] > (1e-3 if dtype == torch.bfloat16 else 1e-4)
+            cast_first_error = abs(cast_first.double() / reference - 1).item()
+            assert cast_first_error < 2e-5
+    # relative to casting first, not an absolute bound: that depends on the seed
+    assert errors[1.5] > 50 * cast_first_error
 
 
 def test_log_softmax_without_dim_normalises_over_the_batch_for_3d_input():

@@ -106,9 +106,12 @@ def test_finfo_min_mask_overflows_in_float16_only_once_the_largest_logit_reaches
     for largest in page.largest_logits:
         logits = torch.tensor([largest, 0.0, 0.5], dtype=torch.float16)
         assert masked_kl(logits, FP16_MIN).isnan() == (largest >= 16)
-        # one dominant logit: the log-sum-exp is the largest logit, to 1e-6
+        # one dominant logit: the log-sum-exp is the largest logit plus
+        # log(1 + sum of the others' e^(z - largest)), far below float16's spacing
         lse = torch.logsumexp(logits.double(), dim=0).item()
-        assert abs(lse - largest) < 1e-6
+        rest = math.exp(-largest) + math.exp(0.5 - largest)
+        assert lse == pytest.approx(largest + math.log1p(rest), rel=1e-12)
+        assert lse - largest < 1e-3
     sixteen = torch.tensor(16.0, dtype=torch.float16)
     just_below = sixteen.nextafter(torch.zeros_like(sixteen))
     assert page.largest_logits[1] == just_below.item()
@@ -328,9 +331,9 @@ def float64_kl():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_log_softmax_is_finite_but_rounded(dtype):
     """The KL is within two of the type's spacings of the float64 value and more
-    than five times further from it than the float32 one (measured: 9 times in
-    float16, 39 in bfloat16); each log-probability is the float64 one of the
-    same rounded logits, to within the type's eps."""
+    than five times further from it than the float32 one (measured: 9 to 39
+    times, depending on the threads that sum it); each log-probability is the
+    float64 one of the same rounded logits, to within the type's eps."""
     exact = float64_kl().item()
     kl = page.kl_of_log_softmax(page.student_logits, page.teacher_logits, dtype)
     assert kl.dtype == dtype and kl.isfinite()
