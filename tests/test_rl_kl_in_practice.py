@@ -195,18 +195,18 @@ def test_reverse_kl_gradient_recipes_hold_for_any_logits(vocab, seed, scale):
     assert_close(k1, torch.zeros_like(k1), rtol=0, atol=1e-12)
 
 
+def stale_policy_rows(vocab):
+    """Policy logits, reference and stale log-probabilities: the page's at 5."""
+    if vocab == 5:
+        return page.small_logits, page.small_reference, page.small_old
+    return logits_rows(vocab)
+
+
 @pytest.mark.parametrize("vocab", [5, 32_000])
 def test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy(
     vocab,
 ):
-    if vocab == 5:
-        policy, log_ref, log_old = (
-            page.small_logits,
-            page.small_reference,
-            page.small_old,
-        )
-    else:
-        policy, log_ref, log_old = logits_rows(vocab)
+    policy, log_ref, log_old = stale_policy_rows(vocab)
     target = reverse_kl_gradient_by_formula(policy, log_ref)
     for recipe in page.RECIPES:
         gradient = page.expected_gradient(recipe, policy, log_ref, log_old)
@@ -226,14 +226,7 @@ STALE_WEIGHTS = {
 @pytest.mark.parametrize("vocab", [5, 32_000])
 @pytest.mark.parametrize("recipe", ["k2 in the loss", "k1 in the reward", "k3+ (verl)"])
 def test_k2_k1_reward_and_k3_plus_need_the_stale_weight_detached(recipe, vocab):
-    if vocab == 5:
-        policy, log_ref, log_old = (
-            page.small_logits,
-            page.small_reference,
-            page.small_old,
-        )
-    else:
-        policy, log_ref, log_old = logits_rows(vocab)
+    policy, log_ref, log_old = stale_policy_rows(vocab)
     target = reverse_kl_gradient_by_formula(policy, log_ref)
     for weighting, weight in STALE_WEIGHTS.items():
         logits = policy.detach().clone().requires_grad_()
