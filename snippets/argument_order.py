@@ -65,7 +65,8 @@
 # and the reporter of
 # [pytorch#89558] found the gradient with respect to a zero target to be 0 on 1.12,
 # where it is NaN now {✓ test_gradient_with_respect_to_a_zero_target_is_nan_since_1_13}.
-# On an older torch the failures below look different: zeros instead of NaN
+# On an older torch, a negative target in the default form gave a silent 0 where
+# the examples below show NaN
 # {✓ test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}.
 #
 # [PR #80334]: https://github.com/pytorch/pytorch/pull/80334

@@ -36,8 +36,8 @@
 # expectation under $\pi_\theta$ is that KL {✓
 # test_full_per_position_kl_is_the_policy_expectation_of_k1_and_of_k3}.
 # The page's PPO-style reward subtracts $\beta k_1$ per token and adds the task
-# score at each sequence's *last real token* (TRL's PPO trainer uses the slot after
-# it, below)
+# score at each sequence's *last real token* (TRL's PPO trainer usually uses the
+# slot after it, below)
 # {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing};
 # the reward is data, so it is computed without a graph
 # {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}. GRPO adds

@@ -71,7 +71,7 @@ def test_mixture_log_prob_is_logsumexp_and_finite_where_p_underflows():
     # in log space: finite at every grid point, where p itself underflows to 0
     assert torch.isfinite(page.log_p).all()
     assert (page.p == 0).sum() > 100
-    # at x = -60 the density is exp(-1516): 0 in float64, and its log -inf
+    # at x = -60 the density is exp(-1514): 0 in float64, and its log -inf
     edge = torch.tensor(page.X_MIN, dtype=F64)
     naive = (0.5 * Normal(-5.0, 1.0).log_prob(edge).exp()).add(
         0.5 * Normal(10.0, 1.0).log_prob(edge).exp()
