@@ -345,6 +345,11 @@ def _overview(listed, titles) -> str:
 
 def _page_claims(page, found, title) -> str:
     lines = [
+        "---",
+        "search:",
+        "  exclude: true  # its sentences are found on their own page",
+        "---",
+        "",
         f"# Claims of “{title}”",
         "",
         f"Every ✓ of [{title}](../{page}.py), in page order: the sentence, and the",

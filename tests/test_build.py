@@ -146,6 +146,17 @@ def test_search_index_holds_the_prose_not_the_outputs(site):
     assert "0.1838 nats" not in text  # one of its printed outputs
 
 
+def test_search_finds_each_sentence_on_its_page_not_in_the_claims_lists(site):
+    index = json.loads((site / "search" / "search_index.json").read_text())
+    locations = {doc["location"].split("#")[0] for doc in index["docs"]}
+    assert "claims/" in locations  # the overview
+    assert not [
+        where
+        for where in locations
+        if where.startswith("claims/") and where != "claims/"
+    ]
+
+
 def test_notebook_pages_offer_their_source_and_executed_notebook(site):
     for page in snippet_pages():
         folder = site / page.stem
