@@ -71,16 +71,15 @@
 #
 # **What the checks cost.** They run without autograd and end in a single `if` on
 # a tensor: **one host synchronisation per call** (only a refusal reads more)
-# {✓ test_a_valid_call_costs_exactly_one_host_synchronisation}. On a GPU that `if`
-# waits for every kernel queued on the current stream
-# {✓ test_a_valid_call_synchronises_the_gpu_once};
-# under `torch.compile` it is a graph break
-# {✓ test_under_torch_compile_the_one_sync_is_one_graph_break}. The count at the
-# end of the page is taken on CPU; that this read waits for the GPU is read from
-# the source, not run here: `if` reads the value through
-# `aten._local_scalar_dense`, which on CUDA copies it with `memcpy_and_sync`
-# (aten/src/ATen/native/cuda/CUDAScalar.cpp). The formula allocates several
-# tensors as large as the input (also counted at the end)
+# {✓ test_a_valid_call_costs_exactly_one_host_synchronisation}, on a GPU too
+# {✓ test_a_valid_call_synchronises_the_gpu_once}; under `torch.compile` it is a
+# graph break {✓ test_under_torch_compile_the_one_sync_is_one_graph_break}. The
+# count at the end of the page is taken on CPU; that this read waits for every
+# kernel queued on the current stream is read from the source, not run here: `if`
+# reads the value through `aten._local_scalar_dense`, which on CUDA copies it with
+# `memcpy_and_sync` on that stream (aten/src/ATen/native/cuda/CUDAScalar.cu).
+# The formula allocates several tensors as large as the input (also counted at the
+# end)
 # {✓ test_the_page_counts_one_sync_and_its_allocations}; at
 # (batch, tokens, vocabulary) sizes that is gigabytes, so for large vocabularies
 # compute the loss in chunks as in [large vocabulary](large_vocab.py), and call
@@ -106,11 +105,12 @@ def checked_kl(
     removed, 0 where padded). mask: None, or a bool tensor shaped like log_p
     without ``dim``, True at real positions; padded ones are neither checked nor
     counted, and get zero gradient (NaN logits there still give NaN through
-    log_softmax: fill them first). atol: how far a row's log-total may be from 0;
-    None derives it from the dtype and the number of classes. Computed in float32
-    at least (half inputs on float32 copies, a float32 result), on each row
-    renormalised there. Rounded inputs bound the resolution: a KL below the
-    rounding of half-precision log-probabilities cannot be measured from them.
+    log_softmax: fill them where they first appear). atol: how far a row's
+    log-total may be from 0; None derives it from the dtype and the number of
+    classes. Computed in float32 at least (half inputs on float32 copies, a float32
+    result), on each row renormalised there. Rounded inputs bound the resolution:
+    a KL below the rounding of half-precision log-probabilities cannot be measured
+    from them.
     Cost: one host synchronisation per call (a graph break under torch.compile).
     Raises ValueError for input that is not two matching sets of distributions.
     """
@@ -379,7 +379,8 @@ bf16_tolerance = normalisation_tolerance(torch.bfloat16, 32_000)
 # {✓ test_the_page_small_kl_is_positive_and_bounded_by_the_inputs_rounding}:
 # renormalising removes each row's offset
 # {✓ test_without_renormalising_a_small_kl_of_half_rows_comes_out_negative},
-# leaving float32 rounding, which can take a KL below 0 by less than $10^{-6}$
+# leaving float32 rounding, which can take a KL below 0 by up to
+# $2\varepsilon(1 + \log V)$, with float32's $\varepsilon$ and $V$ classes
 # {✓ test_kl_of_nearby_log_probabilities_is_never_below_float32_rounding}.
 
 
@@ -426,8 +427,8 @@ small_kl = {
 # is over the real tokens only
 # {✓ test_the_page_mask_example_averages_its_real_tokens}. Padded positions get
 # zero gradient with respect to `log_p` and `log_q` (NaN logits there still give
-# NaN through `log_softmax`: fill them first), and real ones the gradient of the
-# same KL without padding
+# NaN through `log_softmax`: fill them where they first appear), and real ones
+# the gradient of the same KL without padding
 # {✓ test_padded_positions_get_zero_gradient_and_real_ones_match_the_unpadded_kl};
 # the mask works along any `dim` {✓ test_mask_works_along_another_dim}, and a mask
 # with no real position gives 0, not NaN

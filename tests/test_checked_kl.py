@@ -409,9 +409,9 @@ def test_kl_of_nearby_log_probabilities_is_never_below_float32_rounding(
         expected, _ = kl_float64(log_p, log_q)  # >= 0: the stored rows, in float64
         rounding = 2 * torch.finfo(torch.float32).eps * (1 + math.log(n_classes))
         assert ((kl - expected).abs() <= rounding).all()
+        assert (expected >= 0).all() and (kl >= -rounding).all()
         kls.append(kl)
     kls = torch.cat(kls)
-    assert (kls > -1e-6).all()
     if dtype == torch.float32 and n_classes < 10_000:
         assert (kls < 0).any()  # negative, by rounding
 
@@ -462,7 +462,10 @@ def test_small_kl_resolution_follows_the_rounding_of_the_inputs(n_classes, seed)
     assert fp32 == pytest.approx(1, rel=0.01)
     assert fp16 == pytest.approx(1, rel=0.25)
     assert bf16 > 2.5 and bf16_logits > 2.5
-    assert relative[0.003][torch.float16, torch.float16] > 1.5  # float16 too
+    # float16 too, off by more at the smaller noise (1.76 to 2.30 on these seeds)
+    fp16_error = [abs(r[torch.float16, torch.float16] - 1) for r in relative.values()]
+    assert relative[0.003][torch.float16, torch.float16] > 1.25
+    assert fp16_error[0] > 2 * fp16_error[1]  # noise 0.003 against 0.01
     bf16_error = [abs(r[torch.bfloat16, torch.bfloat16] - 1) for r in relative.values()]
     assert bf16_error == sorted(bf16_error, reverse=True)
 

@@ -121,8 +121,10 @@ def test_mask_value_survives_log_softmax_in_all_three_float_types():
 def test_finfo_min_named_in_the_summary_is_nan_in_float16_only():
     for dtype in [torch.float32, torch.bfloat16, torch.float16]:
         mask_value = run_inline("torch.finfo(dtype).min", dtype=dtype)
-        for largest in (2.0, 15.5, 16.5, 30.0):
-            logits = torch.tensor([largest, 1.0, 0.5], dtype=dtype)
+        rows = [[largest, 1.0, 0.5] for largest in (2.0, 15.5, 16.5, 30.0)]
+        rows.append([15.5, 15.5, 0.5])  # the log-sum-exp reaches 16, no logit does
+        for row in rows:
+            logits = torch.tensor(row, dtype=dtype)
             log_sum_exp = logits.double().logsumexp(dim=-1)
             log_q = logits.masked_fill(page.mask, mask_value).log_softmax(dim=-1)
             kl = F.kl_div(log_q, page.p_masked.to(dtype), reduction="sum")
