@@ -295,18 +295,25 @@ def coverage_problems(root: Path, not_yet_marked: set[str] = frozenset()) -> lis
 def claims_pages(root: Path = ROOT, titles: dict[str, str] | None = None):
     """{path: Markdown}: the claims page (every page, its claims and tests
     counted) and, per page, the list of its claims: one page listing all of them
-    would weigh 450 KB."""
+    would weigh 450 KB. Pages come in the order of ``titles`` (the reading order)."""
     titles = titles or {}
+    sources = sorted((root / "snippets").glob("[!_]*.py"))
+    in_order = sorted(sources, key=lambda path: _position(path.stem, titles))
     listed = {}
-    for page_path in sorted((root / "snippets").glob("[!_]*.py")):
+    for page_path in in_order:
         found = page_markers(page_path)
         if found:
-            page = page_path.stem
-            listed[page] = found
+            listed[page_path.stem] = found
     pages = {SITE_PATH: _overview(listed, titles)}
     for page, found in listed.items():
         pages[list_path(page)] = _page_claims(page, found, titles.get(page, page))
     return pages
+
+
+def _position(page: str, titles: dict[str, str]) -> int:
+    """Where ``page`` comes in the reading order ``titles`` follows; last if absent."""
+    order = list(titles)
+    return order.index(page) if page in order else len(order)
 
 
 def list_path(page: str) -> str:

@@ -55,7 +55,9 @@ def on_files(files, config):
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     content = report.build_report(executed)
     files.append(File.generated(config, report.SITE_PATH, content=content))
-    titles = {source.stem: pages.title(source) for source in executed}
+    order = pages.nav_order(config["nav"])  # the claims page lists in reading order
+    sources = sorted(executed, key=lambda source: order.get(source.name, len(order)))
+    titles = {source.stem: pages.title(source) for source in sources}
     for path, content in claims.claims_pages(ROOT, titles).items():
         files.append(File.generated(config, path, content=content))
     return files

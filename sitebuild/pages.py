@@ -39,3 +39,19 @@ def title(page: Path) -> str:
                 if line.startswith("# "):
                     return line.removeprefix("# ").strip()
     return page.stem
+
+
+def nav_order(nav) -> dict[str, int]:
+    """{file: position} of every file in mkdocs.yml's ``nav``, sections flattened."""
+    files = []
+
+    def walk(entries):
+        for entry in entries or []:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            if isinstance(value, list):
+                walk(value)
+            else:
+                files.append(value)
+
+    walk(nav)
+    return {name: position for position, name in enumerate(files)}

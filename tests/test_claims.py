@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT, mkdocs_build, write_project
 
-from sitebuild import claims
+from sitebuild import claims, pages
 from sitebuild.pages import snippet_pages
 
 NOT_YET_MARKED = set()  # every page is marked
@@ -168,3 +168,14 @@ def test_abbreviations_end_no_sentence_but_list_items_and_paragraphs_do():
         "Hinton et al. (§2) use a temperature, e.g. 2",
         "sum, then divide",
     ]
+
+
+def test_the_claims_page_lists_the_pages_in_reading_order():
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    order = pages.nav_order(nav)
+    in_nav = sorted(snippet_pages(), key=lambda path: order[path.name])
+    titles = {path.stem: pages.title(path) for path in in_nav}
+    overview = claims.claims_pages(ROOT, titles)[claims.SITE_PATH]
+    listed = [overview.index(f"]({claims.list_path(stem)})") for stem in titles]
+    assert listed == sorted(listed)
+    assert in_nav[0].stem == "kl_definition"  # the first page read
