@@ -261,7 +261,9 @@ kl_sanitised = torch.where(
 # gives NaN {✓ test_log_probabilities_passed_as_the_target_give_nan}. Before
 # PyTorch 1.13 ([PR #80334], which made `kl_div` a composite function) the kernel
 # computed the term only where the target was positive, so that target gave a
-# silent 0, and the gradient above was 0, not NaN.
+# silent 0 {✓ test_argument_order::
+# test_pre_1_13_formula_gave_a_silent_zero_where_now_nan}
+# (and the gradient above was 0, not NaN, as [pytorch#89558] reports).
 #
 # [pytorch#89558]: https://github.com/pytorch/pytorch/issues/89558
 # [PR #80334]: https://github.com/pytorch/pytorch/pull/80334
