@@ -57,7 +57,8 @@ def claim_tests(module: str, root: Path = ROOT) -> dict[str, ClaimTest]:
 @functools.lru_cache(maxsize=256)  # a page names one module hundreds of times
 def _claim_tests(module: str, source: str) -> dict[str, ClaimTest]:
     tree = ast.parse(source)
-    constants = _module_constants(source, tree)
+    lines = source.encode().splitlines(keepends=True)  # split once, not per segment
+    constants = _module_constants(lines, tree)
     tests = {}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
@@ -65,8 +66,8 @@ def _claim_tests(module: str, source: str) -> dict[str, ClaimTest]:
                 module,
                 node.name,
                 _source_with_decorators(source, node),
-                _tolerances(source, node, constants),
-                _parameters(source, node, constants),
+                _tolerances(lines, node, constants),
+                _parameters(lines, node, constants),
             )
     return tests
 
@@ -198,51 +199,61 @@ def _source_with_decorators(source: str, node: ast.FunctionDef) -> str:
     return "\n".join(lines)
 
 
-def _module_constants(source: str, tree: ast.Module) -> dict[str, str]:
+def _segment(lines: list[bytes], node: ast.AST) -> str:
+    """``node``'s source text, as ``ast.get_source_segment`` gives it (its offsets
+    count UTF-8 bytes) from lines split once."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first][node.col_offset : node.end_col_offset].decode()
+    text = [lines[first][node.col_offset :], *lines[first + 1 : last]]
+    return b"".join([*text, lines[last][: node.end_col_offset]]).decode()
+
+
+def _module_constants(lines: list[bytes], tree: ast.Module) -> dict[str, str]:
     """``NAME = value`` at the top of a test module, as written."""
     constants = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             name = getattr(node.targets[0], "id", None)
             if name and name.isupper():
-                constants[name] = ast.get_source_segment(source, node.value)
+                constants[name] = _segment(lines, node.value)
     return constants
 
 
-def _written(source: str, node: ast.AST, constants: dict[str, str]) -> str:
+def _written(lines: list[bytes], node: ast.AST, constants: dict[str, str]) -> str:
     """The expression as written; a module constant with its value."""
-    text = ast.get_source_segment(source, node) or ""
+    text = _segment(lines, node)
     return f"{text} = {constants[text]}" if text in constants else text
 
 
-def _tolerances(source, node, constants) -> tuple[str, ...]:
+def _tolerances(lines, node, constants) -> tuple[str, ...]:
     found = []
     for child in ast.walk(node):
         if isinstance(child, ast.keyword) and child.arg in TOLERANCE_NAMES:
-            found.append(f"{child.arg}={_written(source, child.value, constants)}")
+            found.append(f"{child.arg}={_written(lines, child.value, constants)}")
         elif isinstance(child, ast.keyword) and child.arg is None:  # **FLOAT64
-            written = _written(source, child.value, constants)
+            written = _written(lines, child.value, constants)
             if " = " in written and any(n in written for n in TOLERANCE_NAMES):
                 found.append(written)  # a module constant naming tolerances
         elif isinstance(child, ast.Dict):
             for key, value in zip(child.keys, child.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value in TOLERANCE_NAMES:
-                    found.append(f"{key.value}={_written(source, value, constants)}")
+                    found.append(f"{key.value}={_written(lines, value, constants)}")
     return tuple(dict.fromkeys(found))
 
 
-def _parameters(source, node, constants) -> tuple[str, ...]:
+def _parameters(lines, node, constants) -> tuple[str, ...]:
     found = []
     for decorator in node.decorator_list:
         if not isinstance(decorator, ast.Call):
             continue
-        name = ast.get_source_segment(source, decorator.func) or ""
+        name = _segment(lines, decorator.func)
         if name.endswith("parametrize") and len(decorator.args) >= 2:
-            names = ast.get_source_segment(source, decorator.args[0]).strip("\"'")
-            found.append(f"{names}: {_written(source, decorator.args[1], constants)}")
+            names = _segment(lines, decorator.args[0]).strip("\"'")
+            found.append(f"{names}: {_written(lines, decorator.args[1], constants)}")
         elif name.endswith("given"):
             found += [
-                f"{k.arg}: {_written(source, k.value, constants)}"
+                f"{k.arg}: {_written(lines, k.value, constants)}"
                 for k in decorator.keywords
             ]
     return tuple(found)

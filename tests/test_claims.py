@@ -1,5 +1,6 @@
 """Claim markers and claim tests name each other, both ways (sitebuild/claims.py)."""
 
+import ast
 import shutil
 
 import pytest
@@ -179,3 +180,14 @@ def test_the_claims_page_lists_the_pages_in_reading_order():
     listed = [overview.index(f"]({claims.list_path(stem)})") for stem in titles]
     assert listed == sorted(listed)
     assert in_nav[0].stem == "kl_definition"  # the first page read
+
+
+def test_source_segments_are_those_ast_gives_on_any_text():
+    source = (
+        'σ = {"rtol": 1e-6,\n      "atol": 0}  # ✓ wide characters\n'
+        "def f(x=[1,\n        2]): return σ\n"
+    )
+    lines = source.encode().splitlines(keepends=True)
+    for node in ast.walk(ast.parse(source)):
+        if hasattr(node, "end_col_offset") and node.end_col_offset is not None:
+            assert claims._segment(lines, node) == ast.get_source_segment(source, node)
