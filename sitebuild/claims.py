@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitebuild import pages
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE_PATH = "claims.md"
 # A marker may wrap after ✓ or after ::, to keep the page's lines short.
@@ -261,11 +263,9 @@ def _parameters(lines, node, constants) -> tuple[str, ...]:
 
 def page_markers(page_path: Path) -> list[tuple[str, str, str]]:
     """(module, test, sentence) of every marker in a snippet page's Markdown."""
-    import jupytext
-
     found = []
     page = page_path.stem
-    for cell in jupytext.read(page_path).cells:
+    for cell in pages.read(page_path).cells:
         if cell.cell_type != "markdown":
             continue
         for match in MARKER.finditer(cell.source):

@@ -34,7 +34,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from traitlets import default
 
-from sitebuild import admonitions, forkserver
+from sitebuild import admonitions, forkserver, pages
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("mkdocs.plugins.sitebuild")
@@ -346,7 +346,7 @@ def _remove_outdated(cache_dir: Path, planned: dict[Path, Path]) -> None:
 
 def _python_code(path: Path) -> str:
     if path.suffix == ".py" and "# %%" in path.read_text():
-        notebook = jupytext.read(path)
+        notebook = pages.read(path)
         return "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     return path.read_text()
 

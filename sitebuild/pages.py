@@ -1,5 +1,6 @@
 """Which snippet modules are pages, and what a reader sees of them."""
 
+import functools
 from pathlib import Path
 
 import jupytext
@@ -22,7 +23,7 @@ def shown_code_cells(page: Path) -> list[str]:
     module and shown uncommented on the page; cells whose input is hidden are left
     out, since a reader cannot copy them.
     """
-    notebook = jupytext.read(page)
+    notebook = read(page)
     return [
         cell.source
         for cell in notebook.cells
@@ -33,7 +34,7 @@ def shown_code_cells(page: Path) -> list[str]:
 
 def title(page: Path) -> str:
     """The page's first heading, as the reader sees it."""
-    for cell in jupytext.read(page).cells:
+    for cell in read(page).cells:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():
                 if line.startswith("# "):
@@ -55,3 +56,16 @@ def nav_order(nav) -> dict[str, int]:
 
     walk(nav)
     return {name: position for position, name in enumerate(files)}
+
+
+def read(page: Path):
+    """The page as a notebook, parsed once per version of its file: a build reads
+    each page several times (its cache key, its title, its claims). Shared: do not
+    modify it."""
+    stat = page.stat()
+    return _read(page.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read(page: Path, mtime_ns: int, size: int):
+    return jupytext.read(page)
