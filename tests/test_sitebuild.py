@@ -10,7 +10,15 @@ from bs4 import BeautifulSoup
 from mkdocs.structure.files import File, Files
 from mkdocs_jupyter.plugin import NotebookFile
 
-from sitebuild import admonitions, execute, links, mathfont, mathml, notebook_html
+from sitebuild import (
+    admonitions,
+    execute,
+    links,
+    mathfont,
+    mathml,
+    notebook_html,
+    pages,
+)
 
 
 def test_unknown_tex_command_fails_naming_page_and_formula():
@@ -192,3 +200,12 @@ def test_consecutive_prints_become_one_output_whatever_the_flushes():
         None,
         "c\n",
     ]
+
+
+def test_a_page_is_parsed_again_once_its_file_changes(tmp_path):
+    page = tmp_path / "page.py"
+    page.write_text("# %% [markdown]\n# # First\n\n# %%\nx = 1\n")
+    first = pages.read(page)
+    assert pages.read(page) is first  # unchanged: parsed once
+    page.write_text("# %% [markdown]\n# # Second title\n\n# %%\nx = 1\n")
+    assert pages.title(page) == "Second title"
