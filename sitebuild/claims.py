@@ -280,15 +280,15 @@ def coverage_problems(root: Path, not_yet_marked: set[str] = frozenset()) -> lis
     a page's module that no marker names (unless listed in SUPPORTING_TESTS, or
     the page is one of ``not_yet_marked``: a page being marked)."""
     problems, named = [], set()
-    pages = sorted((root / "snippets").glob("[!_]*.py"))
-    for page_path in pages:
+    page_files = sorted((root / "snippets").glob("[!_]*.py"))
+    for page_path in page_files:
         for module, test, _ in page_markers(page_path):
             named.add((module, test))
             if test not in claim_tests(module, root):
                 problems.append(
                     f"{page_path.stem}: {{✓ {test}}} names no test in tests/{module}.py"
                 )
-    for page_path in pages:
+    for page_path in page_files:
         if page_path.stem in not_yet_marked:
             continue
         module = module_for(page_path.stem)
@@ -315,10 +315,10 @@ def claims_pages(root: Path = ROOT, titles: dict[str, str] | None = None):
         found = page_markers(page_path)
         if found:
             listed[page_path.stem] = found
-    pages = {SITE_PATH: _overview(listed, titles)}
+    generated = {SITE_PATH: _overview(listed, titles)}
     for page, found in listed.items():
-        pages[list_path(page)] = _page_claims(page, found, titles.get(page, page))
-    return pages
+        generated[list_path(page)] = _page_claims(page, found, titles.get(page, page))
+    return generated
 
 
 def _position(page: str, titles: dict[str, str]) -> int:
