@@ -116,6 +116,7 @@ def _run_script_here(connection, script: str, stdout: str, stderr: str) -> None:
     ``stderr``; answer its exit status on ``connection``, then exit."""
     for fd, path in [(1, stdout), (2, stderr)]:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    _end_when_abandoned(connection)
     sys.argv = [script]
     status = 0
     try:
@@ -132,6 +133,19 @@ def _run_script_here(connection, script: str, stdout: str, stderr: str) -> None:
     sys.stderr.flush()
     connection.sendall(json.dumps({"status": int(status)}).encode())
     os._exit(int(status))
+
+
+def _end_when_abandoned(connection) -> None:
+    """Kill this script's process group once whoever asked for it stops waiting
+    (``run_script`` timed out, or its process ended): a hung script ends too."""
+    poller = select.poll()
+    poller.register(connection, select.POLLHUP)  # the requester closed its end
+
+    def wait_then_kill():
+        poller.poll()
+        os.killpg(0, signal.SIGKILL)  # setsid made this process the group's leader
+
+    threading.Thread(target=wait_then_kill, daemon=True).start()
 
 
 def launch(args: list[str]) -> None:

@@ -104,6 +104,23 @@ def test_a_page_that_hangs_fails_naming_it_and_leaves_no_kernel(tmp_path, monkey
     assert_ended(int(pid_file.read_text()))
 
 
+def test_a_script_whose_caller_stopped_waiting_ends(tmp_path):
+    # the copy-paste test runs page code with run_script and a timeout: a page
+    # that hangs must not run on after the test failed
+    script = tmp_path / "hangs.py"
+    script.write_text("import os\nopen('pid', 'w').write(str(os.getpid()))\n")
+    script.write_text(script.read_text() + "while True:\n    pass\n")
+    with forkserver.running(dict(os.environ), []) as env:
+        socket_path = env[forkserver.SOCKET_VARIABLE]
+        with pytest.raises(TimeoutError):
+            forkserver.run_script(socket_path, script, dict(os.environ), timeout=2)
+        assert_ended(int((tmp_path / "pid").read_text()))
+        done = tmp_path / "done.py"
+        done.write_text("print('still serving')\n")
+        status, stdout, _ = forkserver.run_script(socket_path, done, {}, timeout=30)
+        assert (status, stdout) == (0, "still serving\n")
+
+
 @pytest.fixture(scope="module")
 def three_clean_executions(tmp_path_factory):
     """kl_definition (random draws and a figure): forked twice, then fresh."""
