@@ -1,0 +1,362 @@
+"""Claims of the page "Jensen–Shannon divergence from logits", on its snippet."""
+
+import math
+
+import pytest
+import torch
+from copyable import run_inline
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from snippets import jsd_from_logits as page
+from snippets.jsd_from_logits import jsd_from_logits
+
+FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
+FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def jsd_by_sums(p, q, beta):
+    """The definition with Python floats on probability lists: β KL(P‖M) + ..."""
+    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q, strict=True)]
+    kl_pm = sum(pi * math.log(pi / mi) for pi, mi in zip(p, m, strict=True) if pi)
+    kl_qm = sum(qi * math.log(qi / mi) for qi, mi in zip(q, m, strict=True) if qi)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+def softmax_list(logits):
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return [w / sum(weights) for w in weights]
+
+
+def jsd_rows_float64(logits_p, logits_q, beta):
+    """The definition in float64 with probabilities (no underflow at these
+    sizes), one value per row: independent of the page's log-space code."""
+    p, q = logits_p.double().softmax(dim=-1), logits_q.double().softmax(dim=-1)
+    m = beta * p + (1 - beta) * q
+    return (beta * p * (p / m).log() + (1 - beta) * q * (q / m).log()).sum(dim=-1)
+
+
+def kl_rows_float64(logits_a, logits_b):
+    a, b = logits_a.double().softmax(dim=-1), logits_b.double().softmax(dim=-1)
+    return (a * (a / b).log()).sum(dim=-1)
+
+
+def binary_entropy(beta):
+    return -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+
+
+def random_logits(vocab, scale=4.0, seed=0, rows=3, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, rows, vocab)
+    return (scale * torch.randn(shape, generator=generator, dtype=dtype)).unbind(0)
+
+
+def test_headline_call_is_the_mean_jsd_over_rows():
+    logits_p, logits_q = random_logits(32_000)
+    result = run_inline(
+        """jsd_from_logits(
+    logits_p, logits_q, beta=0.5, dim=-1, reduction="mean_over_distributions"
+)""",
+        jsd_from_logits=jsd_from_logits,
+        logits_p=logits_p,
+        logits_q=logits_q,
+    )
+    expected = jsd_rows_float64(logits_p, logits_q, 0.5).mean()
+    assert_close(result.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_matches_the_definition_in_float64(beta):
+    # the page's three outcomes, against sums of Python floats
+    p, q = softmax_list([2.0, 1.0, 0.0]), softmax_list([0.0, 1.0, 2.0])
+    for page_beta, value in page.small_values.items():
+        expected = jsd_by_sums(p, q, page_beta)
+        assert_close(value.double(), torch.tensor(expected).double(), **FLOAT32)
+    # small vocabularies in float64, against the sums
+    logits_p, logits_q = random_logits(5, dtype=torch.float64, seed=1)
+    value = jsd_from_logits(logits_p, logits_q, beta=beta, dim=-1, reduction="none")
+    expected = [
+        jsd_by_sums(softmax_list(a.tolist()), softmax_list(b.tolist()), beta)
+        for a, b in zip(logits_p, logits_q, strict=True)
+    ]
+    assert_close(value, torch.tensor(expected, dtype=torch.float64), **FLOAT64)
+    # float32 at 32k and 128k classes, against the float64 definition
+    for vocab in (32_000, 128_000):
+        logits_p, logits_q = random_logits(vocab, seed=vocab)
+        value = jsd_from_logits(logits_p, logits_q, beta=beta, dim=-1, reduction="none")
+        expected = jsd_rows_float64(logits_p, logits_q, beta)
+        assert value.dtype == torch.float32
+        assert_close(value.double(), expected, rtol=1e-4, atol=1e-6)
+    # the page's 128k example, where most probabilities underflow in float32
+    value, _ = page.vocab_results["jsd_from_logits"]
+    expected = jsd_rows_float64(page.teacher_logits, page.student_logits, 0.5)
+    assert_close(value.double(), expected.mean(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("vocab", [5, 32_000, 128_000])
+def test_gradient_matches_float64_autograd_of_the_definition(vocab, beta):
+    logits_p, logits_q = random_logits(vocab, scale=8.0, seed=vocab + 1)
+    logits_p.requires_grad_(), logits_q.requires_grad_()
+    value = jsd_from_logits(logits_p, logits_q, beta=beta, dim=-1, reduction="sum")
+    grads = torch.autograd.grad(value, (logits_p, logits_q))
+    wide_p = logits_p.detach().double().requires_grad_()
+    wide_q = logits_q.detach().double().requires_grad_()
+    reference = jsd_rows_float64(wide_p, wide_q, beta).sum()
+    expected = torch.autograd.grad(reference, (wide_p, wide_q))
+    for grad, grad_expected in zip(grads, expected, strict=True):
+        assert grad.isfinite().all()
+        assert_close(grad.double(), grad_expected, rtol=1e-4, atol=1e-6)
+
+
+def test_symmetric_at_beta_one_half():
+    logits_p, logits_q = random_logits(32_000, seed=3)
+    forward = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="none")
+    backward = jsd_from_logits(logits_q, logits_p, dim=-1, reduction="none")
+    assert_close(forward, backward, **FLOAT32)
+
+
+def test_swapping_p_and_q_swaps_beta_for_one_minus_beta():
+    logits_p, logits_q = random_logits(1000, seed=4)
+    for beta in (0.1, 0.3, 0.9):
+        forward = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="none")
+        swapped = jsd_from_logits(
+            logits_q, logits_p, 1 - beta, dim=-1, reduction="none"
+        )
+        assert_close(forward, swapped, **FLOAT32)
+        # and not symmetric: swapping alone changes the value
+        other = jsd_from_logits(logits_q, logits_p, beta, dim=-1, reduction="none")
+        assert ((forward - other).abs() > 1e-4).all()  # float32 noise: 1e-6
+
+
+@given(
+    beta=st.floats(0.01, 0.99),
+    scale=st.floats(0.1, 30.0),
+    classes=st.sampled_from([2, 5, 1000, 32_000]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25, deadline=None)
+def test_bounded_by_the_binary_entropy_of_beta(beta, scale, classes, seed):
+    logits_p, logits_q = random_logits(classes, scale=scale, seed=seed)
+    value = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="none")
+    assert (value >= -1e-6).all()
+    assert (value <= binary_entropy(beta) + 1e-5).all()
+    # and the JSD, at most log 2; the page's printed values within H(β)
+    half = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="none")
+    assert (half <= math.log(2) + 1e-5).all()
+    for page_beta, page_value in page.small_values.items():
+        assert 0 < page_value <= binary_entropy(page_beta)
+
+
+@given(
+    scale=st.floats(0.1, 30.0),
+    classes=st.sampled_from([2, 5, 1000]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25, deadline=None)
+def test_symmetry_at_one_half_holds_for_any_pair(scale, classes, seed):
+    logits_p, logits_q = random_logits(classes, scale=scale, seed=seed)
+    forward = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="none")
+    backward = jsd_from_logits(logits_q, logits_p, dim=-1, reduction="none")
+    assert_close(forward, backward, **FLOAT32)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_disjoint_supports_reach_the_binary_entropy(beta):
+    # -inf logits (impossible classes) and finite but very low ones
+    for low in (-math.inf, -1e4):
+        logits_p = torch.tensor([[0.0, 0.0, low, low]])
+        logits_q = torch.tensor([[low, low, 0.0, 0.0]])
+        value = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="none")
+        assert_close(value, torch.tensor([binary_entropy(beta)]), **FLOAT32)
+
+
+def test_impossible_classes_give_finite_values_and_gradients():
+    logits_p = torch.tensor([0.0, -math.inf, 1.0], requires_grad=True)
+    logits_q = torch.tensor([0.0, -math.inf, -math.inf])
+    value = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="sum")
+    (gradient,) = torch.autograd.grad(value, logits_p)
+    expected = jsd_by_sums(softmax_list([0.0, 1.0]), [1.0, 0.0], 0.5)
+    assert_close(value.double(), torch.tensor(expected).double(), **FLOAT32)
+    assert gradient.isfinite().all() and gradient[1] == 0
+
+
+def test_zero_iff_the_distributions_are_equal():
+    logits_p, logits_q = random_logits(32_000, seed=5)
+    for beta in (0.1, 0.5, 0.9):
+        # the same distribution: shifted logits have the same softmax
+        same = jsd_from_logits(logits_p, logits_p + 7, beta, dim=-1, reduction="none")
+        assert (same.abs() <= 1e-6).all()
+        different = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="none")
+        assert (different > 1e-3).all()
+    nearby = logits_p.double() + 1e-3 * torch.arange(32_000) / 32_000
+    tiny = jsd_from_logits(logits_p.double(), nearby, dim=-1, reduction="none")
+    assert (tiny > 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_beta_zero_and_one_give_zero_with_a_zero_gradient(beta):
+    logits_p, logits_q = random_logits(32_000, seed=6)
+    logits_p.requires_grad_()
+    value = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="sum")
+    (gradient,) = torch.autograd.grad(value, logits_p)
+    assert value == 0
+    assert gradient.abs().max() == 0
+
+
+@pytest.mark.parametrize("vocab", [5, 32_000])
+def test_near_the_ends_jsd_over_the_weight_tends_to_a_kl(vocab):
+    logits_p, logits_q = random_logits(vocab, scale=2.0, seed=7, dtype=torch.float64)
+    kl_pq = kl_rows_float64(logits_p, logits_q)
+    kl_qp = kl_rows_float64(logits_q, logits_p)
+    assert ((kl_pq - kl_qp).abs() > 1e-2).all()  # the two ends differ
+    for weight in (1e-4, 1e-6):
+        near_0 = jsd_from_logits(logits_p, logits_q, weight, dim=-1, reduction="none")
+        near_1 = jsd_from_logits(
+            logits_p, logits_q, 1 - weight, dim=-1, reduction="none"
+        )
+        # JSD_β = β KL + O(β²): the relative error shrinks with the weight
+        assert_close(near_0 / weight, kl_pq, rtol=1000 * weight, atol=0)
+        assert_close(near_1 / weight, kl_qp, rtol=1000 * weight, atol=0)
+
+
+def test_dim_selects_the_dimension_that_holds_each_distribution():
+    logits_p, logits_q = random_logits(1000, seed=8)  # (3, 1000)
+    along_last = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="none")
+    along_first = jsd_from_logits(logits_p.T, logits_q.T, dim=0, reduction="none")
+    assert_close(along_first, along_last, **FLOAT32)
+    # 3-D with the vocabulary in the middle, and a mask
+    mask = torch.tensor([[True, False, True]])
+    middle = jsd_from_logits(
+        logits_p.T[None], logits_q.T[None], dim=1, reduction="none", mask=mask
+    )
+    assert_close(middle, along_last[None] * mask, **FLOAT32)
+
+
+def test_reductions_mean_over_distributions_sum_and_none():
+    logits_p, logits_q = random_logits(1000, seed=9, rows=6)
+    logits_p, logits_q = logits_p.view(2, 3, 1000), logits_q.view(2, 3, 1000)
+    expected = jsd_rows_float64(logits_p, logits_q, 0.5)  # (2, 3)
+    none = run_inline(
+        'jsd_from_logits(logits_p, logits_q, dim=-1, reduction="none")',
+        jsd_from_logits=jsd_from_logits,
+        logits_p=logits_p,
+        logits_q=logits_q,
+    )
+    assert none.shape == (2, 3)
+    assert_close(none.double(), expected, **FLOAT32)
+    total = jsd_from_logits(logits_p, logits_q, dim=-1, reduction="sum")
+    assert_close(total.double(), expected.sum(), **FLOAT32)
+    mean = jsd_from_logits(
+        logits_p, logits_q, dim=-1, reduction="mean_over_distributions"
+    )
+    assert_close(mean.double(), expected.sum() / 6, **FLOAT32)  # 6, not 6 × 1000
+
+
+def test_refuses_kl_div_reduction_names_a_bad_beta_and_mismatched_shapes():
+    logits_p, logits_q = random_logits(5)
+    for name in ("mean", "batchmean"):
+        with pytest.raises(ValueError, match="'mean' divides by every element"):
+            jsd_from_logits(logits_p, logits_q, dim=-1, reduction=name)
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="sum")
+    with pytest.raises(ValueError, match="shapes differ"):
+        jsd_from_logits(logits_p, logits_q[:2], dim=-1, reduction="sum")
+
+
+def test_float32_exp_of_minus_200_is_zero():
+    assert torch.tensor(-200.0).exp() == 0
+    assert page.far_p[2] == page.far_q[2] == -200
+    assert (page.far_p.softmax(dim=-1)[2], page.far_q.softmax(dim=-1)[2]) == (0, 0)
+
+
+def test_three_outcome_naive_nan_xlogy_nan_gradient_log_space_finite():
+    naive_value, naive_gradient = page.far_results["softmax, mix, log"]
+    xlogy_value, xlogy_gradient = page.far_results["with torch.xlogy"]
+    value, gradient = page.far_results["jsd_from_logits"]
+    assert naive_value.isnan() and naive_gradient.isnan().all()
+    assert xlogy_value.isfinite() and xlogy_gradient.isnan().all()
+    expected = torch.tensor(
+        jsd_by_sums(softmax_list([2.0, 1.0]), softmax_list([0.0, 1.0]), 0.5)
+    )
+    assert_close(value.double(), expected.double(), **FLOAT32)
+    assert_close(xlogy_value.double(), expected.double(), **FLOAT32)
+    assert gradient.isfinite().all()
+
+
+def test_most_of_the_128k_probabilities_underflow_under_both():
+    assert page.vocab == 128_000
+    assert page.teacher_logits.shape == page.student_logits.shape == (4, 128_000)
+    assert page.teacher_logits.dtype == torch.float32
+    noise = page.student_logits - page.teacher_logits
+    assert 25 < page.teacher_logits.std() < 35 and 2.5 < noise.std() < 3.5
+    assert page.underflow_fraction > 0.5
+
+
+def test_naive_version_is_nan_at_128k_and_the_xlogy_version_not_finite():
+    naive_value, naive_gradient = page.vocab_results["softmax, mix, log"]
+    xlogy_value, xlogy_gradient = page.vocab_results["with torch.xlogy"]
+    assert naive_value.isnan() and naive_gradient.isnan().all()
+    assert not xlogy_value.isfinite() and xlogy_gradient.isnan().all()
+    # why xlogy's value is not finite: P > 0 where M = βP + (1−β)Q rounds to 0
+    p = page.teacher_logits.softmax(dim=-1)
+    m = 0.5 * p + 0.5 * page.student_logits.softmax(dim=-1)
+    assert ((p > 0) & (m == 0)).any()
+    assert (p[(p > 0) & (m == 0)] < torch.finfo(torch.float32).tiny).all()
+
+
+@pytest.mark.parametrize("vocab", [32_000, 128_000])
+def test_finite_value_and_gradient_at_128k_where_probabilities_underflow(vocab):
+    value, gradient = page.vocab_results["jsd_from_logits"]
+    assert value.isfinite() and gradient.isfinite().all()
+    # at the reader's sizes too, both sides trainable, every β
+    generator = torch.Generator().manual_seed(vocab)
+    logits_p = 30 * torch.randn(2, 3, vocab, generator=generator)
+    logits_q = logits_p + 3 * torch.randn(2, 3, vocab, generator=generator)
+    assert (logits_p.softmax(dim=-1) == 0).float().mean() > 0.5
+    logits_p.requires_grad_(), logits_q.requires_grad_()
+    for beta in (0.1, 0.5, 0.9):
+        loss = jsd_from_logits(logits_p, logits_q, beta, dim=-1, reduction="sum")
+        grads = torch.autograd.grad(loss, (logits_p, logits_q))
+        assert loss.isfinite() and all(g.isfinite().all() for g in grads)
+
+
+def test_bfloat16_logits_are_upcast_and_match_float64():
+    assert page.teacher_bf16.dtype == page.student_bf16.dtype == torch.bfloat16
+    assert page.teacher_bf16.shape == (4, 128_000)
+    assert page.jsd_upcast.dtype == torch.float32
+    expected = jsd_rows_float64(page.teacher_bf16, page.student_bf16, 0.5)
+    assert_close(page.jsd_reference, expected, **FLOAT64)
+    assert page.error_upcast < 1e-4
+    assert page.error_in_bf16 > 0.1  # "tens of percent"
+    # the same for β ≠ 0.5 and a student off by other noise
+    for beta in (0.1, 0.9):
+        value = jsd_from_logits(
+            page.teacher_bf16, page.student_bf16, beta, dim=-1, reduction="none"
+        )
+        reference = jsd_rows_float64(page.teacher_bf16, page.student_bf16, beta)
+        assert value.dtype == torch.float32
+        assert_close(value.double(), reference, rtol=1e-4, atol=0)
+
+
+def test_mask_averages_over_real_tokens_and_ignores_padded_logits():
+    mask = page.padding_mask
+    expected = jsd_rows_float64(page.batch_p[mask], page.batch_q[mask], 0.5)
+    assert_close(page.per_token[mask].double(), expected, **FLOAT32)
+    assert (page.per_token[~mask] == 0).all()
+    assert_close(page.mean_over_tokens.double(), expected.mean(), **FLOAT32)
+    # at 128k classes, padded NaN logits get a zero gradient, real ones a finite one
+    generator = torch.Generator().manual_seed(10)
+    logits_p, logits_q = 3 * torch.randn(2, 2, 5, 128_000, generator=generator)
+    logits_q[1, 3:] = torch.nan
+    logits_q.requires_grad_()
+    loss = jsd_from_logits(
+        logits_p, logits_q, dim=-1, reduction="mean_over_distributions", mask=mask
+    )
+    (gradient,) = torch.autograd.grad(loss, logits_q)
+    assert gradient[~mask].eq(0).all() and gradient[mask].isfinite().all()
+    expected = jsd_rows_float64(logits_p[mask], logits_q.detach()[mask], 0.5).mean()
+    assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
