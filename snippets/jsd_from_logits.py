@@ -54,12 +54,12 @@
 # {✓ test_beta_zero_and_one_give_zero_with_a_zero_gradient}. Near the ends it is
 # a scaled KL: $\mathrm{JSD}_\beta / \beta \to D_{\mathrm{KL}}(P\,\|\,Q)$ as
 # $\beta \to 0$, and $\mathrm{JSD}_\beta / (1 - \beta) \to D_{\mathrm{KL}}(Q\,\|\,P)$
-# as $\beta \to 1$ {✓ test_near_the_ends_jsd_over_the_weight_tends_to_a_kl}. That
-# is why libraries replace the two ends by those KLs: TRL's `GKDTrainer` and
+# as $\beta \to 1$ {✓ test_near_the_ends_jsd_over_the_weight_tends_to_a_kl}.
+# Libraries replace the two ends by those KLs: TRL's `GKDTrainer` and
 # Liger-Kernel's JSD loss use the forward KL at `beta` 0 and the reverse KL at 1,
 # with P the teacher, and the mixture above in between (read from
 # `trl/experimental/gkd/gkd_trainer.py` at commit 7310b81 and
-# `src/liger_kernel/ops/jsd.py` at 01ed383; not run here; see
+# `src/liger_kernel/ops/jsd.py` at ead96b6; not run here; see
 # [knowledge distillation](distillation.py)). The function here does not: at
 # the ends it returns the divergence as defined, 0.
 
