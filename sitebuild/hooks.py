@@ -4,6 +4,7 @@ MkDocs loads this file by path (``hooks:`` in mkdocs.yml), so the checkout's roo
 is put on ``sys.path`` to import the ``sitebuild`` package beside it.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -18,13 +19,17 @@ if str(ROOT) not in sys.path:
 from sitebuild import (  # noqa: E402
     claims,
     execute,
+    links,
     mathfont,
     notebook_html,
     pages,
     postprocess,
+    prerender,
     report,
+    workers,
 )
 
+log = logging.getLogger("mkdocs.plugins.sitebuild")
 CACHE_DIR = ROOT / ".cache" / "pages"
 HTML_CACHE_DIR = ROOT / ".cache" / "html"
 
@@ -35,14 +40,23 @@ page_cache = postprocess.PageCache(HTML_CACHE_DIR)
 def on_pre_build(config):
     math_characters.clear()
     page_cache.used.clear()
+    page_cache.processed_here.clear()
 
 
 @mkdocs.plugins.event_priority(100)  # before mkdocs-jupyter claims the notebooks
 def on_files(files, config):
+    jupyter = _jupyter_config(config)
     try:
-        executed = execute.execute_pages(
-            pages.snippet_pages(ROOT / "snippets"), CACHE_DIR
-        )
+        with workers.Workers() as renderers:  # each page rendered once executed
+            executed = execute.execute_pages(
+                pages.snippet_pages(ROOT / "snippets"),
+                CACHE_DIR,
+                on_executed=lambda page: prerender.submit(
+                    renderers, page.notebook, jupyter
+                ),
+            )
+            for page in executed.values():  # executed by an earlier build
+                prerender.submit(renderers, page.notebook, jupyter)
     except execute.PageExecutionError as error:
         raise PluginError(f"executing the snippet pages failed:\n{error}") from None
     for source, page in executed.items():
@@ -71,20 +85,47 @@ def on_nav(nav, config, files):
         wrapped = getattr(file, "file", None)
         if wrapped is not None and file.__dict__.get("abs_src_path") is None:
             file.__dict__["abs_src_path"] = wrapped.abs_src_path
+    _process_notebook_pages_in_workers(config, files)
     return nav
+
+
+def _process_notebook_pages_in_workers(config, files) -> None:
+    """Before MkDocs renders the pages one by one (after on_nav): the notebook
+    pages' HTML processed in worker processes, as ``on_page_content`` asks."""
+    jupyter = _jupyter_config(config)
+    notebooks = [
+        (content, file.src_uri)
+        for file in files.documentation_pages()
+        if file.src_uri.endswith(".py")
+        and (content := prerender.cached_content(Path(file.abs_src_path), jupyter))
+    ]
+    pages = [(_with_claims(html, uri), uri) for html, uri in notebooks]
+    site_map, repo_url = links.site_map(files), config.get("repo_url")
+    with workers.Workers() as processors:
+        count = page_cache.fill(pages, site_map, repo_url, processors)
+    if count:
+        log.info(f"processed {count} notebook pages in worker processes")
 
 
 def on_page_content(html, page, config, files):
     if page.file.src_uri.endswith(".py"):
-        try:
-            html = claims.render(html, page.file.src_uri.removesuffix(".py"))
-        except claims.UnknownClaim as error:
-            raise PluginError(str(error)) from None
+        html = _with_claims(html, page.file.src_uri)
     html, characters = page_cache.process(
-        html, page.file.src_uri, files, config.get("repo_url")
+        html, page.file.src_uri, links.site_map(files), config.get("repo_url")
     )
     math_characters.update(characters)
     return html
+
+
+def _with_claims(html: str, src_uri: str) -> str:
+    try:
+        return claims.render(html, src_uri.removesuffix(".py"))
+    except claims.UnknownClaim as error:
+        raise PluginError(str(error)) from None
+
+
+def _jupyter_config(config) -> dict:
+    return dict(config["plugins"]["mkdocs-jupyter"].config)
 
 
 def on_page_context(context, page, config, nav):
@@ -99,3 +140,6 @@ def on_post_build(config):
     font = Path(config["site_dir"], mathfont.SITE_PATH)
     mathfont.write_subset(math_characters, font, cache_dir=ROOT / ".cache" / "fonts")
     page_cache.forget_unused()
+    one_by_one = [uri for uri in page_cache.processed_here if uri.endswith(".py")]
+    if one_by_one:  # the workers' keys missed what MkDocs asked for: slower
+        log.info(f"notebook pages processed one by one, not ahead: {one_by_one}")

@@ -13,7 +13,7 @@ import re
 from bs4 import BeautifulSoup, NavigableString
 from latex2mathml.converter import convert
 
-NOTEBOOK_MARKDOWN = ".jp-RenderedMarkdown"
+NOTEBOOK_MARKDOWN = "jp-RenderedMarkdown"  # the class of a Markdown cell's HTML
 SKIPPED_PARENTS = {"code", "pre", "script", "style", "math"}
 DOLLAR_MATH = re.compile(
     r"\$\$(?P<display>.+?)\$\$|(?<![\\$])\$(?P<inline>[^$]+?)(?<!\\)\$", re.S
@@ -72,16 +72,22 @@ def render_math(page_html: str, page: str = "?") -> tuple[str, set[str]]:
     if "arithmatex" not in page_html and "$" not in page_html:
         return page_html, set()
     soup = BeautifulSoup(page_html, "html.parser")
-    for element in soup.select(".arithmatex"):
+    characters = render_math_soup(soup, page)
+    return str(soup), characters
+
+
+def render_math_soup(soup, page: str = "?") -> set[str]:
+    """``render_math`` on a parsed page, in place: the characters formulas use."""
+    for element in soup.find_all(class_="arithmatex"):
         _replace_arithmatex(element, page)
-    for container in soup.select(NOTEBOOK_MARKDOWN):
+    for container in soup.find_all(class_=NOTEBOOK_MARKDOWN):
         for text in list(container.find_all(string=True)):
             if "$" in text and not _inside_code(text):
                 _replace_dollar_math(text, page)
     characters = {c for math in soup.find_all("math") for c in math.get_text()}
     if soup.find(["msqrt", "mroot"]):
         characters.add(RADICAL)  # drawn by the browser, absent from the markup
-    return str(soup), characters - {" ", "\n"}
+    return characters - {" ", "\n"}
 
 
 def _replace_arithmatex(element, page: str) -> None:

@@ -37,6 +37,7 @@ def built_project(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-3000:]
     assert executed_pages(first) == ["standalone", "uses_helper"]
     assert "helper value 1" in page_html(project, "uses_helper")
+    (project / "first-build.log").write_text(first.stderr)
     return project
 
 
@@ -44,6 +45,24 @@ def built_project(tmp_path_factory):
 def project(built_project, tmp_path):
     """A copy of the built site, cache included, for one test to change."""
     return shutil.copytree(built_project, tmp_path / "project")
+
+
+def test_a_clean_build_renders_each_notebook_in_workers_before_mkdocs_asks(
+    built_project,
+):
+    # mkdocs-jupyter then finds every page in its cache (sitebuild.prerender)
+    log = (built_project / "first-build.log").read_text()
+    hits = [line for line in log.splitlines() if "Cache hit: " in line]
+    assert len(hits) == 2, log[-3000:]
+    assert "Cache miss" not in log
+
+
+def test_a_clean_build_processes_notebook_html_in_workers_before_mkdocs_asks(
+    built_project,
+):
+    log = (built_project / "first-build.log").read_text()
+    assert "processed 2 notebook pages in worker processes" in log, log[-3000:]
+    assert "processed one by one" not in log
 
 
 def test_rebuild_with_nothing_changed_executes_nothing(project):
@@ -83,6 +102,6 @@ def test_processed_html_key_covers_requirements(tmp_path, monkeypatch):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("latex2mathml==1.0\n")
     monkeypatch.setattr(postprocess, "REQUIREMENTS", requirements)
-    before = postprocess._key("<p>$x$</p>", "page.py", [], None)
+    before = postprocess._key("<p>$x$</p>", "page.py", {}, None)
     requirements.write_text("latex2mathml==2.0\n")
-    assert postprocess._key("<p>$x$</p>", "page.py", [], None) != before
+    assert postprocess._key("<p>$x$</p>", "page.py", {}, None) != before

@@ -182,4 +182,4 @@ def test_torch_is_preloaded_only_for_pages_that_import_it(tmp_path):
     indirect = tmp_path / "snippets" / "indirect.py"
     indirect.write_text("# %%\nfrom snippets._helper import F\n")
     assert execute.preload_for([plain], tmp_path) == []
-    assert execute.preload_for([plain, indirect], tmp_path) == forkserver.TORCH
+    assert execute.preload_for([plain, indirect], tmp_path) == execute.KERNEL_PRELOAD

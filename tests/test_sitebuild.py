@@ -1,6 +1,7 @@
 """The build's own machinery: TeX to MathML, links between notebook pages."""
 
 import logging
+import os
 from pathlib import Path
 
 import material
@@ -18,6 +19,7 @@ from sitebuild import (
     mathml,
     notebook_html,
     pages,
+    workers,
 )
 
 
@@ -92,7 +94,7 @@ def notebook_site(tmp_path):
 def test_links_in_notebook_pages_point_at_built_pages(tmp_path):
     files = notebook_site(tmp_path)
     html = '<a href="b.py#section">B</a> <a href="index.md">home</a>'
-    resolved = links.resolve_page_links(html, "a.py", files)
+    resolved = links.resolve_page_links(html, "a.py", links.site_map(files))
     assert 'href="../b/#section"' in resolved
     assert 'href="../"' in resolved
 
@@ -100,7 +102,8 @@ def test_links_in_notebook_pages_point_at_built_pages(tmp_path):
 def test_link_to_a_missing_page_warns(tmp_path, caplog):
     files = notebook_site(tmp_path)
     with caplog.at_level(logging.WARNING, logger="mkdocs.plugins.sitebuild"):
-        links.resolve_page_links('<a href="missing.py">?</a>', "a.py", files)
+        urls = links.site_map(files)
+        links.resolve_page_links('<a href="missing.py">?</a>', "a.py", urls)
     assert "missing.py" in caplog.text
 
 
@@ -220,3 +223,16 @@ def test_a_page_is_parsed_again_once_its_file_changes(tmp_path):
     assert pages.read(page) is first  # unchanged: parsed once
     page.write_text("# %% [markdown]\n# # Second title\n\n# %%\nx = 1\n")
     assert pages.title(page) == "Second title"
+
+
+def test_a_worker_job_that_fails_fails_the_build_naming_the_job(tmp_path):
+    missing = tmp_path / "missing.ipynb"
+    with pytest.raises(RuntimeError, match=f"rendering {missing}"):
+        with workers.Workers(count=1) as pool:
+            pool.submit(f"rendering {missing}", os.stat, missing)
+
+
+def test_a_build_with_nothing_to_do_starts_no_worker():
+    with workers.Workers() as pool:
+        pass
+    assert pool._pool is None
