@@ -3,6 +3,7 @@
 #   make test    set up .venv, lint, run every test (the strict build included)
 #   make build   write the static site to site/
 #   make bench   time builds and tests against the goals (README, "Speed")
+#   make screenshots  every page, light and dark, phone and laptop, as JPEG
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup serve build test test-fast lint bench clean
+.PHONY: setup serve build test test-fast lint bench screenshots clean
 
 setup: $(INSTALLED)
 
@@ -39,6 +40,10 @@ test: lint
 # Clean build, no-change and one-page rebuilds, make test: timed on a copy.
 bench: setup
 	$(BIN)/python -m sitebuild.bench
+
+# Every page in light and dark, on a phone and a laptop, for a person to look at.
+screenshots: build
+	$(BIN)/python -m sitebuild.screenshots site
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -21,8 +21,9 @@ GOALS = {
     "clean build": 60.0,
     "rebuild, nothing changed": 5.0,
     "rebuild, one page edited": None,
-    "make test (set up), first run": 90.0,
-    "make test (set up), again": 90.0,
+    # the project's bar: a new machine's CI, from `git clone` to the last test
+    "fresh clone: .ci/run, set-up included": 300.0,
+    "make test again in that clone": None,
 }
 EDITED_PAGE = "reductions"
 
@@ -55,7 +56,11 @@ def copy_checkout(destination: Path) -> Path:
     return destination
 
 
-def run(command: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
+def run(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[float, subprocess.CompletedProcess]:
+    python = shutil.which("python3.11") or sys.executable  # what make set-up uses
+    path = f"{Path(sys.executable).parent}:{Path(python).parent}:/usr/bin:/bin"
     started = time.perf_counter()
     result = subprocess.run(
         command,
@@ -64,7 +69,9 @@ def run(command: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProce
         text=True,
         env={
             "NO_MKDOCS_2_WARNING": "1",
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "PATH": path,
+            "HOME": os.environ.get("HOME", "/root"),  # pip's download cache
+            **(env or {}),
         },
     )
     seconds = time.perf_counter() - started
@@ -103,16 +110,14 @@ def measure(copy: Path):
     notes["clean build"] = same_site(copy / "site", copy / "site-again")
     shutil.rmtree(copy / "site-again")  # it holds .py files the linter would see
 
-    lint = [[sys.executable, "-m", "ruff", "check", "."]]
-    lint += [[sys.executable, "-m", "ruff", "format", "--check", "."]]
-    notes["make test (set up), first run"] = (
-        "no passing copy-paste run recorded yet: every page's code runs again"
-    )
-    notes["make test (set up), again"] = "passing copy-paste runs reused"
-    for label in ["make test (set up), first run", "make test (set up), again"]:
-        seconds = sum(run(command, copy)[0] for command in lint)
-        seconds += run([sys.executable, "-m", "pytest", "-q"], copy)[0]
-        timings[label] = seconds
+    clone = copy.parent / "fresh-clone"  # what CI gets: the last commit, no cache
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    label = "fresh clone: .ci/run, set-up included"
+    timings[label], _ = run(["bash", ".ci/run"], clone, {"CI": "true"})
+    notes[label] = "the last commit; .venv, site and every cache made from nothing"
+    label = "make test again in that clone"
+    timings[label], _ = run(["make", "test"], clone)
+    notes[label] = "the edit loop: the site's and the copy-paste runs' caches reused"
     return timings, notes
 
 

@@ -31,7 +31,6 @@ settings.register_profile(
 settings.load_profile("site")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / ".cache" / "screenshots"
 PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "sitebuild"]
 
 
@@ -113,12 +112,3 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def pytest_terminal_summary(terminalreporter):
-    browser_ran = any(
-        report.nodeid.startswith("tests/test_browser.py")
-        for report in terminalreporter.stats.get("passed", [])
-    )
-    if browser_ran:
-        terminalreporter.write_line(f"screenshots of every page: {SCREENSHOTS}")

@@ -6,22 +6,14 @@ suite skips, except in CI, where a missing browser is a failure.
 """
 
 import os
-import shutil
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import SCREENSHOTS
+
+from sitebuild.browser import CHROMIUM_FLAGS, chromium_path
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 PHONE = {"width": 375, "height": 740}
 DESKTOP = {"width": 1280, "height": 900}
 TEX_LEFTOVERS = ["$", "\\(", "\\[", "\\frac", "\\mathrm", "\\log"]
@@ -72,10 +64,6 @@ UNPLAYABLE_VIDEOS = """async () => {
   }
   return failures;
 }"""
-
-
-def chromium_path():
-    return os.environ.get("CHROMIUM") or shutil.which("chromium")
 
 
 @pytest.fixture(scope="session")
@@ -203,20 +191,6 @@ def test_no_horizontal_overflow_on_a_phone(visit, path):
     width = page.evaluate("document.documentElement.scrollWidth")
     page.set_viewport_size(DESKTOP)
     assert width <= PHONE["width"]
-
-
-def test_screenshots_in_the_light_and_the_dark_theme(visit, path):
-    page = visit(path).page
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    name = path.strip("/") or "home"
-    for scheme, theme in [("default", "light"), ("slate", "dark")]:
-        if page.evaluate("document.body.dataset.mdColorScheme") != scheme:
-            toggle_theme(page)
-        assert page.evaluate("document.body.dataset.mdColorScheme") == scheme
-        shot = SCREENSHOTS / f"{name}-{theme}.jpg"  # JPEG: half PNG's encoding time
-        page.screenshot(path=shot, full_page=True, type="jpeg", quality=85)
-        assert shot.stat().st_size > 10_000
-    toggle_theme(page)  # back to light for whatever looks next
 
 
 def toggle_theme(page):
