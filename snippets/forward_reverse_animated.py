@@ -174,25 +174,49 @@ def animate_fits(trajectory, path, caption, n_frames=100, fps=20):
     return path
 
 
-def video_player(path):
-    """A looping, muted player for ``path``; the site starts it once on screen."""
-    from IPython.display import Video
+def video_player(path, caption):
+    """A looping, muted player for ``path``, in a figure whose caption says what
+    happens in it. The site plays it once on screen, unless the reader asked for
+    reduced motion or paused it (docs/javascripts/media.js)."""
+    from html import escape
 
-    poster = Path(path).with_suffix(".png").name
-    attributes = "controls loop muted playsinline preload=none data-play-when-visible"
-    return Video(
-        str(path), width=640, html_attributes=f'{attributes} poster="{poster}"'
+    from IPython.display import HTML
+    from PIL import Image
+
+    path = Path(path)
+    poster = path.with_suffix(".png")
+    with Image.open(poster) as frame:  # the first frame: the video's size
+        width, height = frame.size
+    shown = 640  # CSS pixels on a wide screen; narrower screens scale it down
+    caption_id = f"{path.stem}-caption"
+    video = (
+        f'<video src="{path.name}" poster="{poster.name}" width="{shown}"'
+        f' height="{round(shown * height / width)}" controls loop muted playsinline'
+        f' preload="none" data-play-when-visible aria-describedby="{caption_id}">'
+        "</video>"
     )
+    caption = f'<figcaption id="{caption_id}">{escape(caption)}</figcaption>'
+    return HTML(f'<figure class="animation">{video}{caption}</figure>')
 
 
 # %% active="ipynb"
 # animate_fits(fits["forward KL"][:, :1], "forward_kl.mp4", "forward KL(P‖Q)")
-# video_player("forward_kl.mp4")
+# video_player(
+#     "forward_kl.mp4",
+#     "Forward KL(P‖Q), one fit from the start (−2, 2): Q first widens fast,"
+#     " overshooting the moment-matching width σ*, while its mean drifts right;"
+#     " then it narrows onto the moment-matching Gaussian, which covers both peaks.",
+# )
 
 # %% active="ipynb"
 # two_sides = fits["reverse KL"][:, :2]  # the starts (-2, 2) and (6, 2)
 # animate_fits(two_sides, "reverse_kl.mp4", "reverse KL(Q‖P), two starts")
-# video_player("reverse_kl.mp4")
+# video_player(
+#     "reverse_kl.mp4",
+#     "Reverse KL(Q‖P), two fits, from (−2, 2) and from (6, 2): each narrows onto"
+#     " the peak on its side of the middle, the left one at −5 and the right one"
+#     " at 10, and ignores the other peak.",
+# )
 
 # %% [markdown]
 # ## Did every fit converge?

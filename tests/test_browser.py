@@ -272,3 +272,53 @@ def test_a_claim_marker_opens_its_test_from_the_keyboard(
     page.keyboard.press("Escape")
     card.wait_for(state="hidden")
     context.close()
+
+
+ANIMATED = "/forward_reverse_animated/"
+VIDEO_STATES = """() => [...document.querySelectorAll("video")]
+    .map((video) => ({ paused: video.paused, time: video.currentTime }))"""
+PLAYING = "(video) => !video.paused && video.currentTime > 0"
+
+
+def test_an_animation_plays_once_it_is_on_screen(browser, site_url):
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.goto(site_url + ANIMATED)
+    video = page.locator("video").first
+    video.scroll_into_view_if_needed()
+    page.wait_for_function(f"({PLAYING})(document.querySelector('video'))")
+    context.close()
+
+
+def test_animations_stay_still_for_a_reader_who_asked_for_reduced_motion(
+    browser, site_url
+):
+    context = browser.new_context(viewport=DESKTOP, reduced_motion="reduce")
+    page = context.new_page()
+    page.goto(site_url + ANIMATED)
+    for video in page.locator("video").all():
+        video.scroll_into_view_if_needed()
+        page.wait_for_timeout(1500)  # an animation on screen plays well within this
+    states = page.evaluate(VIDEO_STATES)
+    context.close()
+    assert len(states) >= 2
+    assert all(state["paused"] and state["time"] == 0 for state in states), states
+
+
+def test_a_video_the_reader_paused_stays_paused_when_it_comes_back_into_view(
+    browser, site_url
+):
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.goto(site_url + ANIMATED)
+    video = page.locator("video").first
+    video.scroll_into_view_if_needed()
+    page.wait_for_function(f"({PLAYING})(document.querySelector('video'))")
+    video.evaluate("(video) => video.pause()")  # what the pause control does
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # out of view
+    page.wait_for_timeout(500)
+    video.scroll_into_view_if_needed()  # and back
+    page.wait_for_timeout(1500)
+    paused = video.evaluate("(video) => video.paused")
+    context.close()
+    assert paused

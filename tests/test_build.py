@@ -110,6 +110,24 @@ def test_animations_fit_their_budget_and_are_shown_on_their_page(site):
         assert f'src="{video.name}"' in page and f'poster="{video.stem}.png"' in page
 
 
+def test_each_animation_is_a_figure_whose_caption_says_what_happens(site):
+    videos = [
+        (html, video)
+        for html in notebook_pages(site)
+        for video in page_soup(site, html.parent.name).select("article video")
+    ]
+    assert len(videos) >= 2
+    for html, video in videos:
+        figure = video.find_parent("figure")
+        assert figure is not None, (html, video)
+        caption = figure.find("figcaption")
+        assert caption is not None and caption.get("id"), (html, figure)
+        assert video.get("aria-describedby") == caption["id"]
+        assert len(caption.get_text().split()) >= 15, caption  # a sentence, not a name
+        # the size is known before the video loads: no layout shift
+        assert int(video["width"]) > 0 and int(video["height"]) > 0
+
+
 def test_every_page_weighs_at_most_150_kb(site):
     heavy = {
         str(html.relative_to(site)): html.stat().st_size
