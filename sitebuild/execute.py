@@ -43,6 +43,7 @@ log = logging.getLogger("mkdocs.plugins.sitebuild")
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"  # matplotlibrc and friends
 CELL_TIMEOUT_S = 300
 EXTRACTED_MIME_TYPES = {"image/png": "png", "image/svg+xml": "svg"}
+DEFAULT_ALT = "Figure drawn by the code above"  # a figure cell without its own
 
 
 class PageExecutionError(RuntimeError):
@@ -341,13 +342,18 @@ def _write_figure(content, mime_type, extension, media: Path) -> str:
         raw = base64.b64decode(content)
     else:
         raw = ("".join(content) if isinstance(content, list) else content).encode()
-    name = f"figure-{hashlib.sha256(raw).hexdigest()[:12]}.{extension}"
+    name = figure_name(raw, extension)
     (media / name).write_bytes(raw)
     return name
 
 
+def figure_name(raw: bytes, extension: str) -> str:
+    """A figure's file name: its content's hash, the same each build."""
+    return f"figure-{hashlib.sha256(raw).hexdigest()[:12]}.{extension}"
+
+
 def _figure_html(name: str, path: Path, cell) -> str:
-    alt = cell.metadata.get("alt", "Figure drawn by the code above")
+    alt = cell.metadata.get("alt", DEFAULT_ALT)
     size = ""
     if path.suffix == ".png":
         from PIL import Image

@@ -4,6 +4,7 @@ MkDocs loads this file by path (``hooks:`` in mkdocs.yml), so the checkout's roo
 is put on ``sys.path`` to import the ``sitebuild`` package beside it.
 """
 
+import html
 import logging
 import sys
 from pathlib import Path
@@ -18,11 +19,13 @@ if str(ROOT) not in sys.path:
 
 from sitebuild import (  # noqa: E402
     claims,
+    describe,
     execute,
     links,
     mathfont,
     notebook_html,
     pages,
+    plain_markdown,
     postprocess,
     prerender,
     report,
@@ -34,6 +37,8 @@ CACHE_DIR = ROOT / ".cache" / "pages"
 HTML_CACHE_DIR = ROOT / ".cache" / "html"
 
 math_characters: set[str] = set()
+executed_pages: dict[Path, execute.ExecutedPage] = {}  # this build's, by source
+descriptions: dict[str, str | None] = {}  # by page source, for llms.txt
 page_cache = postprocess.PageCache(HTML_CACHE_DIR)
 
 
@@ -59,6 +64,8 @@ def on_files(files, config):
                 prerender.submit(renderers, page.notebook, jupyter)
     except execute.PageExecutionError as error:
         raise PluginError(f"executing the snippet pages failed:\n{error}") from None
+    executed_pages.clear()
+    executed_pages.update(executed)
     for source, page in executed.items():
         files.append(
             File.generated(config, source.name, abs_src_path=str(page.notebook))
@@ -129,6 +136,13 @@ def _jupyter_config(config) -> dict:
 
 
 def on_page_context(context, page, config, nav):
+    if "description" not in page.meta:  # front matter wins
+        text = describe.description(page.content or "")
+        descriptions[page.file.src_uri] = text
+        # the theme puts it in an attribute as it is: quotes escaped here
+        page.meta["description"] = html.escape(text) if text else None
+    else:
+        descriptions[page.file.src_uri] = page.meta["description"]
     if page.file.src_uri.endswith(".py"):
         page.edit_url = notebook_html.snippet_edit_url(
             config.get("repo_url"), config.get("edit_uri"), page.file.src_uri
@@ -137,9 +151,29 @@ def on_page_context(context, page, config, nav):
 
 
 def on_post_build(config):
+    _write_plain_markdown(config)
     font = Path(config["site_dir"], mathfont.SITE_PATH)
     mathfont.write_subset(math_characters, font, cache_dir=ROOT / ".cache" / "fonts")
     page_cache.forget_unused()
     one_by_one = [uri for uri in page_cache.processed_here if uri.endswith(".py")]
     if one_by_one:  # the workers' keys missed what MkDocs asked for: slower
         log.info(f"notebook pages processed one by one, not ahead: {one_by_one}")
+
+
+def _write_plain_markdown(config) -> None:
+    """Each notebook page as <page>/index.md, the home page as index.md, and
+    llms.txt listing them in reading order (sitebuild/plain_markdown.py)."""
+    site = Path(config["site_dir"])
+    home = Path(config["docs_dir"]) / "index.md"
+    (site / "index.md").write_text(home.read_text())
+    entries = [(config["site_name"], "", descriptions.get("index.md"))]
+    order = pages.nav_order(config["nav"])
+    for source in sorted(executed_pages, key=lambda s: order.get(s.name, len(order))):
+        markdown = plain_markdown.page_markdown(executed_pages[source].download)
+        (site / source.stem / "index.md").write_text(markdown)
+        title = pages.title(source)
+        entries.append((title, f"{source.stem}/", descriptions.get(source.name)))
+    listing = plain_markdown.llms_txt(
+        config["site_name"], config["site_description"], config["site_url"], entries
+    )
+    (site / "llms.txt").write_text(listing)

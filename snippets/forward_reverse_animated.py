@@ -16,9 +16,6 @@
 # !!! tip "If you came here with…"
 #     - a fit that keeps moving: [did every fit converge?](#did-every-fit-converge)
 #     - which direction to use, and why: [Forward vs reverse KL](forward_reverse.py)
-#
-# On this page you will watch both fits, animated when this page was built, check
-# that every fit converged, and see where each one ends.
 
 # %% [markdown]
 # ## The set-up
@@ -104,14 +101,11 @@ def fit_gaussians(losses, starts, steps=STEPS, lr=LR):
 # %% [markdown]
 # ## The two fits, animated
 #
-# The first animation shows the forward fit from $(\mu, \sigma) = (-2, 2)$:
-# $Q$ widens fast, overshooting $\sigma^*$, while its mean drifts right
-# {✓ test_forward_fit_widens_fast_overshoots_while_the_mean_drifts_right}; then it
-# narrows, its mean still drifting, until it sits between the peaks, at moment
-# matching {✓ test_forward_reverse::
-# test_forward_kl_fit_is_moment_matching_from_every_start}. The second shows the
-# reverse fits from $(-2, 2)$ and $(6, 2)$, one on each side of the middle: each
-# ends on the peak on its side {✓ test_forward_reverse::
+# The forward fit from $(-2, 2)$ widens fast past $\sigma^*$, its mean drifting right
+# {✓ test_forward_fit_widens_fast_overshoots_while_the_mean_drifts_right}, then
+# narrows onto moment matching between the peaks {✓ test_forward_reverse::
+# test_forward_kl_fit_is_moment_matching_from_every_start}; the reverse fits from
+# $(-2, 2)$ and $(6, 2)$ end on the peak on their side {✓ test_forward_reverse::
 # test_reverse_kl_fits_from_starts_reach_the_peak_on_their_side_with_kl_log_2}.
 
 
@@ -175,48 +169,30 @@ def animate_fits(trajectory, path, caption, n_frames=100, fps=20):
 
 
 def video_player(path, caption):
-    """A looping, muted player for ``path``, in a figure whose caption says what
-    happens in it. The site plays it once on screen, unless the reader asked for
-    reduced motion or paused it (docs/javascripts/media.js)."""
+    """The animation at ``path``, looping, in a figure captioned ``caption``."""
     from html import escape
 
     from IPython.display import HTML
-    from PIL import Image
 
-    path = Path(path)
-    poster = path.with_suffix(".png")
-    with Image.open(poster) as frame:  # the first frame: the video's size
-        width, height = frame.size
-    shown = 640  # CSS pixels on a wide screen; narrower screens scale it down
-    caption_id = f"{path.stem}-caption"
-    video = (
-        f'<video src="{path.name}" poster="{poster.name}" width="{shown}"'
-        f' height="{round(shown * height / width)}" controls loop muted playsinline'
-        f' preload="none" data-play-when-visible aria-describedby="{caption_id}">'
-        "</video>"
+    name, label = Path(path).name, f"{Path(path).stem}-caption"
+    return HTML(  # 640 by 360: animate_fits' frames
+        f'<figure class="animation"><video src="{name}" width="640" height="360"'
+        f' poster="{Path(name).with_suffix(".png")}" controls loop muted playsinline'
+        f' preload="none" data-play-when-visible aria-describedby="{label}"></video>'
+        f'<figcaption id="{label}">{escape(caption)}</figcaption></figure>'
     )
-    caption = f'<figcaption id="{caption_id}">{escape(caption)}</figcaption>'
-    return HTML(f'<figure class="animation">{video}{caption}</figure>')
 
 
 # %% active="ipynb"
 # animate_fits(fits["forward KL"][:, :1], "forward_kl.mp4", "forward KL(P‖Q)")
-# video_player(
-#     "forward_kl.mp4",
-#     "Forward KL(P‖Q), one fit from the start (−2, 2): Q first widens fast,"
-#     " overshooting the moment-matching width σ*, while its mean drifts right;"
-#     " then it narrows onto the moment-matching Gaussian, which covers both peaks.",
-# )
+# video_player("forward_kl.mp4", "Forward KL from (−2, 2): Q widens past σ*, its"
+#              " mean drifting right, then narrows onto moment matching.")
 
 # %% active="ipynb"
 # two_sides = fits["reverse KL"][:, :2]  # the starts (-2, 2) and (6, 2)
 # animate_fits(two_sides, "reverse_kl.mp4", "reverse KL(Q‖P), two starts")
-# video_player(
-#     "reverse_kl.mp4",
-#     "Reverse KL(Q‖P), two fits, from (−2, 2) and from (6, 2): each narrows onto"
-#     " the peak on its side of the middle, the left one at −5 and the right one"
-#     " at 10, and ignores the other peak.",
-# )
+# video_player("reverse_kl.mp4", "Reverse KL from (−2, 2) and from (6, 2): each fit"
+#              " narrows onto the peak on its side of the middle, at −5 and at 10.")
 
 # %% [markdown]
 # ## Did every fit converge?

@@ -31,19 +31,53 @@ settings.register_profile(
 settings.load_profile("site")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "sitebuild"]
+PROJECT_PARTS = ["mkdocs.yml", "requirements.txt", "docs", "overrides", "sitebuild"]
 
 
-def mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
-    """``mkdocs build --strict`` of ``project`` into ``site``."""
+def mkdocs_build(project: Path, site: Path, env=None) -> subprocess.CompletedProcess:
+    """``mkdocs build --strict`` of ``project`` into ``site``, with ``env`` added
+    to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=project,
         capture_output=True,
         text=True,
-        env=os.environ | {"NO_MKDOCS_2_WARNING": "1"},
+        env=os.environ | {"NO_MKDOCS_2_WARNING": "1"} | (env or {}),
         timeout=900,
     )
+
+
+class EnvValue(list):
+    """mkdocs.yml's ``!ENV`` values (read from the environment by MkDocs), kept
+    as written when a test reads the file and writes a copy."""
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _env_value(loader, node):
+    if isinstance(node, yaml.SequenceNode):
+        return EnvValue(loader.construct_sequence(node))
+    return EnvValue([loader.construct_scalar(node)])
+
+
+_Loader.add_constructor("!ENV", _env_value)
+_Dumper.add_representer(
+    EnvValue, lambda dumper, value: dumper.represent_sequence("!ENV", list(value))
+)
+
+
+def read_mkdocs_yml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_Loader)
+
+
+def write_mkdocs_yml(path: Path, config: dict) -> None:
+    path.write_text(yaml.dump(config, Dumper=_Dumper, allow_unicode=True))
 
 
 def write_project(project: Path, pages: dict[str, str], files=None) -> None:
@@ -55,9 +89,9 @@ def write_project(project: Path, pages: dict[str, str], files=None) -> None:
             shutil.copytree(source, project / part, dirs_exist_ok=True)
         else:
             shutil.copy(source, project / part)
-    config = yaml.safe_load((project / "mkdocs.yml").read_text())
+    config = read_mkdocs_yml(project / "mkdocs.yml")
     config["nav"] = [{"Home": "index.md"}] + [{name: f"{name}.py"} for name in pages]
-    (project / "mkdocs.yml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    write_mkdocs_yml(project / "mkdocs.yml", config)
     home = "# Home\n\n" + "".join(f"[{name}]({name}.py)\n" for name in pages)
     (project / "docs" / "index.md").write_text(home)
     (project / "snippets").mkdir(exist_ok=True)

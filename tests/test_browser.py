@@ -322,3 +322,38 @@ def test_a_video_the_reader_paused_stays_paused_when_it_comes_back_into_view(
     paused = video.evaluate("(video) => video.paused")
     context.close()
     assert paused
+
+
+SCROLLERS = """() => {
+  const boxes = [...document.querySelectorAll(
+    ".md-typeset pre > code, .md-typeset pre, .math-display")]
+    .filter((box) => box.scrollWidth > box.clientWidth + 1
+      && ["auto", "scroll"].includes(getComputedStyle(box).overflowX));
+  return { scrolling: boxes.length,
+           unreachable: boxes.filter((box) => box.tabIndex < 0).length };
+}"""
+
+
+def test_boxes_that_scroll_sideways_on_a_phone_are_reachable_by_keyboard(
+    browser, site_url
+):
+    # a touch screen: Material makes code focusable only where a pointer hovers
+    context = browser.new_context(viewport=PHONE, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.goto(site_url + "/kl_definition/", wait_until="load")
+    boxes = page.evaluate(SCROLLERS)
+    context.close()
+    assert boxes["scrolling"] > 0  # the page has some: the check looked at them
+    assert boxes["unreachable"] == 0, boxes
+
+
+def test_each_code_blocks_tools_have_a_name_of_their_own(browser, site_url):
+    page = browser.new_page()
+    page.goto(site_url + "/kl_definition/", wait_until="load")
+    labels = page.evaluate(
+        "[...document.querySelectorAll('nav.md-code__nav')]"
+        ".map((nav) => nav.getAttribute('aria-label'))"
+    )
+    page.close()
+    assert len(labels) > 1 and None not in labels
+    assert len(set(labels)) == len(labels)  # landmarks a screen reader can tell apart

@@ -7,8 +7,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from bs4 import BeautifulSoup
-from conftest import mkdocs_build, write_project
+from conftest import mkdocs_build, read_mkdocs_yml, write_project
 
+from sitebuild import pages
 from sitebuild.pages import snippet_pages
 from snippets import kl_definition
 
@@ -231,3 +232,78 @@ def test_a_cell_that_raises_fails_the_build_naming_the_page(tmp_path):
     assert failing.returncode != 0
     assert "example_page.py" in failing.stderr
     assert "this cell fails" in failing.stderr
+
+
+def test_a_deploy_publishes_its_own_addresses_from_the_environment(tmp_path):
+    # what .github/workflows/docs.yml sets: a fork publishes under its own name
+    write_project_with_page(tmp_path, 'print("a page")')
+    env = {
+        "SITE_URL": "https://fork.github.io/kl/",
+        "REPO_URL": "https://github.com/fork/kl",
+        "EDIT_URI": "edit/main/docs/",
+    }
+    build = mkdocs_build(tmp_path, tmp_path / "site", env=env)
+    assert build.returncode == 0, build.stderr[-3000:]
+    site = tmp_path / "site"
+    sitemap = (site / "sitemap.xml").read_text()
+    assert "https://fork.github.io/kl/example_page/" in sitemap
+    soup = page_soup(site, "example_page")
+    canonical = soup.find("link", rel="canonical")["href"]
+    assert canonical == "https://fork.github.io/kl/example_page/"
+    assert soup.find("meta", property="og:url")["content"] == canonical
+    hrefs = [link["href"] for link in soup.find_all("a", href=True)]
+    colab = "https://colab.research.google.com/github/fork/kl/blob/gh-pages/"
+    assert any(href.startswith(colab) for href in hrefs)
+    assert "https://github.com/fork/kl/edit/main/snippets/example_page.py" in hrefs
+    assert (
+        "https://fork.github.io/kl/example_page/index.md"
+        in (site / "llms.txt").read_text()
+    )
+
+
+def meta_description(soup: BeautifulSoup) -> str:
+    return soup.find("meta", attrs={"name": "description"})["content"]
+
+
+def test_each_page_has_its_own_description_its_opening_answer(site):
+    described = {}
+    for html in [site / "index.html", *notebook_pages(site)]:
+        soup = BeautifulSoup(html.read_text(), "html.parser")
+        description = meta_description(soup)
+        opening = " ".join(soup.select_one("article p:not([class])").get_text().split())
+        squeezed = "".join(opening.replace("✓", "").split())  # markers and spaces
+        assert squeezed.startswith("".join(description.removesuffix("…").split()))
+        described[str(html.relative_to(site))] = description
+    assert len(set(described.values())) == len(described)  # none shared
+    # the whole opening, not cut short by a quote it holds (argument_order's does)
+    assert all(40 <= len(text) <= 160 for text in described.values()), described
+
+
+def test_search_dialog_has_a_name(site):
+    dialog = page_soup(site, "kl_definition").select_one(".md-search[role=dialog]")
+    assert dialog.get("aria-label")
+
+
+LLMS_LINK = re.compile(r"^- \[(?P<title>[^\]]+)\]\((?P<url>[^)]+)\)", re.M)
+
+
+def test_llms_txt_lists_every_page_in_reading_order_with_its_markdown(site):
+    listing = (site / "llms.txt").read_text()
+    assert listing.startswith("# KL divergence in PyTorch")
+    urls = [match["url"] for match in LLMS_LINK.finditer(listing)]
+    paths = [urlsplit(url).path.removeprefix("/") for url in urls]
+    assert all((site / path).is_file() for path in paths), paths
+    order = pages.nav_order(read_mkdocs_yml(ROOT / "mkdocs.yml")["nav"])
+    stems = [path.removesuffix("/index.md") for path in paths[1:]]
+    assert stems == sorted(stems, key=lambda stem: order[f"{stem}.py"])
+    assert set(stems) == {page.stem for page in snippet_pages()}
+
+
+def test_a_pages_markdown_holds_its_prose_code_and_printed_results(site):
+    markdown = (site / "kl_definition" / "index.md").read_text()
+    assert markdown.startswith("# ")
+    assert "```python\nimport torch" in markdown
+    assert f"KL(P‖Q) = {kl_definition.kl_pq:.4f} nats" in markdown
+    assert "{✓" not in markdown and "<button" not in markdown
+    for figure in re.findall(r"!\[[^\]]*\]\((figure-[0-9a-f]+\.png)\)", markdown):
+        assert (site / "kl_definition" / figure).is_file()

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import ROOT, mkdocs_build, write_project
+from conftest import ROOT, mkdocs_build, read_mkdocs_yml, write_project
 
 from sitebuild import claims, pages
 from sitebuild.pages import snippet_pages
@@ -176,7 +176,7 @@ def test_abbreviations_end_no_sentence_but_list_items_and_paragraphs_do():
 
 
 def test_the_claims_page_lists_the_pages_in_reading_order():
-    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    nav = read_mkdocs_yml(ROOT / "mkdocs.yml")["nav"]
     order = pages.nav_order(nav)
     in_nav = sorted(snippet_pages(), key=lambda path: order[path.name])
     titles = {path.stem: pages.title(path) for path in in_nav}

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import read_mkdocs_yml
 
 from sitebuild import pages
 
@@ -27,7 +27,7 @@ LINKED_PAGE = re.compile(r"\]\((?P<file>[a-z0-9_]+\.py)\)")
 
 
 def nav_files() -> list[str]:
-    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    nav = read_mkdocs_yml(ROOT / "mkdocs.yml")["nav"]
     return list(pages.nav_order(nav))
 
 
