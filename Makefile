@@ -4,6 +4,7 @@
 #   make build   write the static site to site/
 #   make bench   time builds and tests against the goals (README, "Speed")
 #   make screenshots  every page, light and dark, phone and laptop, as JPEG
+#   make audit   axe-core over every page in those four settings
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup serve build test test-fast lint bench screenshots clean
+.PHONY: setup serve build test test-fast lint bench screenshots audit clean
 
 setup: $(INSTALLED)
 
@@ -44,6 +45,14 @@ bench: setup
 # Every page in light and dark, on a phone and a laptop, for a person to look at.
 screenshots: build
 	$(BIN)/python -m sitebuild.screenshots site
+
+# axe-core over every page, light and dark, laptop and phone (npm: package.json).
+node_modules/.installed: package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+audit: build node_modules/.installed
+	$(BIN)/python -m sitebuild.audit site
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

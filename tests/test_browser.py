@@ -326,7 +326,8 @@ def test_a_video_the_reader_paused_stays_paused_when_it_comes_back_into_view(
 
 SCROLLERS = """() => {
   const boxes = [...document.querySelectorAll(
-    ".md-typeset pre > code, .md-typeset pre, .math-display")]
+    ".md-typeset pre > code, .md-typeset pre, .math-display,"
+    + " .md-typeset__scrollwrap")]
     .filter((box) => box.scrollWidth > box.clientWidth + 1
       && ["auto", "scroll"].includes(getComputedStyle(box).overflowX));
   return { scrolling: boxes.length,

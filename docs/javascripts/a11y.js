@@ -8,7 +8,7 @@ const SCROLLERS = [
   ".md-typeset pre > code",
   ".md-typeset pre",
   ".math-display",
-  ".md-typeset__table",
+  ".md-typeset__scrollwrap", // a wide table
 ].join(", ");
 
 function nameCodeTools() {
