@@ -51,10 +51,11 @@ def on_pre_build(config):
 @mkdocs.plugins.event_priority(100)  # before mkdocs-jupyter claims the notebooks
 def on_files(files, config):
     jupyter = _jupyter_config(config)
+    sources = pages.snippet_pages(ROOT / "snippets")
     try:
-        with workers.Workers() as renderers:  # each page rendered once executed
+        with workers.Workers(len(sources)) as renderers:  # rendered once executed
             executed = execute.execute_pages(
-                pages.snippet_pages(ROOT / "snippets"),
+                sources,
                 CACHE_DIR,
                 on_executed=lambda page: prerender.submit(
                     renderers, page.notebook, jupyter
@@ -108,10 +109,11 @@ def _process_notebook_pages_in_workers(config, files) -> None:
     ]
     pages = [(_with_claims(html, uri), uri) for html, uri in notebooks]
     site_map, repo_url = links.site_map(files), config.get("repo_url")
-    with workers.Workers() as processors:
+    with workers.Workers(len(pages)) as processors:
         count = page_cache.fill(pages, site_map, repo_url, processors)
     if count:
-        log.info(f"processed {count} notebook pages in worker processes")
+        where = "in worker processes" if processors.in_processes else "here"
+        log.info(f"processed {count} notebook pages ahead, {where}")
 
 
 def on_page_content(html, page, config, files):

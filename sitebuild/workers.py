@@ -9,15 +9,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Fewer jobs than this run in the build's own process, when the ``with`` block
+# ends: starting a worker costs ~1.4 s of CPU (a small site, as the tests build,
+# paid more for its workers than it saved).
+PARALLEL_FROM = 8
+
+
 class Workers:
     """Up to ``count`` worker processes, started on the first job (a rebuild with
-    nothing to do starts none). Leaving the ``with`` block waits for every job
-    and raises the first failure, naming its job."""
+    nothing to do starts none), for about ``expected`` jobs: below PARALLEL_FROM
+    they run here instead. Leaving the ``with`` block waits for every job and
+    raises the first failure, naming its job."""
 
-    def __init__(self, count: int | None = None):
+    def __init__(self, expected: int, count: int | None = None):
         self.count = count or os.cpu_count() or 1
+        self.in_processes = expected >= PARALLEL_FROM
         self._pool: ProcessPoolExecutor | None = None
         self._jobs: dict[str, Future] = {}
+        self._here: dict[str, tuple] = {}
 
     def __enter__(self):
         return self
@@ -30,15 +39,23 @@ class Workers:
                         job.result()
                     except Exception as error:
                         raise RuntimeError(f"{name}: {error}") from error
+                for name, (function, args) in self._here.items():
+                    try:
+                        function(*args)
+                    except Exception as error:
+                        raise RuntimeError(f"{name}: {error}") from error
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
 
     def submitted(self, name: str) -> bool:
-        return name in self._jobs
+        return name in self._jobs or name in self._here
 
     def submit(self, name: str, function, *args) -> None:
         """Run ``function(*args)`` in a worker; ``function`` is found by name."""
+        if not self.in_processes:
+            self._here[name] = (function, args)
+            return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.count,

@@ -225,14 +225,20 @@ def test_a_page_is_parsed_again_once_its_file_changes(tmp_path):
     assert pages.title(page) == "Second title"
 
 
-def test_a_worker_job_that_fails_fails_the_build_naming_the_job(tmp_path):
+@pytest.mark.parametrize("expected", [1, workers.PARALLEL_FROM])  # here, workers
+def test_a_job_that_fails_fails_the_build_naming_the_job(tmp_path, expected):
     missing = tmp_path / "missing.ipynb"
     with pytest.raises(RuntimeError, match=f"rendering {missing}"):
-        with workers.Workers(count=1) as pool:
+        with workers.Workers(expected, count=1) as pool:
             pool.submit(f"rendering {missing}", os.stat, missing)
 
 
 def test_a_build_with_nothing_to_do_starts_no_worker():
-    with workers.Workers() as pool:
+    with workers.Workers(workers.PARALLEL_FROM) as pool:
         pass
     assert pool._pool is None
+
+
+def test_a_few_jobs_run_here_many_in_worker_processes():
+    assert not workers.Workers(workers.PARALLEL_FROM - 1).in_processes
+    assert workers.Workers(workers.PARALLEL_FROM).in_processes
