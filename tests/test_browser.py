@@ -280,13 +280,19 @@ VIDEO_STATES = """() => [...document.querySelectorAll("video")]
 PLAYING = "(video) => !video.paused && video.currentTime > 0"
 
 
-def test_an_animation_plays_once_it_is_on_screen(browser, site_url):
+def first_animation_playing(browser, site_url):
+    """The animated page's first video, scrolled into view and playing."""
     context = browser.new_context(viewport=DESKTOP)
     page = context.new_page()
     page.goto(site_url + ANIMATED)
     video = page.locator("video").first
     video.scroll_into_view_if_needed()
     page.wait_for_function(f"({PLAYING})(document.querySelector('video'))")
+    return context, page, video
+
+
+def test_an_animation_plays_once_it_is_on_screen(browser, site_url):
+    context, _, _ = first_animation_playing(browser, site_url)
     context.close()
 
 
@@ -308,12 +314,7 @@ def test_animations_stay_still_for_a_reader_who_asked_for_reduced_motion(
 def test_a_video_the_reader_paused_stays_paused_when_it_comes_back_into_view(
     browser, site_url
 ):
-    context = browser.new_context(viewport=DESKTOP)
-    page = context.new_page()
-    page.goto(site_url + ANIMATED)
-    video = page.locator("video").first
-    video.scroll_into_view_if_needed()
-    page.wait_for_function(f"({PLAYING})(document.querySelector('video'))")
+    context, page, video = first_animation_playing(browser, site_url)
     video.evaluate("(video) => video.pause()")  # what the pause control does
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # out of view
     page.wait_for_timeout(500)
