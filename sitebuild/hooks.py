@@ -65,6 +65,8 @@ def on_files(files, config):
                 prerender.submit(renderers, page.notebook, jupyter)
     except execute.PageExecutionError as error:
         raise PluginError(f"executing the snippet pages failed:\n{error}") from None
+    except workers.JobError as error:
+        raise PluginError(f"rendering an executed page failed: {error}") from None
     executed_pages.clear()
     executed_pages.update(executed)
     for source, page in executed.items():
@@ -109,8 +111,11 @@ def _process_notebook_pages_in_workers(config, files) -> None:
     ]
     pages = [(_with_claims(html, uri), uri) for html, uri in notebooks]
     site_map, repo_url = links.site_map(files), config.get("repo_url")
-    with workers.Workers(len(pages)) as processors:
-        count = page_cache.fill(pages, site_map, repo_url, processors)
+    try:
+        with workers.Workers(len(pages)) as processors:
+            count = page_cache.fill(pages, site_map, repo_url, processors)
+    except workers.JobError as error:
+        raise PluginError(f"processing a page's HTML failed: {error}") from None
     if count:
         where = "in worker processes" if processors.in_processes else "here"
         log.info(f"processed {count} notebook pages ahead, {where}")

@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PARALLEL_FROM = 8
 
 
+class JobError(RuntimeError):
+    """A job failed; the message names it."""
+
+
 class Workers:
     """Up to ``count`` worker processes, started on the first job (a rebuild with
     nothing to do starts none), for about ``expected`` jobs: below PARALLEL_FROM
@@ -38,12 +42,12 @@ class Workers:
                     try:
                         job.result()
                     except Exception as error:
-                        raise RuntimeError(f"{name}: {error}") from error
+                        raise JobError(f"{name}: {error}") from error
                 for name, (function, args) in self._here.items():
                     try:
                         function(*args)
                     except Exception as error:
-                        raise RuntimeError(f"{name}: {error}") from error
+                        raise JobError(f"{name}: {error}") from error
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)

@@ -228,7 +228,7 @@ def test_a_page_is_parsed_again_once_its_file_changes(tmp_path):
 @pytest.mark.parametrize("expected", [1, workers.PARALLEL_FROM])  # here, workers
 def test_a_job_that_fails_fails_the_build_naming_the_job(tmp_path, expected):
     missing = tmp_path / "missing.ipynb"
-    with pytest.raises(RuntimeError, match=f"rendering {missing}"):
+    with pytest.raises(workers.JobError, match=f"rendering {missing}"):
         with workers.Workers(expected, count=1) as pool:
             pool.submit(f"rendering {missing}", os.stat, missing)
 
