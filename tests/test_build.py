@@ -1,5 +1,6 @@
 """The strict build: every page built, executed, with math, and failures loud."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from bs4 import BeautifulSoup
+from bs4.element import CData, NavigableString
 from conftest import mkdocs_build, read_mkdocs_yml, write_project
 
 from sitebuild import pages
@@ -24,17 +26,32 @@ def site(built_site):
     return built_site
 
 
+@functools.cache
+def parsed(html: Path) -> BeautifulSoup:
+    """Each built page parsed once for the whole module; tests only read it."""
+    return BeautifulSoup(html.read_text(), "html.parser")
+
+
 def page_soup(site: Path, page: str) -> BeautifulSoup:
-    return BeautifulSoup((site / page / "index.html").read_text(), "html.parser")
+    return parsed(site / page / "index.html")
+
+
+def text_outside(element, hidden: str, separator: str = "") -> str:
+    """``element``'s text, leaving out what is inside elements matching ``hidden``."""
+    left_out = {id(found) for found in element.select(hidden)}
+    return separator.join(
+        text
+        for text in element.find_all(string=True)
+        if not any(id(parent) in left_out for parent in text.parents)
+        and type(text) in (NavigableString, CData)  # what get_text() keeps
+    )
 
 
 def prose_text(soup: BeautifulSoup) -> str:
     """The page's visible text (navigation and table of contents included) without
     code, outputs, scripts or formulas already rendered."""
     hidden = "script, style, pre, code, math, .jp-OutputArea, .highlight-ipynb"
-    for element in soup.select(hidden):
-        element.decompose()
-    return soup.body.get_text()
+    return text_outside(soup.body, hidden)
 
 
 def test_strict_build_writes_home_and_definition_pages(site):
@@ -44,7 +61,7 @@ def test_strict_build_writes_home_and_definition_pages(site):
 
 def test_no_page_shows_raw_tex(site):
     for html in site.rglob("index.html"):
-        text = prose_text(BeautifulSoup(html.read_text(), "html.parser"))
+        text = prose_text(parsed(html))
         leftovers = [tex for tex in TEX_LEFTOVERS if tex in text]
         assert not leftovers, f"raw TeX left in {html.relative_to(site)}: {leftovers}"
 
@@ -67,7 +84,7 @@ def test_definition_page_shows_outputs_executed_at_build(site):
 
 def local_links(html_file: Path, site: Path):
     """(url, target file, fragment) for every href, src and poster on this site."""
-    soup = BeautifulSoup(html_file.read_text(), "html.parser")
+    soup = parsed(html_file)
     urls = [
         element[attribute]
         for attribute in ("href", "src", "poster")
@@ -83,7 +100,7 @@ def local_links(html_file: Path, site: Path):
 
 
 def element_ids(html_file: Path) -> set[str]:
-    soup = BeautifulSoup(html_file.read_text(), "html.parser")
+    soup = parsed(html_file)
     return {element["id"] for element in soup.find_all(id=True)}
 
 
@@ -144,14 +161,14 @@ def notebook_pages(site):
 
 def test_notebook_pages_carry_no_inline_styles_or_scripts(site):
     for html in notebook_pages(site):
-        article = BeautifulSoup(html.read_text(), "html.parser").select_one("article")
+        article = parsed(html).select_one("article")
         assert article.find("style") is None, html
         assert article.find("script") is None, html
 
 
 def test_media_load_lazily(site):
     for html in notebook_pages(site):
-        soup = BeautifulSoup(html.read_text(), "html.parser")
+        soup = parsed(html)
         for image in soup.select("article img"):
             assert image.get("loading") == "lazy", (html, image)
         for video in soup.select("article video"):
@@ -201,13 +218,12 @@ def test_every_page_has_one_title_and_no_markdown_left_unrendered(site):
     `[text][label]` links inside admonitions once stayed raw text."""
     raw_reference_link = re.compile(r"\]\[[^\]]+\]")
     for html in notebook_pages(site):
-        article = BeautifulSoup(html.read_text(), "html.parser").select_one("article")
+        article = parsed(html).select_one("article")
         assert len(article.find_all("h1")) == 1, html
-        for code in article.select("pre, code, .jp-OutputArea"):
-            code.decompose()
-        raw = raw_reference_link.search(article.get_text(" "))
+        text = text_outside(article, "pre, code, .jp-OutputArea", " ")
+        raw = raw_reference_link.search(text)
         assert raw is None, (html, raw)
-        assert "!!! " not in article.get_text(" "), html
+        assert "!!! " not in text, html
 
 
 def test_math_font_is_served_by_the_site(site):
@@ -268,7 +284,7 @@ def meta_description(soup: BeautifulSoup) -> str:
 def test_each_page_has_its_own_description_its_opening_answer(site):
     described = {}
     for html in [site / "index.html", *notebook_pages(site)]:
-        soup = BeautifulSoup(html.read_text(), "html.parser")
+        soup = parsed(html)
         description = meta_description(soup)
         opening = " ".join(soup.select_one("article p:not([class])").get_text().split())
         squeezed = "".join(opening.replace("✓", "").split())  # markers and spaces
