@@ -37,7 +37,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint node_modules/.installed
 	$(BIN)/python -m pytest
 
 # Clean build, no-change and one-page rebuilds, make test: timed on a copy.

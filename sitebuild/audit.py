@@ -15,11 +15,17 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from sitebuild.browser import CHROMIUM_FLAGS, chromium_path
+from sitebuild.browser import (
+    ALL_RULES,
+    AXE,
+    AXE_MISSING,
+    CHROMIUM_FLAGS,
+    axe_violations,
+    chromium_path,
+)
 from sitebuild.screenshots import QuietHandler, page_paths
 
 ROOT = Path(__file__).resolve().parents[1]
-AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
 SETTINGS = [
     (scheme, screen, viewport)
     for screen, viewport in [
@@ -28,30 +34,18 @@ SETTINGS = [
     ]
     for scheme in ("light", "dark")
 ]
-RUN_AXE = """async () => {
-  const results = await axe.run(document, {
-    runOnly: { type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa",
-                                     "wcag22aa", "best-practice"] },
-    rules: { "target-size": { enabled: true } },
-  });
-  return results.violations.map((violation) => ({
-    rule: violation.id,
-    nodes: violation.nodes.map((node) => node.target.join(" ")
-                                        + ": " + (node.failureSummary || "")),
-  }));
-}"""
 
 
 def main(site: Path) -> int:
     from playwright.sync_api import sync_playwright
 
     if not AXE.is_file():
-        raise SystemExit("axe-core is missing: run `npm ci` (make audit does)")
+        raise SystemExit(AXE_MISSING)
     server = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site))
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    root, axe = f"http://127.0.0.1:{server.server_port}", AXE.read_text()
+    root = f"http://127.0.0.1:{server.server_port}"
     rows, failures, started = [], 0, time.perf_counter()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -63,11 +57,10 @@ def main(site: Path) -> int:
             paths, found = page_paths(site), 0
             for path in paths:
                 page.goto(root + path, wait_until="load")
-                page.add_script_tag(content=axe)
-                for violation in page.evaluate(RUN_AXE):
-                    found += len(violation["nodes"])
-                    for node in violation["nodes"]:
-                        print(f"{scheme} {screen} {path} {violation['rule']}: {node}")
+                violations = axe_violations(page, ALL_RULES)
+                found += len(violations)
+                for violation in violations:
+                    print(f"{scheme} {screen} {path} {violation}")
             rows.append(f"| {scheme} | {screen} | {len(paths)} | {found} |")
             failures += found
             context.close()

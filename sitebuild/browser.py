@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 # Headless on a machine without a GPU or a network beyond the site's own server.
 CHROMIUM_FLAGS = [
@@ -17,3 +18,60 @@ CHROMIUM_FLAGS = [
 def chromium_path() -> str | None:
     """Debian's Chromium, or any Chrome named by the CHROMIUM variable."""
     return os.environ.get("CHROMIUM") or shutil.which("chromium")
+
+
+# axe-core (npm, pinned in package.json), checked into pages by the browser suite
+# and by `make audit`.
+ROOT = Path(__file__).resolve().parents[1]
+AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
+AXE_MISSING = "axe-core is missing: run `npm ci` (make test and make audit do)"
+
+# WCAG 2.0-2.2 A and AA, axe's best practices, and target size.
+ALL_RULES = {
+    "runOnly": {
+        "type": "tag",
+        "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
+        + ["best-practice"],
+    },
+    "rules": {"target-size": {"enabled": True}},
+}
+# The rules whose outcome the colour scheme can change: the dark theme changes
+# colours only, not the page's elements, names or layout.
+COLOUR_RULES = {
+    "runOnly": {"type": "rule", "values": ["color-contrast", "link-in-text-block"]}
+}
+
+RUN_AXE = """async (options) => {
+  const results = await axe.run(document, options);
+  return results.violations.flatMap((violation) => violation.nodes.map(
+    (node) => `${violation.id}: ${node.target.join(" ")}: ${node.failureSummary}`));
+}"""
+
+
+def axe_violations(page, options: dict) -> list[str]:
+    """Every violating element on ``page``, one line each: rule, element, why."""
+    if not page.evaluate("typeof axe !== 'undefined'"):
+        if not AXE.is_file():
+            raise FileNotFoundError(AXE_MISSING)
+        page.add_script_tag(path=AXE)
+    return page.evaluate(RUN_AXE, options)
+
+
+# Material picks its palette from the reader's preference when the page loads;
+# a page already loaded is switched the way its palette toggle switches it.
+def show_in_scheme(page, scheme: str) -> None:
+    """Turn a loaded page light or dark, as a reader with that preference sees it."""
+    page.emulate_media(color_scheme=scheme)
+    material = "slate" if scheme == "dark" else "default"
+    page.evaluate(SWITCH_SCHEME, material)
+
+
+# Material fades colours over 250 ms: checks wait for the colours a reader sees.
+SWITCH_SCHEME = """async (scheme) => {
+  document.body.dataset.mdColorScheme = scheme;
+  const frame = () => new Promise((resolve) => requestAnimationFrame(resolve));
+  await frame();  // the transitions have started
+  const fades = document.getAnimations().filter((a) => a instanceof CSSTransition);
+  // a fade cut short by another rejects: either way its colour is final
+  await Promise.all(fades.map((fade) => fade.finished.catch(() => {})));
+}"""

@@ -28,10 +28,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 def page_paths(site: Path) -> list[str]:
     """Every page of the site, as a path under its root."""
-    return sorted(
-        "/" + str(index.parent.relative_to(site)).removeprefix(".").strip("/") + "/"
-        for index in site.rglob("index.html")
-    )
+    folders = [index.parent.relative_to(site) for index in site.rglob("index.html")]
+    return sorted("/" if folder == Path() else f"/{folder}/" for folder in folders)
 
 
 def main(site: Path) -> None:

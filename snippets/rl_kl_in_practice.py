@@ -175,13 +175,15 @@ grad_forward_kl = kl_gradient(small_logits, small_reference, "forward")
 # A per-token $k_2$ term, or a $k_1$ reward credited to its own token,
 # differentiates each position's KL with its prefix held fixed
 # {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}, but
-# the sequence KL also depends on which prefixes the policy makes likely:
-# $\nabla D_{\text{seq}} = \mathbb{E}\big[\sum_t \nabla D_t\big] +
-# \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big]$
-# {✓ test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term}. $k_1$
-# in the reward through returns $G_t = \sum_{s \ge t} k_{1,s}$ gets both terms
-# {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}; here a
-# two-token model over three tokens, every sequence enumerated:
+# the sequence KL also depends on which prefixes the policy makes likely
+# {✓ test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term}:
+#
+# $$\nabla D_{\text{seq}} = \mathbb{E}\big[\sum_t \nabla D_t\big] +
+# \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big].$$
+#
+# $k_1$ in the reward through returns $G_t = \sum_{s \ge t} k_{1,s}$ gets both
+# terms {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient};
+# here a two-token model over three tokens, every sequence enumerated:
 
 # %%
 VOCAB_TINY = 3

@@ -6,11 +6,23 @@ suite skips, except in CI, where a missing browser is a failure.
 """
 
 import os
+import re
+import time
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pytest
 
-from sitebuild.browser import CHROMIUM_FLAGS, chromium_path
+from sitebuild.browser import (
+    ALL_RULES,
+    AXE,
+    AXE_MISSING,
+    CHROMIUM_FLAGS,
+    COLOUR_RULES,
+    axe_violations,
+    chromium_path,
+    show_in_scheme,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,110 +99,208 @@ def browser():
         browser.close()
 
 
-def pytest_generate_tests(metafunc):
-    if "path" in metafunc.fixturenames:
-        from conftest import ROOT
+def site_pages() -> list[str]:
+    from conftest import ROOT
 
-        pages = ["/"] + sorted(
-            f"/{path.stem}/"
-            for path in (ROOT / "snippets").glob("*.py")
-            if not path.name.startswith("_")
-        )
-        pages += sorted(
-            f"/{path.stem}/"
-            for path in (ROOT / "docs").glob("*.md")
-            if path.stem != "index"
-        )
-        pages.append("/build/")  # made by the build: how long each page took
-        pages.append("/claims/")  # made by the build: every claim and its test
-        pages.append("/claims/checked_kl/")  # one page's list, the most claims
-        metafunc.parametrize("path", pages)
-
-
-class Visit:
-    """One page load, with every console message and request it caused."""
-
-    def __init__(self, browser, url, viewport, color_scheme="light"):
-        self.host = urlsplit(url).netloc
-        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
-        self.page = self.context.new_page()
-        self.console_errors, self.failed, self.foreign = [], [], []
-        self.page.on("console", self._on_console)
-        self.page.on("pageerror", lambda error: self.console_errors.append(str(error)))
-        self.page.on("requestfailed", lambda request: self.failed.append(request.url))
-        self.page.on("request", self._on_request)
-        self.page.on("response", self._on_response)
-        self.page.goto(url, wait_until="load")
-
-    def _on_console(self, message):
-        if message.type == "error":
-            self.console_errors.append(message.text)
-
-    def _on_request(self, request):
-        scheme, netloc = urlsplit(request.url)[:2]
-        if scheme in ("http", "https") and netloc != self.host:
-            self.foreign.append(request.url)
-
-    def _on_response(self, response):
-        if response.status >= 400:
-            self.failed.append(f"{response.status} {response.url}")
-
-    def close(self):
-        self.context.close()
-
-
-@pytest.fixture(scope="module")
-def visit(browser, site_url):
-    """Each page loaded once, on a desktop screen in the light theme, and scrolled
-    through; every test of the page looks at that one load."""
-    visits = {}
-
-    def open_page(path):
-        if path not in visits:
-            visits[path] = Visit(browser, site_url + path, DESKTOP)
-            visits[path].page.evaluate(SCROLL_THROUGH)  # start every lazy load
-            visits[path].page.evaluate(BROKEN_IMAGES)  # and wait for the images
-        return visits[path]
-
-    yield open_page
-    for opened in visits.values():
-        opened.close()
-
-
-def test_page_loads_cleanly_from_its_own_host_only(visit, path):
-    page = visit(path)
-    assert page.console_errors == []
-    assert page.failed == []
-    assert page.foreign == [], "requests to other hosts"
-
-
-def test_page_shows_no_raw_tex_and_renders_its_math(visit, path, built_site):
-    page = visit(path)
-    prose = page.page.evaluate(PROSE_TEXT)
-    assert [tex for tex in TEX_LEFTOVERS if tex in prose] == []
-    source_has_math = (
-        "<math" in (built_site / path.strip("/") / "index.html").read_text()
+    pages = ["/"] + sorted(
+        f"/{path.stem}/"
+        for path in (ROOT / "snippets").glob("*.py")
+        if not path.name.startswith("_")
     )
-    rendered = page.page.locator("math").count()
-    assert (rendered > 0) == source_has_math
-    if rendered:
-        box = page.page.locator("math").first.bounding_box()
-        assert box is not None and box["height"] > 5  # laid out, not left as text
+    pages += sorted(
+        f"/{path.stem}/"
+        for path in (ROOT / "docs").glob("*.md")
+        if path.stem != "index"
+    )
+    pages.append("/build/")  # made by the build: how long each page took
+    pages.append("/claims/")  # made by the build: every claim and its test
+    pages.append("/claims/checked_kl/")  # one page's list, the most claims
+    return pages
 
 
-def test_every_image_and_video_loads(visit, path):
-    page = visit(path)
-    assert page.page.evaluate(BROKEN_IMAGES) == []
-    assert page.page.evaluate(UNPLAYABLE_VIDEOS) == []
+# Every layout shift the reader did not cause, summed as Chromium reports them
+# (cumulative layout shift, the one number Lighthouse and Core Web Vitals use).
+LAYOUT_SHIFTS = """window.layoutShift = 0;
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) {
+    if (!entry.hadRecentInput) window.layoutShift += entry.value;
+  }
+}).observe({ type: "layout-shift", buffered: true });"""
+SETTLED_SHIFT = """async () => {
+  await document.fonts.ready;
+  await new Promise((resolve) => requestAnimationFrame(resolve));  // laid out
+  return window.layoutShift;
+}"""
+# A reader on a slow connection gets the page before its fonts: the fonts come
+# this much later than the page here, which moved rl_estimators by 0.17 when the
+# math font swapped in.
+LATE_FONT_S = 0.3
 
 
-def test_no_horizontal_overflow_on_a_phone(visit, path):
-    page = visit(path).page
-    page.set_viewport_size(PHONE)
-    page.wait_for_timeout(100)  # let the layout settle
-    width = page.evaluate("document.documentElement.scrollWidth")
-    page.set_viewport_size(DESKTOP)
-    assert width <= PHONE["width"]
+def late_font(route):
+    time.sleep(LATE_FONT_S)
+    route.continue_()
+
+
+@dataclass
+class Inspection:
+    """What one page showed in Chromium: loaded on a phone, then on a laptop."""
+
+    console_errors: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    foreign: list = field(default_factory=list)
+    layout_shift: dict = field(default_factory=dict)  # screen -> CLS
+    axe: dict = field(default_factory=dict)  # (scheme, screen) -> violations
+    phone_scroll_width: int = 0
+    prose: str = ""
+    math_count: int = 0
+    first_math_height: float = 0
+    broken_images: list = field(default_factory=list)
+    unplayable_videos: list = field(default_factory=list)
+    leaving: bool = False  # reloading: the first load's requests are cancelled
+
+
+def inspect_page(browser, url: str) -> Inspection:
+    """Load the page as a phone reader, then as a laptop reader, and note every
+    check the tests make; the page's tests all read this one inspection."""
+    found, host = Inspection(), urlsplit(url).netloc
+    context = browser.new_context(viewport=PHONE)
+    context.add_init_script(LAYOUT_SHIFTS)
+    context.route("**/assets/fonts/*", late_font)
+    page = context.new_page()
+    page.on("console", lambda message: _console_error(found, message))
+    page.on("pageerror", lambda error: found.console_errors.append(str(error)))
+    page.on("requestfailed", lambda request: _failed_request(found, request))
+    page.on("request", lambda request: _foreign(found, host, request.url))
+    page.on("response", lambda response: _failed_response(found, response))
+    try:
+        page.goto(url, wait_until="load")
+        _look_at_the_screen(found, page, "phone")
+        found.phone_scroll_width = page.evaluate("document.documentElement.scrollWidth")
+        page.set_viewport_size(DESKTOP)
+        found.leaving = True  # a reload cancels what is still loading: not a fault
+        page.reload(wait_until="load")
+        found.leaving = False
+        page.evaluate(SCROLL_THROUGH)  # start every lazy load
+        found.broken_images = page.evaluate(BROKEN_IMAGES)
+        found.unplayable_videos = page.evaluate(UNPLAYABLE_VIDEOS)
+        found.prose = page.evaluate(PROSE_TEXT)
+        found.math_count = page.locator("math").count()
+        if found.math_count:
+            box = page.locator("math").first.bounding_box()
+            found.first_math_height = box["height"] if box else 0
+        _look_at_the_screen(found, page, "laptop")
+    finally:
+        context.close()
+    return found
+
+
+def _look_at_the_screen(found: Inspection, page, screen: str) -> None:
+    """Layout shift while loading, then axe in light and in dark."""
+    found.layout_shift[screen] = page.evaluate(SETTLED_SHIFT)
+    if not AXE.is_file():
+        return  # the axe test says so; the other checks still run
+    found.axe["light", screen] = axe_violations(page, ALL_RULES)
+    show_in_scheme(page, "dark")
+    found.axe["dark", screen] = axe_violations(page, COLOUR_RULES)
+    show_in_scheme(page, "light")
+
+
+def _console_error(found: Inspection, message) -> None:
+    if message.type == "error":
+        found.console_errors.append(message.text)
+
+
+def _failed_request(found: Inspection, request) -> None:
+    # a browser cancels what it no longer needs: what a reload leaves behind, and
+    # a video's fetch when it has enough of it or is told to load again
+    cancelled = request.failure == "net::ERR_ABORTED"
+    if not (cancelled and (found.leaving or request.resource_type == "media")):
+        found.failed.append(f"{request.failure} {request.url}")
+
+
+def _foreign(found: Inspection, host: str, url: str) -> None:
+    scheme, netloc = urlsplit(url)[:2]
+    if scheme in ("http", "https") and netloc != host:
+        found.foreign.append(url)
+
+
+def _failed_response(found: Inspection, response) -> None:
+    if response.status >= 400:
+        found.failed.append(f"{response.status} {response.url}")
+
+
+@pytest.fixture(scope="session")  # kept while the worker runs other modules
+def inspected(browser, site_url):
+    """Each page inspected once, by the worker that runs its tests, on the first
+    test that asks."""
+    inspections = {}
+
+    def inspection(path: str) -> Inspection:
+        if path not in inspections:
+            inspections[path] = inspect_page(browser, site_url + path)
+        return inspections[path]
+
+    return inspection
+
+
+class PageChecks:
+    """The checks made on every page, all reading the page's one inspection.
+    Each page gets a class of its own below: pytest-xdist (--dist loadscope)
+    sends a class's tests to one worker and spreads the classes over workers."""
+
+    def test_page_loads_cleanly_from_its_own_host_only(self, inspected, path):
+        page = inspected(path)
+        assert page.console_errors == []
+        assert page.failed == []
+        assert page.foreign == [], "requests to other hosts"
+
+    def test_page_shows_no_raw_tex_and_renders_its_math(
+        self, inspected, path, built_site
+    ):
+        page = inspected(path)
+        assert [tex for tex in TEX_LEFTOVERS if tex in page.prose] == []
+        source_has_math = (
+            "<math" in (built_site / path.strip("/") / "index.html").read_text()
+        )
+        assert (page.math_count > 0) == source_has_math
+        if page.math_count:
+            assert page.first_math_height > 5  # laid out, not left as text
+
+    def test_every_image_and_video_loads(self, inspected, path):
+        page = inspected(path)
+        assert page.broken_images == []
+        assert page.unplayable_videos == []
+
+    def test_no_horizontal_overflow_on_a_phone(self, inspected, path):
+        assert inspected(path).phone_scroll_width <= PHONE["width"]
+
+    @pytest.mark.parametrize("screen", ["phone", "laptop"])
+    def test_nothing_moves_while_the_page_loads_even_when_its_fonts_are_late(
+        self, inspected, path, screen
+    ):
+        assert inspected(path).layout_shift[screen] < 0.02
+
+    @pytest.mark.parametrize("scheme", ["light", "dark"])
+    @pytest.mark.parametrize("screen", ["phone", "laptop"])
+    def test_axe_finds_no_violation(self, inspected, path, scheme, screen):
+        if not AXE.is_file():
+            if os.environ.get("CI"):
+                pytest.fail(AXE_MISSING)
+            pytest.skip(AXE_MISSING)
+        violations = inspected(path).axe[scheme, screen]
+        assert violations == [], "\n".join(violations)
+
+
+def _page_class(path: str) -> type:
+    name = "".join(part.title() for part in re.split(r"[/_]", path) if part)
+    marks = [pytest.mark.parametrize("path", [path])]
+    return type(f"TestPage{name or 'Home'}", (PageChecks,), {"pytestmark": marks})
+
+
+for _path in site_pages():
+    _class = _page_class(_path)
+    globals()[_class.__name__] = _class
 
 
 def toggle_theme(page):
