@@ -178,6 +178,7 @@ def inspect_page(browser, url: str) -> Inspection:
         _look_at_the_screen(found, page, "phone")
         found.phone_scroll_width = page.evaluate("document.documentElement.scrollWidth")
         page.set_viewport_size(DESKTOP)
+        page.emulate_media(color_scheme="light")
         found.leaving = True  # a reload cancels what is still loading: not a fault
         page.reload(wait_until="load")
         found.leaving = False
@@ -201,9 +202,8 @@ def _look_at_the_screen(found: Inspection, page, screen: str) -> None:
     if not AXE.is_file():
         return  # the axe test says so; the other checks still run
     found.axe["light", screen] = axe_violations(page, ALL_RULES)
-    show_in_scheme(page, "dark")
+    show_in_scheme(page, "dark")  # a reload or the next page starts light again
     found.axe["dark", screen] = axe_violations(page, COLOUR_RULES)
-    show_in_scheme(page, "light")
 
 
 def _console_error(found: Inspection, message) -> None:
@@ -324,6 +324,18 @@ def test_dark_theme_follows_the_system_preference(browser, site_url):
     scheme = page.evaluate("document.body.dataset.mdColorScheme")
     context.close()
     assert scheme == "slate"
+
+
+def test_a_page_switched_to_dark_for_axe_shows_every_dark_colour_at_once(
+    browser, site_url
+):
+    page = browser.new_page()
+    page.goto(site_url + "/kl_definition/")
+    show_in_scheme(page, "dark")  # what the axe checks in dark do
+    code = page.locator(".jp-InputArea pre").first
+    backgrounds = [page.locator("body").evaluate(LUMINANCE), code.evaluate(LUMINANCE)]
+    page.close()
+    assert all(luminance < 0.2 for luminance in backgrounds), backgrounds
 
 
 def test_copy_button_copies_a_notebook_code_cell(browser, site_url):
