@@ -18,8 +18,8 @@
 #     - a negative KL metric, or an adaptive β: [negative KL in
 #       RL](rl_negative_kl.py), [the adaptive KL controller](rl_adaptive_kl.py)
 #
-# Below: per-token terms and rewards of a padded batch, and each choice of loss term
-# checked against the exact gradient, per token and sequence.
+# On this page you will compute per-token terms and rewards of a padded batch, and
+# check each choice of loss term against the exact gradient, per token and sequence.
 
 # %% [markdown]
 # ## Per token, in a padded batch
@@ -41,12 +41,12 @@
 # the sampled token are one-sample estimates whose expectation under $\pi_\theta$
 # is that KL {✓ test_full_per_position_kl_is_the_policy_expectation_of_k1_and_of_k3}.
 # The PPO-style reward below subtracts $\beta k_1$ per token and adds the task score
-# at each sequence's *last real token* {✓
-# test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing} (TRL's
+# at each sequence's *last real token*
+# {✓ test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing} (TRL's
 # PPO uses [the slot after it](rl_kl_in_trl_and_verl.py#the-names-in-trl-and-verl)),
 # without a graph {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}.
-# GRPO adds $\beta k_3$ per token to the loss {✓
-# test_grpo_term_is_beta_k3_on_real_tokens_and_never_negative}.
+# GRPO adds $\beta k_3$ per token to the loss
+# {✓ test_grpo_term_is_beta_k3_on_real_tokens_and_never_negative}.
 
 # %%
 import torch
@@ -173,15 +173,15 @@ grad_forward_kl = kl_gradient(small_logits, small_reference, "forward")
 # ## Per token or per sequence
 #
 # A per-token $k_2$ term, or a $k_1$ reward credited to its own token,
-# differentiates each position's KL with its prefix held fixed {✓
-# test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}, but the
-# sequence KL also depends on which prefixes the policy makes likely {✓
-# test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term}:
-# $$\nabla D_{\text{seq}} = \mathbb{E}\big[\sum_t \nabla D_t\big] +
-# \mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big].$$
-# $k_1$ in the reward through returns $G_t = \sum_{s \ge t} k_{1,s}$ gets both
-# terms {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient};
-# here a two-token model over three tokens, every sequence enumerated:
+# differentiates each position's KL with its prefix held fixed
+# {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}, but
+# the sequence KL also depends on which prefixes the policy makes likely:
+# $\nabla D_{\text{seq}}$ is $\mathbb{E}\big[\sum_t \nabla D_t\big]$ plus
+# $\mathbb{E}\big[\sum_t D_t\,\nabla \log \pi_\theta(y_{<t})\big]$
+# {✓ test_sequence_kl_gradient_is_the_prefix_fixed_part_plus_a_score_term}. $k_1$
+# in the reward through returns $G_t = \sum_{s \ge t} k_{1,s}$ gets both terms
+# {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}; here a
+# two-token model over three tokens, every sequence enumerated:
 
 # %%
 VOCAB_TINY = 3
@@ -238,13 +238,13 @@ sequence_gradients = sequence_kl_gradients()
 #   test_only_ratio_weighted_k3_stays_exact_when_tokens_come_from_a_stale_policy}.
 # - `logits.float().log_softmax(dim=-1)`, bfloat16 logits included {✓
 #   test_bfloat16_log_softmax_puts_the_per_position_kl_far_off}.
-# - Rewards under `torch.no_grad()` {✓
-#   test_rewards_carry_no_graph_although_the_policy_log_probs_do}, the score at
+# - Rewards under `torch.no_grad()`
+#   {✓ test_rewards_carry_no_graph_although_the_policy_log_probs_do}, the score at
 #   the last real token {✓
 #   test_task_score_lands_on_the_last_real_token_and_padding_gets_nothing}.
-# - Per-token terms hold the prefix fixed {✓
-#   test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient}; $k_1$
-#   through returns gives the sequence KL's gradient {✓
-#   test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}.
+# - Per-token terms hold the prefix fixed
+#   {✓ test_per_token_terms_miss_the_prefix_part_of_the_sequence_kl_gradient};
+#   $k_1$ through returns gives the sequence KL's gradient
+#   {✓ test_k1_in_the_reward_through_returns_has_the_sequence_kl_gradient}.
 # - The aggregation sets $\beta$ per token {✓ test_rl_kl_in_trl_and_verl::
 #   test_aggregation_sets_the_kl_weight_per_token_as_the_page_says}.

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import imageio_ffmpeg
 import pytest
 from bs4 import BeautifulSoup
 from bs4.element import CData, NavigableString
@@ -142,8 +143,18 @@ def test_each_animation_is_a_figure_whose_caption_says_what_happens(site):
         assert caption is not None and caption.get("id"), (html, figure)
         assert video.get("aria-describedby") == caption["id"]
         assert len(caption.get_text().split()) >= 15, caption  # a sentence, not a name
-        # the size is known before the video loads: no layout shift
-        assert int(video["width"]) > 0 and int(video["height"]) > 0
+        # the size is known before the video loads (no layout shift), and is
+        # the frames' own, so the box the page keeps is the one the video fills
+        assert (int(video["width"]), int(video["height"])) == frame_size(
+            html.parent / video["src"]
+        )
+
+
+def frame_size(mp4: Path) -> tuple[int, int]:
+    frames = imageio_ffmpeg.read_frames(str(mp4))
+    size = next(frames)["size"]  # the first item is the metadata
+    frames.close()
+    return tuple(size)
 
 
 def test_every_page_weighs_at_most_150_kb(site):
