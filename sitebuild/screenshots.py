@@ -2,7 +2,9 @@
 phone and on a laptop (``make screenshots``; the browser suite asserts, this only
 shows). Written as JPEG to ``.cache/screenshots/``.
 
-    python -m sitebuild.screenshots [SITE_DIR]
+    python -m sitebuild.screenshots [SITE_DIR [PAGE ...]]
+
+PAGE is a path under the site's root, such as /kl_definition/; all pages if none.
 """
 
 import functools
@@ -21,6 +23,14 @@ SCREENS = {
 }
 
 
+# A full-page shot does not scroll: images loaded lazily would be left blank.
+LOAD_EVERY_IMAGE = """async () => {
+  const images = [...document.images];
+  images.forEach((image) => { image.loading = "eager"; });
+  await Promise.all(images.map((image) => image.decode().catch(() => {})));
+}"""
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -32,7 +42,7 @@ def page_paths(site: Path) -> list[str]:
     return sorted("/" if folder == Path() else f"/{folder}/" for folder in folders)
 
 
-def main(site: Path) -> None:
+def main(site: Path, paths: list[str] | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()
@@ -51,8 +61,9 @@ def main(site: Path) -> None:
             for scheme in ("light", "dark"):
                 context = browser.new_context(viewport=viewport, color_scheme=scheme)
                 page = context.new_page()
-                for path in page_paths(site):
+                for path in paths or page_paths(site):
                     page.goto(root + path, wait_until="load")
+                    page.evaluate(LOAD_EVERY_IMAGE)
                     name = path.strip("/").replace("/", "-") or "home"
                     shot = OUT / f"{name}-{screen}-{scheme}.jpg"
                     page.screenshot(path=shot, full_page=True, type="jpeg", quality=80)
@@ -63,4 +74,4 @@ def main(site: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "site")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "site", sys.argv[2:])
