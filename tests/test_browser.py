@@ -131,6 +131,14 @@ SETTLED_SHIFT = """async () => {
   await new Promise((resolve) => requestAnimationFrame(resolve));  // laid out
   return window.layoutShift;
 }"""
+# Printed results and code that do not fit their box, with the start of their text.
+CLIPPED = """() => Object.fromEntries(
+  [["output", ".jp-OutputArea pre"],
+   ["code", ".jp-InputArea pre, .jp-RenderedMarkdown pre, .md-content pre > code"]]
+  .map(([kind, selector]) => [kind, [...document.querySelectorAll(selector)]
+    .filter((box) => box.scrollWidth > box.clientWidth + 1)
+    .map((box) => box.textContent.trim().slice(0, 60))]))"""
+
 # A reader on a slow connection gets the page before its fonts: the fonts come
 # this much later than the page here, which moved rl_estimators by 0.17 when the
 # math font swapped in.
@@ -152,6 +160,7 @@ class Inspection:
     layout_shift: dict = field(default_factory=dict)  # screen -> CLS
     axe: dict = field(default_factory=dict)  # (scheme, screen) -> violations
     phone_scroll_width: int = 0
+    clipped: dict = field(default_factory=dict)  # screen -> boxes wider than shown
     prose: str = ""
     math_count: int = 0
     first_math_height: float = 0
@@ -197,8 +206,9 @@ def inspect_page(browser, url: str) -> Inspection:
 
 
 def _look_at_the_screen(found: Inspection, page, screen: str) -> None:
-    """Layout shift while loading, then axe in light and in dark."""
+    """Layout shift while loading, boxes too wide to show, axe in light and dark."""
     found.layout_shift[screen] = page.evaluate(SETTLED_SHIFT)
+    found.clipped[screen] = page.evaluate(CLIPPED)
     if not AXE.is_file():
         return  # the axe test says so; the other checks still run
     found.axe["light", screen] = axe_violations(page, ALL_RULES)
@@ -274,6 +284,11 @@ class PageChecks:
 
     def test_no_horizontal_overflow_on_a_phone(self, inspected, path):
         assert inspected(path).phone_scroll_width <= PHONE["width"]
+
+    def test_printed_results_fit_a_phone_without_sideways_scrolling(
+        self, inspected, path
+    ):
+        assert inspected(path).clipped["phone"]["output"] == []
 
     @pytest.mark.parametrize("screen", ["phone", "laptop"])
     def test_nothing_moves_while_the_page_loads_even_when_its_fonts_are_late(
