@@ -353,6 +353,17 @@ def test_a_page_switched_to_dark_for_axe_shows_every_dark_colour_at_once(
     assert all(luminance < 0.2 for luminance in backgrounds), backgrounds
 
 
+def test_figures_are_shown_on_white_in_the_dark_theme_too(browser, site_url):
+    # they are drawn with dark-grey text for white (sitebuild/kernel/matplotlibrc)
+    context = browser.new_context(color_scheme="dark")
+    page = context.new_page()
+    page.goto(site_url + "/kl_definition/")
+    figure = page.locator(".jp-OutputArea img").first
+    background = figure.evaluate("(img) => getComputedStyle(img).backgroundColor")
+    context.close()
+    assert background == "rgb(255, 255, 255)"
+
+
 def test_copy_button_copies_a_notebook_code_cell(browser, site_url):
     context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
     page = context.new_page()

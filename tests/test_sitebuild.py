@@ -242,3 +242,30 @@ def test_a_build_with_nothing_to_do_starts_no_worker():
 def test_a_few_jobs_run_here_many_in_worker_processes():
     assert not workers.Workers(workers.PARALLEL_FROM - 1).in_processes
     assert workers.Workers(workers.PARALLEL_FROM).in_processes
+
+
+def wcag_contrast(colour: str, background: str = "ffffff") -> float:
+    """WCAG 2's contrast ratio of two hex colours."""
+
+    def luminance(hex_colour: str) -> float:
+        channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+        linear = [
+            c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+            for c in channels
+        ]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    lighter, darker = sorted([luminance(colour), luminance(background)], reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_figure_text_reaches_4_5_to_1_on_the_white_figures_are_shown_on():
+    rc = dict(
+        line.split(":", 1)
+        for line in (execute.KERNEL_DIR / "matplotlibrc").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    text_keys = ["text.color", "axes.labelcolor", "xtick.color", "ytick.color"]
+    assert wcag_contrast("808080") < 4.5  # the grey it replaced, as axe found
+    contrasts = {key: wcag_contrast(rc[key].strip()) for key in text_keys}
+    assert all(ratio >= 4.5 for ratio in contrasts.values()), contrasts
