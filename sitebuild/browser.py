@@ -20,7 +20,7 @@ def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium")
 
 
-# axe-core (npm, pinned in package.json), checked into pages by the browser suite
+# axe-core (npm, pinned in package.json), injected into pages by the browser suite
 # and by `make audit`.
 ROOT = Path(__file__).resolve().parents[1]
 AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
