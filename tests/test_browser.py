@@ -285,10 +285,15 @@ class PageChecks:
     def test_no_horizontal_overflow_on_a_phone(self, inspected, path):
         assert inspected(path).phone_scroll_width <= PHONE["width"]
 
-    def test_printed_results_fit_a_phone_without_sideways_scrolling(
-        self, inspected, path
+    @pytest.mark.parametrize("screen", ["phone", "laptop"])
+    def test_printed_results_fit_without_sideways_scrolling(
+        self, inspected, path, screen
     ):
-        assert inspected(path).clipped["phone"]["output"] == []
+        assert inspected(path).clipped[screen]["output"] == []
+
+    def test_code_fits_the_column_on_a_laptop(self, inspected, path):
+        # on a phone code scrolls sideways, reachable by keyboard (a11y.js)
+        assert inspected(path).clipped["laptop"]["code"] == []
 
     @pytest.mark.parametrize("screen", ["phone", "laptop"])
     def test_nothing_moves_while_the_page_loads_even_when_its_fonts_are_late(
