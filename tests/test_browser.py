@@ -369,6 +369,31 @@ def test_figures_are_shown_on_white_in_the_dark_theme_too(browser, site_url):
     assert background == "rgb(255, 255, 255)"
 
 
+CHEAT_SHEET_LAYOUT = """() => {
+  const table = document.querySelector(".cheat-sheet table");
+  const box = table.closest(".md-typeset__scrollwrap");
+  const cells = [...table.querySelectorAll("tbody td")].filter(
+    (cell) => cell.textContent.trim());
+  return {
+    blocks: cells.every((cell) => getComputedStyle(cell).display === "block"),
+    labels: [...new Set(cells.map(
+      (cell) => getComputedStyle(cell, "::before").content))],
+    sideways: box.scrollWidth - box.clientWidth,
+  };
+}"""
+
+
+def test_the_cheat_sheet_reads_as_blocks_on_a_phone(browser, site_url):
+    context = browser.new_context(viewport=PHONE)
+    page = context.new_page()
+    page.goto(site_url + "/")
+    layout = page.evaluate(CHEAT_SHEET_LAYOUT)
+    context.close()
+    assert layout["blocks"]
+    assert sorted(layout["labels"]) == ['"Call: "', '"Computes: "', '"Remember: "']
+    assert layout["sideways"] <= 1  # nothing to scroll to
+
+
 def test_copy_button_copies_a_notebook_code_cell(browser, site_url):
     context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
     page = context.new_page()
