@@ -20,6 +20,22 @@ def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium")
 
 
+# Every image loaded now, lazy ones included, and decoded; returns the addresses
+# of those that did not load. A lazy image nothing scrolled to never settles its
+# decode(): each gets ten seconds, so a slow machine fails, never hangs.
+LOAD_EVERY_IMAGE = """async () => {
+  const images = [...document.images];
+  const settled = (image) => Promise.race([
+    image.decode().catch(() => {}),
+    new Promise((resolve) => setTimeout(resolve, 10000)),
+  ]);
+  images.forEach((image) => { image.loading = "eager"; });
+  await Promise.all(images.map(settled));
+  return images.filter((image) => !image.complete || image.naturalWidth === 0)
+               .map((image) => image.src);
+}"""
+
+
 # axe-core (npm, pinned in package.json), injected into pages by the browser suite
 # and by `make audit`.
 ROOT = Path(__file__).resolve().parents[1]

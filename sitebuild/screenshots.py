@@ -13,7 +13,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from sitebuild.browser import CHROMIUM_FLAGS, chromium_path
+from sitebuild.browser import CHROMIUM_FLAGS, LOAD_EVERY_IMAGE, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".cache" / "screenshots"
@@ -21,14 +21,6 @@ SCREENS = {
     "phone": {"width": 390, "height": 844},
     "laptop": {"width": 1280, "height": 900},
 }
-
-
-# A full-page shot does not scroll: images loaded lazily would be left blank.
-LOAD_EVERY_IMAGE = """async () => {
-  const images = [...document.images];
-  images.forEach((image) => { image.loading = "eager"; });
-  await Promise.all(images.map((image) => image.decode().catch(() => {})));
-}"""
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -63,7 +55,7 @@ def main(site: Path, paths: list[str] | None = None) -> None:
                 page = context.new_page()
                 for path in paths or page_paths(site):
                     page.goto(root + path, wait_until="load")
-                    page.evaluate(LOAD_EVERY_IMAGE)
+                    page.evaluate(LOAD_EVERY_IMAGE)  # a full-page shot scrolls none
                     name = path.strip("/").replace("/", "-") or "home"
                     shot = OUT / f"{name}-{screen}-{scheme}.jpg"
                     page.screenshot(path=shot, full_page=True, type="jpeg", quality=80)

@@ -19,6 +19,7 @@ from sitebuild.browser import (
     AXE_MISSING,
     CHROMIUM_FLAGS,
     COLOUR_RULES,
+    LOAD_EVERY_IMAGE,
     axe_violations,
     chromium_path,
     show_in_scheme,
@@ -46,20 +47,6 @@ SCROLL_THROUGH = """async () => {
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
   window.scrollTo(0, 0);
-}"""
-
-BROKEN_IMAGES = """async () => {
-  const images = [...document.images];
-  // a lazy image the scroll did not reach never settles its decode(): load every
-  // image now, and give each ten seconds, so a slow machine fails, never hangs
-  const settled = (image) => Promise.race([
-    image.decode().catch(() => {}),
-    new Promise((resolve) => setTimeout(resolve, 10000)),
-  ]);
-  images.forEach((image) => { image.loading = "eager"; });
-  await Promise.all(images.map(settled));
-  return images.filter((image) => !image.complete || image.naturalWidth === 0)
-               .map((image) => image.src);
 }"""
 
 UNPLAYABLE_VIDEOS = """async () => {
@@ -192,7 +179,7 @@ def inspect_page(browser, url: str) -> Inspection:
         page.reload(wait_until="load")
         found.leaving = False
         page.evaluate(SCROLL_THROUGH)  # start every lazy load
-        found.broken_images = page.evaluate(BROKEN_IMAGES)
+        found.broken_images = page.evaluate(LOAD_EVERY_IMAGE)
         found.unplayable_videos = page.evaluate(UNPLAYABLE_VIDEOS)
         found.prose = page.evaluate(PROSE_TEXT)
         found.math_count = page.locator("math").count()
